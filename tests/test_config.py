@@ -1,0 +1,191 @@
+"""The config schema: presets compose to the values users rely on; bad values fail early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from tandem.config import CONF_DIR, ConfigError, compose
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_paper_trl_carries_the_papers_hyper_parameters():
+    config = compose(["experiment=paper_trl"])
+    assert config.model.senior.path == "Qwen/Qwen3-4B-Instruct-2507"
+    assert config.model.self_paired
+    assert config.data.name == "deepscaler" and config.data.holdout_size == 1000
+    algorithm = config.algorithm
+    assert (algorithm.name, algorithm.schedule, algorithm.first_writer) == (
+        "tandem", "word", "random")
+    assert algorithm.handoff_p == 0.5 and algorithm.max_gap_tokens == 32
+    assert algorithm.group_size == 8 and algorithm.clip_ratio == 0.2
+    assert algorithm.kl_coef == 0.0 and algorithm.entropy_coef == 0.0
+    assert algorithm.junior_token_weight == 0.0 and algorithm.junior_kl_coef == 0.0
+    assert config.optim.lr == 1e-6
+    assert config.rollout.temperature == 0.6
+    assert (config.rollout.max_prompt_tokens, config.rollout.max_response_tokens) == (1024, 3000)
+    assert (config.trainer.prompts_per_step, config.trainer.mini_batch_prompts) == (16, 8)
+    assert (config.trainer.epochs, config.trainer.save_every, config.trainer.val_every) == (
+        2, 20, 20)
+    assert config.data.instruction.startswith("Solve the following math problem step by step.")
+
+
+def test_paper_grpo_differs_from_paper_trl_only_in_who_writes():
+    trl = compose(["experiment=paper_trl"])
+    grpo = compose(["experiment=paper_grpo"])
+    assert grpo.algorithm.name == "grpo"
+    assert grpo.algorithm.handoff_p == 1.0 and grpo.algorithm.first_writer == "senior"
+    assert grpo.optim == trl.optim and grpo.rollout == trl.rollout
+    assert grpo.trainer == trl.trainer and grpo.data == trl.data
+    assert grpo.algorithm.group_size == trl.algorithm.group_size
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", _presets("experiment"))
+def test_every_experiment_composes(experiment):
+    config = compose([f"experiment={experiment}"])
+    budget = config.rollout.max_prompt_tokens + config.rollout.max_response_tokens
+    assert budget <= config.model.senior.max_context
+
+
+@pytest.mark.parametrize("group", ["cluster", "data", "algorithm"])
+def test_every_preset_of_a_group_composes(group):
+    for preset in _presets(group):
+        config = compose([f"{group}={preset}"])
+        assert getattr(config, group) is not None
+
+
+@pytest.mark.parametrize("preset", _presets("model"))
+def test_every_model_preset_composes_as_senior_and_junior(preset):
+    config = compose([
+        f"model@model.senior={preset}", f"+model@model.junior={preset}",
+        "rollout.max_prompt_tokens=256", "rollout.max_response_tokens=512",
+        "eval.max_response_tokens=512",
+    ])
+    assert config.model.senior == config.model.junior
+
+
+def test_junior_defaults_to_the_senior_and_can_be_another_model():
+    default = compose(["model@model.senior=qwen3_4b_instruct"])
+    assert default.model.junior.path == "Qwen/Qwen3-4B-Instruct-2507"
+    assert default.model.self_paired
+    ablation = compose(["model@model.senior=qwen3_4b_instruct", "+model@model.junior=qwen3_0_6b"])
+    assert ablation.model.junior.path == "Qwen/Qwen3-0.6B"
+    assert not ablation.model.self_paired
+
+
+def test_transport_follows_topology_unless_overridden():
+    assert compose(["cluster=local_cpu"]).cluster.transport == "cpu"
+    assert compose(["cluster=single_gpu"]).cluster.transport == "cuda_ipc"
+    assert compose(["cluster=multi_node"]).cluster.transport == "nccl"
+    auto = compose(["cluster=multi_node", "cluster.weight_transport=auto",
+                    "cluster.colocated=true"])
+    assert auto.cluster.transport == "cuda_ipc"
+
+
+def test_local_model_directory_context_is_read_from_its_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096}')
+    local = [f"model.senior.path={tmp_path}", "model.senior.max_context=null"]
+    assert compose(local).model.senior.max_context == 4096
+    with pytest.raises(ConfigError, match="model.senior.max_context = 4096"):
+        compose([*local, "rollout.max_response_tokens=5000"])
+
+
+BAD_VALUES = [
+    (["algorithm.handoff_p=1.5"], "algorithm.handoff_p"),
+    (["algorithm.handoff_p=-0.1"], "algorithm.handoff_p"),
+    (["algorithm.group_size=1"], "algorithm.group_size"),
+    (["algorithm.schedule=paragraph"], "algorithm.schedule"),
+    (["algorithm.first_writer=both"], "algorithm.first_writer"),
+    (["algorithm.max_gap_tokens=0"], "algorithm.max_gap_tokens"),
+    (["algorithm.clip_ratio=0"], "algorithm.clip_ratio"),
+    (["algorithm.loss_agg=sum"], "algorithm.loss_agg"),
+    (["algorithm.baseline=median"], "algorithm.baseline"),
+    (["algorithm.junior_kl_coef=-1"], "algorithm.junior_kl_coef"),
+    (["algorithm=grpo", "algorithm.handoff_p=0.5"], "algorithm.handoff_p=1.0"),
+    (["rollout.max_response_tokens=8000"], "rollout.max_response_tokens"),
+    (["+model@model.junior=tiny"], "model.junior.max_context"),
+    (["rollout.temperature=0"], "rollout.temperature"),
+    (["rollout.top_p=1.5"], "rollout.top_p"),
+    (["model.senior.path=/no/such/model"], "model.senior.path"),
+    (["model.senior.path=''"], "model.senior.path"),
+    (["model.junior.path=./no/such/junior"], "model.junior.path"),
+    (["model.senior.dtype=int8"], "model.senior.dtype"),
+    (["~model@model.senior"], "model.senior.path"),
+    (["trainer.mini_batch_prompts=5"], "trainer.mini_batch_prompts"),
+    (["trainer.total_steps=0"], "trainer.total_steps"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.betas=[0.9,1.5]"], "optim.betas"),
+    (["cluster.device=tpu"], "cluster.device"),
+    (["cluster.weight_transport=nccl"], "cluster.weight_transport"),
+    (["cluster.colocated=true"], "cluster.colocated"),
+    (["cluster.senior.replicas=0"], "cluster.senior.replicas"),
+    (["cluster=multi_node", "cluster.weight_transport=carrier_pigeon"],
+     "cluster.weight_transport"),
+    (["data.answer_format=latex"], "data.answer_format"),
+    (["data.source=./no/such/file.jsonl"], "data.source"),
+    (["data.max_bad_row_frac=2"], "data.max_bad_row_frac"),
+    (["reward.timeout_s=0"], "reward.timeout_s"),
+    (["eval.pass_k=[1,16]"], "eval.pass_k"),
+    (["seed=-1"], "seed"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field"), BAD_VALUES,
+                         ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_value_fails_at_compose_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as error:
+        compose(overrides)
+    assert field in str(error.value)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("algorithm.foo=1", "foo"),
+    ("+trainer.stepz=3", "stepz"),
+    ("+bogus=1", "bogus"),
+    ("rollout.temprature=0.7", "temprature"),
+    ("algorithm.handoff_p=half", "handoff_p"),
+    ("algorithm.group_size=8.5", "group_size"),
+    ("model@model.senior=gpt5", "gpt5"),
+])
+def test_unknown_keys_and_wrong_types_fail_at_compose_naming_the_key(override, key):
+    with pytest.raises((HydraException, OmegaConfBaseException, ConfigError)) as error:
+        compose([override])
+    assert key in str(error.value)
+
+
+def _train(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tandem.train", *args, f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_prints_the_composed_paper_config(tmp_path):
+    done = _train("--cfg", "job", "experiment=paper_trl", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for line in ("handoff_p: 0.5", "max_gap_tokens: 32", "group_size: 8", "lr: 1.0e-06",
+                 "clip_ratio: 0.2", "temperature: 0.6", "max_response_tokens: 3000"):
+        assert line in done.stdout
+
+
+def test_cli_rejects_a_bad_value_before_starting_anything(tmp_path):
+    done = _train("algorithm.handoff_p=1.5", tmp_path=tmp_path)
+    assert done.returncode != 0
+    assert "handoff_p" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_cli_accepts_a_good_config(tmp_path):
+    done = _train("experiment=demo_cpu", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "config ok" in done.stderr + done.stdout

@@ -1,0 +1,329 @@
+"""Data: sources, malformed rows, answer formats, hold-out, the resumable stream, prompts."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import operator
+import re
+import sys
+
+import pytest
+
+from tandem.arithmetic import generate_arithmetic
+from tandem.config import PAPER_INSTRUCTION, DataConfig
+from tandem.data import (
+    DataError,
+    Problem,
+    PromptStream,
+    drop_long_prompts,
+    format_prompt,
+    load_problems,
+)
+
+# ----------------------------------------------------------------------------- helpers
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def _evaluate(expression: str) -> int:
+    """+, -, * and parentheses over integers, evaluated independently of tandem.data."""
+
+    def walk(node: ast.AST) -> int:
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        raise AssertionError(f"unexpected syntax in {expression!r}")
+
+    return walk(ast.parse(expression, mode="eval").body)
+
+
+# each one-step story, with how its numbers give the answer
+_STORIES = [
+    (r"has (\d+) \w+ and buys (\d+) more\. How many", lambda a, b: a + b),
+    (r"has (\d+) \w+ and gives (\d+) of them to a friend\. How many", lambda a, b: a - b),
+    (r"buys (\d+) boxes with (\d+) \w+ in each box\. How many", lambda a, b: a * b),
+    (r"shares (\d+) \w+ equally among (\d+) friends\. How many", lambda a, b: a // b),
+]
+
+
+def _expected_answer(problem: str) -> tuple[str, int]:
+    """(kind, answer) worked out from the problem text alone."""
+    if match := re.fullmatch(r"What is ([\d +\-*()]+)\?", problem):
+        return "expression", _evaluate(match.group(1))
+    for index, (pattern, solve) in enumerate(_STORIES):
+        if match := re.search(pattern, problem):
+            return f"story{index}", solve(int(match.group(1)), int(match.group(2)))
+    raise AssertionError(f"generated problem of no known kind: {problem!r}")
+
+
+def _write_jsonl(path, rows) -> str:
+    """Rows are dicts (written as JSON) or raw strings (written as they are)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _problems(n: int) -> list[Problem]:
+    return [Problem(uid=f"t/{i}", problem=f"What is {i} + 1?", answer=str(i + 1)) for i in range(n)]
+
+
+def _take(stream: PromptStream, batches: int) -> list[list[str]]:
+    return [[p.uid for p in stream.next_batch()] for _ in range(batches)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    """The test kit's real BPE tokenizer with its ChatML template (conftest's tiny model)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+# ----------------------------------------------------------------------------- generated set
+
+
+def test_generated_set_is_deterministic_and_depends_on_seed():
+    assert generate_arithmetic(300, seed=0) == generate_arithmetic(300, seed=0)
+    assert generate_arithmetic(300, seed=0) != generate_arithmetic(300, seed=1)
+    assert generate_arithmetic(50, seed=0) == generate_arithmetic(300, seed=0)[:50]
+
+
+def test_generated_answers_are_correct_integers_over_a_mix_of_kinds():
+    rows = generate_arithmetic(1000, seed=7)
+    kinds = set()
+    for row in rows:
+        kind, answer = _expected_answer(row["problem"])
+        kinds.add(kind)
+        assert row["answer"] == str(answer), row
+        assert answer >= 0, row
+    assert kinds == {"expression", "story0", "story1", "story2", "story3"}
+    expressions = [r["problem"] for r in rows if r["problem"].startswith("What is")]
+    assert any("(" in p for p in expressions), "no multi-step expression with parentheses"
+    assert any(" - " in p for p in expressions) and any(" * " in p for p in expressions)
+    assert len({r["problem"] for r in rows}) > 900, "too many duplicate problems"
+
+
+def test_generated_source_loads_and_splits():
+    cfg = DataConfig(source="generated:arithmetic", num_generated=300, holdout_size=30)
+    train, holdout, report = load_problems(cfg, seed=0)
+    assert (len(train), len(holdout), report.total_rows, report.bad_rows) == (270, 30, 300, ())
+    assert train[0].uid == "arithmetic/0" or holdout[0].uid == "arithmetic/0"
+    assert all(p.answer.isdigit() for p in train + holdout)
+
+
+def test_unknown_generator_lists_the_known_ones():
+    with pytest.raises(DataError, match="generated:arithmetic"):
+        load_problems(DataConfig(source="generated:algebra"), seed=0)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _jsonl_with_bad_rows(tmp_path, good: int):
+    """A JSONL file with `good` valid rows and malformed rows at known line numbers."""
+    rows = [{"problem": f"What is {i} + 2?", "answer": str(i + 2)} for i in range(good)]
+    bad = {
+        3: "{not json",
+        10: {"problem": "What is 1 + 1?"},  # no answer
+        20: {"problem": "   ", "answer": "1"},
+        30: {"problem": {"text": "What is 2 + 2?"}, "answer": "4"},
+        40: {"problem": ["What is", "3 + 3?"], "answer": "6"},
+        50: {"problem": "What is 4 + 4?", "answer": None},
+        60: ["a", "list", "not", "an", "object"],
+    }
+    for line in sorted(bad):
+        rows.insert(line - 1, bad[line])
+    return _write_jsonl(tmp_path / "train.jsonl", rows), sorted(bad)
+
+
+def test_jsonl_malformed_rows_under_the_threshold_are_skipped_and_reported(tmp_path, caplog):
+    source, bad_lines = _jsonl_with_bad_rows(tmp_path, good=200)
+    cfg = DataConfig(name="mine", source=source, holdout_size=0, max_bad_row_frac=0.05)
+    with caplog.at_level(logging.WARNING, logger="tandem.data"):
+        train, _, report = load_problems(cfg, seed=0)
+    assert len(train) == 200 and report.total_rows == 207
+    assert [n for n, _ in report.bad_rows] == bad_lines
+    assert report.unit == "line"
+    warning = caplog.text
+    assert "skipped 7 of 207" in warning
+    assert all(str(n) in warning for n in bad_lines)
+    assert "not valid JSON" in warning and "missing 'answer'" in warning
+    # uids carry the line number, so they do not shift when a bad row is fixed
+    assert {"mine/1", "mine/2", "mine/4"} <= {p.uid for p in train}
+    assert "mine/3" not in {p.uid for p in train}
+
+
+def test_jsonl_malformed_rows_over_the_threshold_raise_naming_the_field(tmp_path):
+    source, bad_lines = _jsonl_with_bad_rows(tmp_path, good=200)
+    cfg = DataConfig(source=source, holdout_size=0, max_bad_row_frac=0.01)
+    with pytest.raises(DataError) as error:
+        load_problems(cfg, seed=0)
+    message = str(error.value)
+    assert "data.max_bad_row_frac" in message and "train.jsonl" in message
+    assert "7 of 207" in message and "3 (not valid JSON)" in message
+
+
+def test_gsm8k_answer_format_takes_the_text_after_the_marks(tmp_path):
+    rows = [{"question": f"Q{i}?", "answer": f"5 * 250 = 1250.\n#### 1,2{i}0"} for i in range(99)]
+    rows.append({"question": "Q?", "answer": "no final answer marks"})
+    source = _write_jsonl(tmp_path / "gsm8k.jsonl", rows)
+    cfg = DataConfig(source=source, problem_field="question", answer_format="gsm8k",
+                     holdout_size=0, max_bad_row_frac=0.05)
+    train, _, report = load_problems(cfg, seed=0)
+    assert train[3].answer == "1230"
+    assert [n for n, _ in report.bad_rows] == [100]
+
+
+def test_boxed_answer_format_takes_the_last_balanced_box(tmp_path):
+    rows = [
+        {"problem": "P1", "solution": "First \\boxed{1}, then \\boxed{\\frac{3}{\\sqrt{4}}}."},
+        {"problem": "P2", "solution": "So $x = \\boxed{ 42 }$"},
+        {"problem": "P3", "solution": "no box at all"},
+        {"problem": "P4", "solution": "\\boxed{2} and broken \\boxed{\\frac{1}{2}"},
+    ]
+    source = _write_jsonl(tmp_path / "math.jsonl", rows)
+    cfg = DataConfig(source=source, answer_field="solution", answer_format="boxed",
+                     holdout_size=0, max_bad_row_frac=0.5)
+    train, _, report = load_problems(cfg, seed=0)
+    assert [p.answer for p in train] == ["\\frac{3}{\\sqrt{4}}", "42"]
+    assert [n for n, _ in report.bad_rows] == [3, 4]
+
+
+def test_numeric_answers_become_strings(tmp_path):
+    rows = [{"problem": "A", "answer": 70}, {"problem": "B", "answer": 70.0},
+            {"problem": "C", "answer": 0.5}, {"problem": "D", "answer": True}]
+    source = _write_jsonl(tmp_path / "n.jsonl", rows)
+    cfg = DataConfig(source=source, holdout_size=0, max_bad_row_frac=0.5)
+    train, _, report = load_problems(cfg, seed=0)
+    assert [p.answer for p in train] == ["70", "70", "0.5"]
+    assert [n for n, _ in report.bad_rows] == [4]
+
+
+def test_parquet_loads(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is not installed (pip install pyarrow)")
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["What is 2 + 2?", "What is 3 * 3?", ""],
+                             "answer": ["4", "9", "1"]}), path)
+    cfg = DataConfig(name="pq", source=str(path), problem_field="question", holdout_size=0,
+                     max_bad_row_frac=0.5)
+    train, _, report = load_problems(cfg, seed=0)
+    assert [(p.uid, p.answer) for p in train] == [("pq/0", "4"), ("pq/1", "9")]
+    assert [n for n, _ in report.bad_rows] == [2]
+    with pytest.raises(DataError, match=r"data.problem_field='problem'.*columns"):
+        load_problems(DataConfig(source=str(path), holdout_size=0), seed=0)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "train.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="pip install pyarrow"):
+        load_problems(DataConfig(source=str(path)), seed=0)
+
+
+def test_dataset_id_without_the_datasets_library_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_problems(DataConfig(source="openai/gsm8k", subset="main"), seed=0)
+
+
+def test_holdout_larger_than_the_data_names_the_field():
+    cfg = DataConfig(source="generated:arithmetic", num_generated=50, holdout_size=50)
+    with pytest.raises(DataError, match="data.holdout_size"):
+        load_problems(cfg, seed=0)
+
+
+# ----------------------------------------------------------------------------- hold-out
+
+
+def test_holdout_is_disjoint_seeded_and_independent_of_the_stream():
+    cfg = DataConfig(source="generated:arithmetic", num_generated=400, holdout_size=40)
+    train, holdout, _ = load_problems(cfg, seed=3)
+    train_ids, holdout_ids = {p.uid for p in train}, {p.uid for p in holdout}
+    assert not train_ids & holdout_ids and len(train_ids | holdout_ids) == 400
+
+    stream = PromptStream(train, batch_size=16, seed=3)
+    _take(stream, 30)  # past the first epoch
+    _, holdout_again, _ = load_problems(cfg, seed=3)
+    assert holdout_again == holdout
+    _, other_holdout, _ = load_problems(cfg, seed=4)
+    assert {p.uid for p in other_holdout} != holdout_ids
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+def test_shuffle_is_deterministic_per_seed_and_differs_across_seeds():
+    problems = _problems(50)
+    first = _take(PromptStream(problems, batch_size=8, seed=0), 12)
+    assert first == _take(PromptStream(problems, batch_size=8, seed=0), 12)
+    assert first != _take(PromptStream(problems, batch_size=8, seed=1), 12)
+    assert [u for b in first for u in b][:50] != [p.uid for p in problems], "not shuffled"
+
+
+def test_each_epoch_visits_every_problem_once_in_a_new_order():
+    problems = _problems(10)
+    stream = PromptStream(problems, batch_size=3, seed=5)
+    flat = [u for batch in _take(stream, 10) for u in batch]  # 30 = exactly 3 epochs
+    epochs = [flat[i:i + 10] for i in range(0, 30, 10)]
+    assert all(sorted(e) == sorted(p.uid for p in problems) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert stream.epoch == 3
+
+
+def test_state_dict_round_trip_replays_the_same_batches_across_epochs():
+    problems = _problems(10)
+    stream = PromptStream(problems, batch_size=4, seed=2)
+    _take(stream, 2)  # position 8 of epoch 0
+    state = json.loads(json.dumps(stream.state_dict()))  # as a checkpoint stores it
+    assert (state["epoch"], state["position"]) == (0, 8)
+    expected = _take(stream, 5)  # ends epoch 0, runs through epoch 1 into epoch 2
+
+    resumed = PromptStream(problems, batch_size=4, seed=2)
+    resumed.load_state_dict(state)
+    assert _take(resumed, 5) == expected
+    assert resumed.epoch == stream.epoch == 2
+
+
+def test_load_state_dict_rejects_another_seed_or_other_problems():
+    state = PromptStream(_problems(10), batch_size=4, seed=2).state_dict()
+    with pytest.raises(DataError, match="seed=2"):
+        PromptStream(_problems(10), batch_size=4, seed=3).load_state_dict(state)
+    with pytest.raises(DataError, match="holdout_size"):
+        PromptStream(_problems(11), batch_size=4, seed=2).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def test_format_prompt_uses_the_chat_template_and_the_instruction(tokenizer):
+    ids = format_prompt(tokenizer, "What is 17 + 25?", PAPER_INSTRUCTION)
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\n")
+    assert f"What is 17 + 25? {PAPER_INSTRUCTION}<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+    generation_prompt = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    assert ids[-len(generation_prompt):] == generation_prompt
+    assert tokenizer.decode(format_prompt(tokenizer, "Hi?", "")).count("Hi?<|im_end|>") == 1
+
+
+def test_format_prompt_without_a_chat_template_says_what_to_use(tokenizer):
+    from copy import deepcopy
+
+    plain = deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="chat template"):
+        format_prompt(plain, "What is 1 + 1?", PAPER_INSTRUCTION)
+
+
+def test_long_prompts_are_dropped_and_counted_not_truncated(tokenizer):
+    short = Problem("t/0", "What is 1 + 1?", "2")
+    long = Problem("t/1", "What is " + " + ".join(["1"] * 200) + "?", "200")
+    limit = len(format_prompt(tokenizer, short.problem, PAPER_INSTRUCTION))
+    kept, dropped = drop_long_prompts([short, long], tokenizer, PAPER_INSTRUCTION, limit)
+    assert kept == [short] and dropped == ["t/1"]

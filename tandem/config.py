@@ -102,6 +102,8 @@ class ClusterConfig:
     """A weight push that takes longer raises, naming the step and bucket."""
     push_bucket_mb: int = 1024
     """Full parameters are gathered and sent one bucket of this size at a time."""
+    call_timeout_s: float = 1800.0
+    """Any remote call to a learner rank or engine that takes longer raises."""
 
     def __post_init__(self) -> None:
         _check_choice(self.device, ("cpu", "cuda"), "cluster.device")
@@ -127,6 +129,8 @@ class ClusterConfig:
                f"cluster.cpu_kvcache_gib must be > 0, got {self.cpu_kvcache_gib}")
         _check(self.push_timeout_s > 0,
                f"cluster.push_timeout_s must be > 0, got {self.push_timeout_s}")
+        _check(self.call_timeout_s > 0,
+               f"cluster.call_timeout_s must be > 0, got {self.call_timeout_s}")
         _check(self.push_bucket_mb > 0,
                f"cluster.push_bucket_mb must be > 0, got {self.push_bucket_mb}")
         if self.device == "cpu":
@@ -391,7 +395,9 @@ class TrainerConfig:
     mini_batch_prompts: int = 8
     """Prompts per optimizer update; prompts_per_step / mini_batch_prompts updates a step."""
     micro_batch_tokens: int = 16384
-    """Token budget of one packed forward/backward micro-batch."""
+    """Token budget of one padded forward/backward micro-batch (per learner rank)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in backward: less memory, ~30% more compute."""
     save_every: int = 20
     val_every: int = 20
     resume: str = "none"

@@ -1,0 +1,116 @@
+"""Episodes -> learner tensors: rank shards, token-budget micro-batches, padded collation.
+
+Pure functions. Every learner rank runs the same plan (same episodes, same order), so the
+ranks agree on how many micro-batches a mini-batch has without talking to each other — FSDP
+needs every rank to run the same number of forward/backward passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.episode import Episode
+
+
+@dataclass
+class MicroBatch:
+    """Right-padded tensors for one forward/backward; targets are input_ids shifted by one."""
+
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+    targets: torch.Tensor  # [batch, seq - 1]
+    response_mask: torch.Tensor  # [batch, seq - 1] 1 where the target is a response token
+    author_mask: torch.Tensor  # [batch, seq - 1] 1 where the senior wrote the target
+    rollout_logprobs: torch.Tensor  # [batch, seq - 1] the writing engine's log-prob, 0 elsewhere
+    advantages: torch.Tensor  # [batch]
+    episodes: int
+    """Real episodes in the batch; a padding micro-batch (see `plan`) has 0."""
+
+    @property
+    def senior_tokens(self) -> int:
+        return int((self.response_mask * self.author_mask).sum())
+
+
+def shard(indices: list[int], lengths: list[int], world_size: int) -> list[list[int]]:
+    """Deal episodes to ranks longest-first onto the least-loaded rank (by tokens)."""
+    loads = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shards[rank].append(i)
+        loads[rank] += lengths[i]
+    return [sorted(s) for s in shards]
+
+
+def pack(indices: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group episodes so each group's padded size (count x longest) fits the budget.
+
+    An episode longer than the budget gets a micro-batch of its own rather than an error:
+    the budget bounds memory for typical batches, the model's context bounds the rest.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in sorted(indices, key=lambda i: (-lengths[i], i)):
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > token_budget:
+            groups.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        groups.append(current)
+    return groups
+
+
+def plan(lengths: list[int], indices: list[int], world_size: int,
+         token_budget: int) -> list[list[list[int]]]:
+    """Per rank, the micro-batches (episode indices) of one mini-batch.
+
+    Ranks with fewer micro-batches than the busiest rank get empty ones appended: they run a
+    forward/backward with zero loss so the collectives stay matched.
+    """
+    per_rank = [pack(s, lengths, token_budget) for s in shard(indices, lengths, world_size)]
+    most = max(len(micro) for micro in per_rank)
+    return [micro + [[] for _ in range(most - len(micro))] for micro in per_rank]
+
+
+def collate(episodes: list[Episode], advantages: list[float], pad_id: int) -> MicroBatch:
+    """Right-pad prompt + response of each episode into one MicroBatch.
+
+    With no episodes (a padding micro-batch) returns one pad token pair with empty masks.
+    """
+    if not episodes:
+        zeros = torch.zeros(1, 1)
+        return MicroBatch(
+            input_ids=torch.full((1, 2), pad_id, dtype=torch.long),
+            attention_mask=torch.ones(1, 2, dtype=torch.long),
+            targets=torch.full((1, 1), pad_id, dtype=torch.long),
+            response_mask=zeros.clone(), author_mask=zeros.clone(),
+            rollout_logprobs=zeros.clone(), advantages=torch.zeros(1), episodes=0,
+        )
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
+    batch = len(episodes)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)  # [batch, seq]
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)  # [batch, seq]
+    response_mask = torch.zeros(batch, width - 1)  # [batch, seq - 1]
+    author_mask = torch.zeros(batch, width - 1)  # [batch, seq - 1]
+    rollout_logprobs = torch.zeros(batch, width - 1)  # [batch, seq - 1]
+    for row, episode in enumerate(episodes):
+        prompt, response = len(episode.prompt_ids), len(episode.response_ids)
+        ids = episode.prompt_ids + episode.response_ids
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        # Target t is input token t + 1: response token j sits at target prompt - 1 + j.
+        span = slice(prompt - 1, prompt - 1 + response)
+        response_mask[row, span] = 1
+        author_mask[row, span] = torch.tensor(episode.author_mask, dtype=torch.float32)
+        rollout_logprobs[row, span] = torch.tensor(episode.logprobs, dtype=torch.float32)
+    return MicroBatch(
+        input_ids=input_ids, attention_mask=attention_mask, targets=input_ids[:, 1:].clone(),
+        response_mask=response_mask, author_mask=author_mask,
+        rollout_logprobs=rollout_logprobs,
+        advantages=torch.tensor(advantages, dtype=torch.float32), episodes=batch,
+    )

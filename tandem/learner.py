@@ -1,0 +1,404 @@
+"""The FSDP2 learner: one rank of the senior's training, usable with or without Ray.
+
+`Learner` is a plain class (one process = one rank) so GPU machines without Ray can run it;
+`LearnerActor` wraps it for the Ray driver, and `spawn_learners` / `train_step` are the whole
+"group": a list of handles and a fan-out.
+
+A train step, as in the paper (16 prompts, mini-batch 8 -> 2 optimizer updates):
+  1. recompute old log-probs of every sampled token under the current weights (no grad), and
+     log their gap to the rollout engine's log-probs on senior tokens;
+  2. for each mini-batch of prompt groups: forward/backward its micro-batches, each loss
+     scaled by its share of the mini-batch, clip the gradient norm, AdamW step, LR schedule.
+Log-probs use logits / rollout.temperature: the engine samples (and reports log-probs) at
+that temperature, so ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from tandem import batching
+from tandem.config import TandemConfig
+from tandem.episode import Episode
+from tandem.loss import grpo_loss
+
+log = logging.getLogger(__name__)
+
+DIST_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: bool) -> None:
+    """FSDP2: shard each decoder block, then the root (embeddings, norm, head)."""
+    blocks = model.model.layers
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            checkpoint_wrapper,
+        )
+
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block)
+    # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; on CPU plain
+    # fp32, which is what the world-size equivalence test needs.
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device == "cuda" else MixedPrecisionPolicy())
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def token_logprobs(model: torch.nn.Module, micro: batching.MicroBatch, temperature: float,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-prob of each target token (and the entropy of each next-token distribution)."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=micro.input_ids.to(device),
+                   attention_mask=micro.attention_mask.to(device)).logits  # [batch, seq, vocab]
+    logits = logits[:, :-1].float() / temperature  # [batch, seq - 1, vocab]
+    log_probs = torch.log_softmax(logits, dim=-1)  # [batch, seq - 1, vocab]
+    targets = micro.targets.to(device)[..., None]  # [batch, seq - 1, 1]
+    chosen = log_probs.gather(-1, targets).squeeze(-1)  # [batch, seq - 1]
+    entropy = None
+    if with_entropy:
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [batch, seq - 1]
+    return chosen, entropy
+
+
+def _loss_weight(micro: batching.MicroBatch, junior_token_weight: float,
+                 loss_agg: str) -> float:
+    """This micro-batch's share basis of the mini-batch loss (see loss.py, micro-batching)."""
+    senior = micro.response_mask * micro.author_mask  # [batch, seq - 1]
+    junior = micro.response_mask * (1 - micro.author_mask)  # [batch, seq - 1]
+    weight = senior + junior_token_weight * junior  # [batch, seq - 1]
+    if loss_agg == "token_mean":
+        return float(weight.sum())
+    return float((weight.sum(-1) > 0).sum())
+
+
+class Learner:
+    """One FSDP2 rank: holds its shard of the senior, the optimizer and the schedule."""
+
+    def __init__(self, config: TandemConfig, model_path: str, rank: int, world_size: int,
+                 master_addr: str, master_port: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.device = config.cluster.device
+        if self.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend="nccl" if self.device == "cuda" else "gloo",
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank, world_size=world_size, timeout=DIST_TIMEOUT,
+            )
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.model = self._load(model_path, AutoModelForCausalLM)
+        self.model.train()
+        self.reference = None
+        if config.algorithm.kl_coef > 0:
+            self.reference = self._load(model_path, AutoModelForCausalLM)
+            self.reference.eval().requires_grad_(False)
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        warmup = optim.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda update: min(1.0, (update + 1) / warmup) if warmup else 1.0)
+        self.step = 0
+        log.info("learner rank %d/%d ready: %s on %s", rank, world_size, model_path, self.device)
+
+    def _load(self, model_path: str, auto_cls) -> torch.nn.Module:
+        attention = "sdpa"
+        if self.device == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                attention = "flash_attention_2"
+            except ImportError:
+                pass
+        # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute.
+        model = auto_cls.from_pretrained(model_path, dtype=torch.float32,
+                                         attn_implementation=attention)
+        if self.device == "cuda":
+            model = model.to("cuda")
+        shard_model(model, self.device, self.config.trainer.activation_checkpointing)
+        return model
+
+    # ------------------------------------------------------------------------- training
+
+    def train_step(self, episodes: list[Episode], advantages: list[float]) -> dict[str, float]:
+        """One GRPO step over a batch of groups; every rank receives the same batch."""
+        started = time.perf_counter()
+        trainer = self.config.trainer
+        lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
+        groups = sorted({e.group for e in episodes})
+        per_update = max(1, len(groups) * trainer.mini_batch_prompts // trainer.prompts_per_step)
+        mini_batches = [
+            [i for i, e in enumerate(episodes) if e.group in set(groups[g:g + per_update])]
+            for g in range(0, len(groups), per_update)
+        ]
+        plans = [batching.plan(lengths, mini, self.world_size, trainer.micro_batch_tokens)[
+            self.rank] for mini in mini_batches]
+        micro_batches = [[batching.collate([episodes[i] for i in micro],
+                                           [advantages[i] for i in micro], self.pad_id)
+                          for micro in plan] for plan in plans]
+
+        old, totals = self._recompute_old_logprobs(micro_batches)
+        updates = [self._update(minis, old[m]) for m, minis in enumerate(micro_batches)]
+
+        tokens = sum(lengths) / self.world_size
+        elapsed = time.perf_counter() - started
+        metrics = _mean_over(updates)
+        metrics.update(totals)
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["train/updates"] = float(len(updates))
+        metrics["perf/learner_tokens_per_s"] = tokens * self.world_size / elapsed
+        metrics["time/train"] = elapsed
+        self.step += 1
+        return metrics
+
+    @torch.no_grad()
+    def _recompute_old_logprobs(self, micro_batches):
+        old: list[list[torch.Tensor]] = []
+        gap_sum = gap_max = entropy_sum = senior_tokens = 0.0
+        for minis in micro_batches:
+            old.append([])
+            for micro in minis:
+                logprobs, entropy = token_logprobs(self.model, micro,
+                                                   self.config.rollout.temperature, True)
+                logprobs, entropy = logprobs.cpu(), entropy.cpu()
+                old[-1].append(logprobs)
+                senior = micro.response_mask * micro.author_mask  # [batch, seq - 1]
+                gap = (logprobs - micro.rollout_logprobs).abs() * senior  # [batch, seq - 1]
+                gap_sum += float(gap.sum())
+                gap_max = max(gap_max, float(gap.max()))
+                entropy_sum += float((entropy * senior).sum())
+                senior_tokens += float(senior.sum())
+        sums = self._all_reduce([gap_sum, entropy_sum, senior_tokens])
+        peak = self._all_reduce([gap_max], op=dist.ReduceOp.MAX)[0]
+        count = max(sums[2], 1.0)
+        return old, {
+            "train/rollout_logprob_gap_mean": sums[0] / count,
+            "train/rollout_logprob_gap_max": peak,
+            "train/entropy": sums[1] / count,
+            "train/senior_tokens": sums[2],
+        }
+
+    def _update(self, micro_batches: list[batching.MicroBatch],
+                old_logprobs: list[torch.Tensor]) -> dict[str, float]:
+        algorithm, rollout = self.config.algorithm, self.config.rollout
+        weights = [_loss_weight(m, algorithm.junior_token_weight, algorithm.loss_agg)
+                   for m in micro_batches]
+        total = self._all_reduce([sum(weights)])[0]
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro, old, weight in zip(micro_batches, old_logprobs, weights, strict=True):
+            with_entropy = algorithm.entropy_coef > 0
+            logprobs, entropy = token_logprobs(self.model, micro, rollout.temperature,
+                                               with_entropy)
+            device = logprobs.device
+            ref = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref, _ = token_logprobs(self.reference, micro, rollout.temperature, False)
+            rollout_logprobs = micro.rollout_logprobs.to(device)
+            loss, metrics = grpo_loss(
+                logprobs, old_logprobs=old.to(device),
+                advantages=micro.advantages.to(device),
+                response_mask=micro.response_mask.to(device),
+                author_mask=micro.author_mask.to(device), algorithm=algorithm,
+                rollout_logprobs=rollout_logprobs, ref_logprobs=ref, entropy=entropy,
+                junior_logprobs=rollout_logprobs if algorithm.junior_kl_coef > 0 else None,
+                norm_tokens=rollout.max_response_tokens,
+            )
+            # FSDP averages gradients over ranks; scale back so the sum over ranks and
+            # micro-batches is the mini-batch mean the loss defines.
+            share = weight / total if total > 0 else 0.0
+            (loss * share * self.world_size).backward()
+            for name in ("train/pg_loss", "train/clip_frac", "train/approx_kl",
+                         "train/kl_loss", "train/junior_kl", "train/loss"):
+                if name in metrics:
+                    sums[name] = sums.get(name, 0.0) + float(metrics[name]) * weight
+        grad_clip = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        names = sorted(sums)
+        reduced = self._all_reduce([sums[n] for n in names])
+        update = {n: v / total if total > 0 else 0.0 for n, v in zip(names, reduced, strict=True)}
+        update["train/grad_norm"] = float(norm)
+        return update
+
+    def _all_reduce(self, values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+        device = "cuda" if self.device == "cuda" else "cpu"
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(tensor, op=op)
+        return tensor.tolist()
+
+    # ------------------------------------------------------------------------- state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) parameters on CPU; a collective: every rank must call it."""
+        return get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
+        """Sharded model + optimizer (torch.distributed.checkpoint), plus per-rank state."""
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
+        torch.save({
+            "step": self.step, "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(), "extra": extra or {},
+        }, Path(directory) / f"rank{self.rank}.pt")
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> dict:
+        """Restore what save_checkpoint wrote; returns the `extra` dict saved with it."""
+        import torch.distributed.checkpoint as dcp
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        own = torch.load(Path(directory) / f"rank{self.rank}.pt", weights_only=False)
+        self.step = own["step"]
+        self.scheduler.load_state_dict(own["scheduler"])
+        _set_rng_state(own["rng"])
+        return own["extra"]
+
+    def export_hf(self, directory: str) -> None:
+        """Write the senior as a Hugging Face directory (safetensors, config, tokenizer)."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            unwrapped = self.model
+            unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(directory)
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _mean_over(updates: list[dict[str, float]]) -> dict[str, float]:
+    names = {n for u in updates for n in u}
+    return {n: sum(u.get(n, 0.0) for u in updates) / len(updates) for n in sorted(names)}
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+class LearnerActor:
+    """Ray actor around one Learner rank (ray.remote is applied in `spawn_learners`)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.learner: Learner | None = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
+        import socket
+
+        import ray
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, config: TandemConfig, model_path: str, master_addr: str,
+              master_port: int) -> None:
+        self.learner = Learner(config, model_path, self.rank, self.world_size, master_addr,
+                               master_port)
+
+    def train_step(self, episodes: list[Episode], advantages: list[float]) -> dict[str, float]:
+        return self.learner.train_step(episodes, advantages)
+
+    def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
+        self.learner.save_checkpoint(directory, extra)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        return self.learner.load_checkpoint(directory)
+
+    def export_hf(self, directory: str) -> None:
+        self.learner.export_hf(directory)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0 returns the full parameters; the others take part and return None."""
+        state = self.learner.full_state_dict()
+        return state if self.rank == 0 else None
+
+    def close(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+
+
+def spawn_learners(config: TandemConfig, model_path: str) -> list:
+    """Start `cluster.learner.world_size` rank actors and join them into one process group."""
+    import ray
+
+    resources = config.cluster.learner
+    options = {"num_cpus": resources.cpus_per_rank,
+               "num_gpus": 1 if config.cluster.device == "cuda" else 0}
+    actor_cls = ray.remote(**options)(LearnerActor)
+    actors = [actor_cls.remote(rank, resources.world_size)
+              for rank in range(resources.world_size)]
+    timeout = config.cluster.call_timeout_s
+    master_addr, master_port = ray.get(actors[0].address.remote(), timeout=timeout)
+    ray.get([a.setup.remote(config, model_path, master_addr, master_port) for a in actors],
+            timeout=timeout)
+    log.info("learner group ready: %d ranks, rendezvous %s:%d", len(actors), master_addr,
+             master_port)
+    return actors
+
+
+def fan_out(learners: list, method: str, *args, timeout: float) -> list:
+    """Call `method` on every rank at once (collectives need all ranks) and wait, bounded."""
+    import ray
+
+    return ray.get([getattr(actor, method).remote(*args) for actor in learners],
+                   timeout=timeout)

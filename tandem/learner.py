@@ -5,10 +5,13 @@
 "group": a list of handles and a fan-out.
 
 A train step, as in the paper (16 prompts, mini-batch 8 -> 2 optimizer updates):
-  1. recompute old log-probs of every sampled token under the current weights (no grad), and
-     log their gap to the rollout engine's log-probs on senior tokens;
+  1. recompute old log-probs (no grad) for every mini-batch but the first, under the weights
+     the episodes were sampled against; the first update is on-policy and reuses its own
+     forward, so a one-update step costs no extra pass;
   2. for each mini-batch of prompt groups: forward/backward its micro-batches, each loss
-     scaled by its share of the mini-batch, clip the gradient norm, AdamW step, LR schedule.
+     scaled by its share of the mini-batch, clip the gradient norm, AdamW step, LR schedule;
+  3. log the gap between the learner's and the rollout engine's log-probs on senior tokens
+     (peers found it predicts collapse), entropy, clip fraction, KL, grad norm, LR, tokens/s.
 Log-probs use logits / rollout.temperature: the engine samples (and reports log-probs) at
 that temperature, so ratios compare like with like.
 """
@@ -63,8 +66,12 @@ def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: b
 
 
 def token_logprobs(model: torch.nn.Module, micro: batching.MicroBatch, temperature: float,
-                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of each target token (and the entropy of each next-token distribution)."""
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each target token and the entropy of each next-token distribution.
+
+    The entropy carries a gradient only with `entropy_grad` (an entropy bonus); otherwise it
+    is a detached metric.
+    """
     device = next(model.parameters()).device
     logits = model(input_ids=micro.input_ids.to(device),
                    attention_mask=micro.attention_mask.to(device)).logits  # [batch, seq, vocab]
@@ -72,8 +79,7 @@ def token_logprobs(model: torch.nn.Module, micro: batching.MicroBatch, temperatu
     log_probs = torch.log_softmax(logits, dim=-1)  # [batch, seq - 1, vocab]
     targets = micro.targets.to(device)[..., None]  # [batch, seq - 1, 1]
     chosen = log_probs.gather(-1, targets).squeeze(-1)  # [batch, seq - 1]
-    entropy = None
-    if with_entropy:
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # [batch, seq - 1]
     return chosen, entropy
 
@@ -165,71 +171,71 @@ class Learner:
                                            [advantages[i] for i in micro], self.pad_id)
                           for micro in plan] for plan in plans]
 
-        old, totals = self._recompute_old_logprobs(micro_batches)
-        updates = [self._update(minis, old[m]) for m, minis in enumerate(micro_batches)]
+        # Updates after the first see weights that already moved: their old log-probs must
+        # come from the weights the episodes were sampled against, before any update. The
+        # first mini-batch is on-policy, so its own forward serves (detached).
+        old = [None] + [self._old_logprobs(minis) for minis in micro_batches[1:]]
+        totals = {name: 0.0 for name in ("gap_sum", "entropy_sum", "senior_tokens")}
+        totals["gap_max"] = 0.0
+        updates = [self._update(minis, old[m], totals) for m, minis in enumerate(micro_batches)]
 
-        tokens = sum(lengths) / self.world_size
+        sums = self._all_reduce([totals["gap_sum"], totals["entropy_sum"],
+                                 totals["senior_tokens"]])
+        gap_max = self._all_reduce([totals["gap_max"]], op=dist.ReduceOp.MAX)[0]
+        senior_tokens = max(sums[2], 1.0)
         elapsed = time.perf_counter() - started
         metrics = _mean_over(updates)
-        metrics.update(totals)
-        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        metrics["train/updates"] = float(len(updates))
-        metrics["perf/learner_tokens_per_s"] = tokens * self.world_size / elapsed
-        metrics["time/train"] = elapsed
+        metrics.update({
+            "train/rollout_logprob_gap_mean": sums[0] / senior_tokens,
+            "train/rollout_logprob_gap_max": gap_max,
+            "train/entropy": sums[1] / senior_tokens,
+            "train/senior_tokens": sums[2],
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/updates": float(len(updates)),
+            "perf/learner_tokens_per_s": sum(lengths) / elapsed,
+            "time/train": elapsed,
+        })
         self.step += 1
         return metrics
 
     @torch.no_grad()
-    def _recompute_old_logprobs(self, micro_batches):
-        old: list[list[torch.Tensor]] = []
-        gap_sum = gap_max = entropy_sum = senior_tokens = 0.0
-        for minis in micro_batches:
-            old.append([])
-            for micro in minis:
-                logprobs, entropy = token_logprobs(self.model, micro,
-                                                   self.config.rollout.temperature, True)
-                logprobs, entropy = logprobs.cpu(), entropy.cpu()
-                old[-1].append(logprobs)
-                senior = micro.response_mask * micro.author_mask  # [batch, seq - 1]
-                gap = (logprobs - micro.rollout_logprobs).abs() * senior  # [batch, seq - 1]
-                gap_sum += float(gap.sum())
-                gap_max = max(gap_max, float(gap.max()))
-                entropy_sum += float((entropy * senior).sum())
-                senior_tokens += float(senior.sum())
-        sums = self._all_reduce([gap_sum, entropy_sum, senior_tokens])
-        peak = self._all_reduce([gap_max], op=dist.ReduceOp.MAX)[0]
-        count = max(sums[2], 1.0)
-        return old, {
-            "train/rollout_logprob_gap_mean": sums[0] / count,
-            "train/rollout_logprob_gap_max": peak,
-            "train/entropy": sums[1] / count,
-            "train/senior_tokens": sums[2],
-        }
+    def _old_logprobs(self, micro_batches: list[batching.MicroBatch]) -> list[torch.Tensor]:
+        temperature = self.config.rollout.temperature
+        return [token_logprobs(self.model, micro, temperature)[0] for micro in micro_batches]
 
     def _update(self, micro_batches: list[batching.MicroBatch],
-                old_logprobs: list[torch.Tensor]) -> dict[str, float]:
+                old_logprobs: list[torch.Tensor] | None, totals: dict[str, float]
+                ) -> dict[str, float]:
+        """One optimizer update over a mini-batch; adds log-prob gap sums into `totals`."""
         algorithm, rollout = self.config.algorithm, self.config.rollout
         weights = [_loss_weight(m, algorithm.junior_token_weight, algorithm.loss_agg)
                    for m in micro_batches]
         total = self._all_reduce([sum(weights)])[0]
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for micro, old, weight in zip(micro_batches, old_logprobs, weights, strict=True):
-            with_entropy = algorithm.entropy_coef > 0
+        for index, (micro, weight) in enumerate(zip(micro_batches, weights, strict=True)):
             logprobs, entropy = token_logprobs(self.model, micro, rollout.temperature,
-                                               with_entropy)
+                                               entropy_grad=algorithm.entropy_coef > 0)
             device = logprobs.device
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[index].to(device)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(self.reference, micro, rollout.temperature, False)
+                    ref, _ = token_logprobs(self.reference, micro, rollout.temperature)
             rollout_logprobs = micro.rollout_logprobs.to(device)
+            senior = (micro.response_mask * micro.author_mask).to(device)  # [batch, seq - 1]
+            gap = (old - rollout_logprobs).abs() * senior  # [batch, seq - 1]
+            totals["gap_sum"] += float(gap.sum())
+            totals["gap_max"] = max(totals["gap_max"], float(gap.max()))
+            totals["entropy_sum"] += float((entropy.detach() * senior).sum())
+            totals["senior_tokens"] += float(senior.sum())
             loss, metrics = grpo_loss(
-                logprobs, old_logprobs=old.to(device),
+                logprobs, old_logprobs=old,
                 advantages=micro.advantages.to(device),
                 response_mask=micro.response_mask.to(device),
                 author_mask=micro.author_mask.to(device), algorithm=algorithm,
-                rollout_logprobs=rollout_logprobs, ref_logprobs=ref, entropy=entropy,
+                rollout_logprobs=rollout_logprobs, ref_logprobs=ref,
+                entropy=entropy if algorithm.entropy_coef > 0 else None,
                 junior_logprobs=rollout_logprobs if algorithm.junior_kl_coef > 0 else None,
                 norm_tokens=rollout.max_response_tokens,
             )

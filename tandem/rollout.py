@@ -1,0 +1,270 @@
+"""Tandem rollout: senior and junior engines take turns writing each episode.
+
+One asyncio task per episode. A task waits only for its own current segment; when the segment
+comes back it decides who writes next (`Alternation`) and submits the next segment to that
+writer's engine at once. There is no barrier across episodes: while episode A waits on the
+junior engine, episode B's segment runs on the senior engine, and each engine batches whatever
+segments are in flight. `generate` waits for every episode task — the end of the batch, which
+the learner needs anyway — and nothing else.
+
+Each episode keeps a streaming session open on both engines (`RolloutEngine.turn`), so a turn
+prefills only the other writer's tokens since that engine's last turn; the sessions close when
+the episode ends. Every engine call is bounded by `cluster.call_timeout_s`.
+
+Junior of another family (a different tokenizer): the hand-off goes through text. Each engine
+works in its own token space; a segment is decoded and the text encoded by the other
+tokenizer, piece by piece, so no token ever spans a hand-off in either context. The Episode is
+in the senior's token space: the senior's sampled ids as sampled (their log-probs stay exact),
+the junior's text as senior ids with author 0 and log-prob 0 (it is never trained on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
+from tandem.config import TandemConfig
+from tandem.episode import JUNIOR, SENIOR, Episode
+
+ROLES = {SENIOR: "senior", JUNIOR: "junior"}
+
+
+@dataclass
+class _Activity:
+    """When each role had segments in flight: measures that both engines work at once."""
+
+    started: float = field(default_factory=time.perf_counter)
+    in_flight: dict[int, int] = field(default_factory=lambda: {SENIOR: 0, JUNIOR: 0})
+    both_since: float | None = None
+    both_s: float = 0.0
+    requests: dict[int, int] = field(default_factory=lambda: {SENIOR: 0, JUNIOR: 0})
+
+    def change(self, role: int, delta: int) -> None:
+        now = time.perf_counter()
+        was_both = all(self.in_flight.values())
+        self.in_flight[role] += delta
+        if delta > 0:
+            self.requests[role] += 1
+        is_both = all(self.in_flight.values())
+        if is_both and not was_both:
+            self.both_since = now
+        elif was_both and not is_both:
+            self.both_s += now - self.both_since
+
+
+class Rollout:
+    """Builds Episodes for a batch of prompts with the senior and junior engines.
+
+    `senior` / `junior` are lists of engine replicas: Ray actor handles of `RolloutEngine`
+    (or the plain objects, for in-process use). Whole groups go to one replica of each role.
+    """
+
+    def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
+                 senior_tokenizer: Any, junior_tokenizer: Any | None = None) -> None:
+        from tandem.engine import Sampling
+
+        self.config = config
+        self.senior, self.junior = senior, junior
+        self.tokenizers = {SENIOR: senior_tokenizer, JUNIOR: junior_tokenizer or senior_tokenizer}
+        self.cross_tokenizer = junior_tokenizer is not None
+        if self.cross_tokenizer and config.algorithm.junior_kl_coef > 0:
+            raise ValueError("algorithm.junior_kl_coef > 0 needs the junior's log-probs in the "
+                             "senior's token space, which a junior with another tokenizer "
+                             "cannot give; set algorithm.junior_kl_coef=0")
+        self.boundaries = {SENIOR: Boundaries.from_tokenizer(senior_tokenizer)}
+        self.boundaries[JUNIOR] = (Boundaries.from_tokenizer(junior_tokenizer)
+                                   if self.cross_tokenizer else self.boundaries[SENIOR])
+        rollout = config.rollout
+        self.sampling = Sampling(temperature=rollout.temperature, top_p=rollout.top_p,
+                                 top_k=rollout.top_k)
+        self.weight_version = 0
+
+    def generate(self, prompts: list[list[int]], step: int,
+                 junior_prompts: list[list[int]] | None = None
+                 ) -> tuple[list[Episode], dict[str, float]]:
+        """`group_size` episodes per prompt (senior token ids; for a junior with another
+        tokenizer also the same prompts in its ids). Returns episodes grouped by prompt."""
+        return asyncio.run(self.agenerate(prompts, step, junior_prompts))
+
+    async def agenerate(self, prompts: list[list[int]], step: int,
+                        junior_prompts: list[list[int]] | None = None
+                        ) -> tuple[list[Episode], dict[str, float]]:
+        if self.cross_tokenizer and (junior_prompts is None
+                                     or len(junior_prompts) != len(prompts)):
+            raise ValueError("a junior with another tokenizer needs junior_prompts: the same "
+                             "prompts in the junior's token ids")
+        group_size = self.config.algorithm.group_size
+        activity = _Activity()
+        busy_before = await self._busy_seconds()
+        tasks = []
+        for group, prompt in enumerate(prompts):
+            senior = self.senior[group % len(self.senior)]
+            junior = self.junior[group % len(self.junior)]
+            junior_prompt = junior_prompts[group] if self.cross_tokenizer else prompt
+            for member in range(group_size):
+                index = group * group_size + member
+                tasks.append(self._episode(prompt, junior_prompt, group, index, step,
+                                           {SENIOR: senior, JUNIOR: junior}, activity))
+        episodes = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - activity.started
+        busy_after = await self._busy_seconds()
+        metrics = tandem_metrics(episodes)
+        tokens = sum(len(e.response_ids) for e in episodes)
+        metrics.update({
+            "rollout/tokens_per_s": tokens / wall,
+            "rollout/truncated_frac": sum(e.truncated for e in episodes) / len(episodes),
+            "rollout/response_tokens_mean": tokens / len(episodes),
+            "rollout/requests_per_episode": sum(activity.requests.values()) / len(episodes),
+            "rollout/both_engines_busy_frac": activity.both_s / wall,
+            "time/rollout": wall,
+        })
+        for role, name in ROLES.items():
+            engines = len(self.senior if role == SENIOR else self.junior)
+            spent = busy_after[role] - busy_before[role]
+            metrics[f"rollout/{name}_engine_busy_frac"] = spent / (wall * engines)
+        return list(episodes), metrics
+
+    async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
+                       index: int, step: int, engines: dict[int, Any],
+                       activity: _Activity) -> Episode:
+        from tandem.engine import SegmentStop
+
+        budget = self.config.rollout.max_response_tokens
+        alternation = Alternation(self.config.algorithm, episode_rng(self.config.seed, step,
+                                                                     index),
+                                  self.boundaries[SENIOR],
+                                  self.boundaries[JUNIOR] if self.cross_tokenizer else None)
+        # Each engine's context in its own token space, and how much of it that engine's
+        # session has already seen.
+        context = {SENIOR: list(prompt), JUNIOR: list(junior_prompt)}
+        sent = {SENIOR: 0, JUNIOR: 0}
+        response: list[int] = []
+        authors: list[int] = []
+        logprobs: list[float] = []
+        starts: list[int] = []
+        written = 0  # budget used, counted in each writer's own tokens
+        finish, version = "length", self.weight_version
+        # one session per role: in solo benchmarks one engine may serve both roles
+        sessions = {role: f"{step}-{index}-{name}" for role, name in ROLES.items()}
+        try:
+            while written < budget:
+                writer = alternation.writer
+                rule = alternation.stop_rule(budget - written)
+                stop = SegmentStop(max_tokens=rule.max_tokens, boundary_set=rule.boundary_set,
+                                   boundaries=rule.boundaries, pair=rule.pair)
+                new_ids = context[writer][sent[writer]:]
+                activity.change(writer, +1)
+                try:
+                    segment = await self._call(engines[writer], "turn", sessions[writer],
+                                               new_ids, stop, self.sampling)
+                finally:
+                    activity.change(writer, -1)
+                turn = alternation.advance(segment.token_ids)
+                kept = segment.token_ids[:turn.kept]
+                if turn.kept < len(segment.token_ids):
+                    # The engine's session holds tokens we drop: restart it from our context.
+                    await self._call(engines[writer], "close_session", sessions[writer])
+                    sent[writer] = 0
+                else:
+                    sent[writer] = len(context[writer]) + len(kept)
+                if writer == SENIOR:
+                    version = segment.weight_version
+                self._append(writer, kept, segment.logprobs[:turn.kept], context, response,
+                             authors, logprobs, starts)
+                written += len(kept)
+                if segment.finish_reason == "eos" and turn.kept == len(segment.token_ids):
+                    finish = "eos"
+                    break
+                if segment.finish_reason == "abort":
+                    raise RuntimeError(f"engine aborted episode {index} at step {step}")
+                if not kept and not turn.handoff and segment.finish_reason == "length":
+                    break  # the model's context is full
+        finally:
+            await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
+                                   for role in (SENIOR, JUNIOR)))
+        text = self.tokenizers[SENIOR].decode(response, skip_special_tokens=True)
+        return Episode(prompt_ids=list(prompt), response_ids=response, author_mask=authors,
+                       logprobs=logprobs, group=group, weight_version=version,
+                       segment_starts=starts, finish_reason=finish, response_text=text)
+
+    def _append(self, writer: int, ids: list[int], values: list[float],
+                context: dict[int, list[int]], response: list[int], authors: list[int],
+                logprobs: list[float], starts: list[int]) -> None:
+        """Add a writer's kept tokens to both contexts and to the episode (senior ids)."""
+        if not ids:
+            return
+        other = JUNIOR if writer == SENIOR else SENIOR
+        context[writer] += ids
+        if self.cross_tokenizer:
+            text = self.tokenizers[writer].decode(ids)
+            context[other] += self.tokenizers[other].encode(text, add_special_tokens=False)
+        else:
+            context[other] += ids
+        senior_ids = ids if writer == SENIOR or not self.cross_tokenizer else (
+            self.tokenizers[SENIOR].encode(self.tokenizers[JUNIOR].decode(ids),
+                                           add_special_tokens=False))
+        senior_values = values if writer == SENIOR or not self.cross_tokenizer else (
+            [0.0] * len(senior_ids))
+        if not authors or authors[-1] != writer:
+            starts.append(len(response))
+        response += senior_ids
+        authors += [writer] * len(senior_ids)
+        logprobs += senior_values
+
+    async def _call(self, engine: Any, method: str, *args: Any) -> Any:
+        """A bounded call to an engine: a Ray actor handle or a plain RolloutEngine."""
+        bound = getattr(engine, method)
+        pending = bound.remote(*args) if hasattr(bound, "remote") else bound(*args)
+        timeout = self.config.cluster.call_timeout_s
+        try:
+            return await asyncio.wait_for(pending, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"engine call {method} took longer than cluster.call_timeout_s="
+                               f"{timeout} s") from None
+
+    async def _busy_seconds(self) -> dict[int, float]:
+        busy = {}
+        for role, engines in ((SENIOR, self.senior), (JUNIOR, self.junior)):
+            stats = await asyncio.gather(*(self._call(e, "stats") for e in engines))
+            busy[role] = sum(s["engine/busy_s"] for s in stats)
+        return busy
+
+
+def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries: Boundaries,
+                    first_core: int = 0) -> list:
+    """One EngineSettings per replica of `role`, from the config schema.
+
+    On CPU each replica is pinned to its own `cluster.<role>.cpus` cores, counted from
+    `first_core` (wrapping around the machine): two engines sharing cores run 3-4x slower.
+    """
+    import os
+
+    from tandem.engine import EngineSettings
+
+    cluster = config.cluster
+    resources = getattr(cluster, role)
+    spec = getattr(config.model, role)
+    cores = os.cpu_count() or 1
+    max_len = config.rollout.max_prompt_tokens + max(config.rollout.max_response_tokens,
+                                                     config.eval.max_response_tokens)
+    group_size = config.algorithm.group_size
+    settings = []
+    for replica in range(resources.replicas):
+        pinned = None
+        if cluster.device == "cpu":
+            start = (first_core + replica * resources.cpus) % cores
+            end = min(start + resources.cpus, cores) - 1
+            pinned = f"{start}-{end}" if end > start else str(start)
+        settings.append(EngineSettings(
+            model=model_dir, dtype=spec.dtype, max_model_len=max_len,
+            seed=config.seed + replica, enable_prefix_caching=config.rollout.enable_prefix_caching,
+            device=cluster.device, tensor_parallel_size=resources.tensor_parallel_size,
+            gpu_memory_utilization=cluster.gpu_memory_utilization,
+            cpu_kvcache_gib=cluster.cpu_kvcache_gib, cpu_cores=pinned,
+            max_num_seqs=max(256, config.trainer.prompts_per_step * group_size + 1),
+            token_sets=boundaries.token_sets(),
+        ))
+    return settings

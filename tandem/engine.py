@@ -267,10 +267,11 @@ def segment_stop_scheduler(*args: Any, vllm_config: Any, **kwargs: Any) -> Sched
 class WeightLoadExtension:
     """`worker_extension_cls`: methods vLLM mixes into its worker, called via collective_rpc."""
 
-    def tandem_stage_weights(self, blob: bytes, version: int, bucket: int) -> int:
+    def tandem_stage_weights(self, blob: bytes | str, version: int, bucket: int) -> int:
         """Hold one bucket of `version` until all have arrived; a bucket 0 starts a new push
-        and drops whatever an interrupted earlier push left staged."""
-        from safetensors.torch import load
+        and drops whatever an interrupted earlier push left staged. `blob` is a safetensors
+        blob, or the path of a safetensors file on this node (memory-mapped, no copy)."""
+        from safetensors.torch import load, load_file
 
         staged = getattr(self, "_tandem_staged", None)
         if bucket == 0 or staged is None or staged["version"] != version:
@@ -281,7 +282,7 @@ class WeightLoadExtension:
         if bucket != staged["buckets"]:
             raise RuntimeError(f"weight push v{version}: bucket {bucket} arrived after "
                                f"{staged['buckets']} buckets")
-        tensors = load(blob)
+        tensors = load_file(blob) if isinstance(blob, str) else load(blob)
         staged["tensors"].extend(tensors.items())
         staged["buckets"] += 1
         return len(tensors)
@@ -658,9 +659,12 @@ class RolloutEngine:
         finally:
             self._in_flight -= 1
 
-    async def load_weights(self, named_tensors: Sequence[tuple[str, Any]], version: int, *,
-                           bucket: int = 0, num_buckets: int = 1) -> None:
+    async def load_weights(self, named_tensors: Sequence[tuple[str, Any]] | str, version: int,
+                           *, bucket: int = 0, num_buckets: int = 1) -> None:
         """Replace the engine's weights (Hugging Face names) and label them `version`.
+
+        `named_tensors` is a list of (name, tensor), or the path of a safetensors file on this
+        engine's node — the fast path: the worker maps the file instead of receiving a copy.
 
         All or nothing: buckets 0 .. num_buckets - 1 are staged on the worker and the last one
         applies them together; until then, and after any failure (staged buckets are dropped),
@@ -679,8 +683,8 @@ class RolloutEngine:
             for session in self._sessions.values():
                 if session.stream is not None:
                     await self._evict(session, for_space=False)
-            await self._llm.collective_rpc("tandem_stage_weights",
-                                           args=(_pack(named_tensors), version, bucket))
+            blob = named_tensors if isinstance(named_tensors, str) else _pack(named_tensors)
+            await self._llm.collective_rpc("tandem_stage_weights", args=(blob, version, bucket))
             if bucket < num_buckets - 1:
                 return
             await self._llm.collective_rpc("tandem_apply_weights", args=(version, num_buckets))
@@ -703,6 +707,13 @@ class RolloutEngine:
 
     async def weight_version(self) -> int:
         return self._weight_version
+
+    async def node_id(self) -> str:
+        """The Ray node this engine runs on ("local" outside Ray): a weight push from the same
+        node can hand over a file in shared memory instead of the tensors."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     async def stats(self) -> dict[str, float]:
         """Cumulative engine counters: steps, running/waiting requests (last step) and the peak

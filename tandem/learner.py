@@ -353,6 +353,19 @@ class Learner:
             dist.destroy_process_group()
 
 
+def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied weights): give each its own."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        if tensor.data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        out[name] = tensor
+    return out
+
+
 def _mean_over(updates: list[dict[str, float]]) -> dict[str, float]:
     names = {n for u in updates for n in u}
     return {n: sum(u.get(n, 0.0) for u in updates) / len(updates) for n in sorted(names)}
@@ -419,17 +432,35 @@ class LearnerActor:
         return self.learner.score(sequences, from_positions)
 
     def push_bucket(self, names: list[str], engines: list, version: int, bucket: int,
-                    num_buckets: int, dtype: str, timeout: float) -> int:
+                    num_buckets: int, dtype: str, timeout: float,
+                    shared_memory: bool = True) -> int:
         """Gather one bucket (every rank) and, on rank 0, load it into every senior engine.
-        Returns the bytes rank 0 sent (0 elsewhere)."""
+        Returns the bytes rank 0 sent (0 elsewhere).
+
+        Engines on this node get the bucket as a safetensors file in shared memory (/dev/shm),
+        which their worker maps without a copy; engines elsewhere get the tensors through
+        Ray's object store."""
         import ray
+        from safetensors.torch import save_file
 
         tensors = self.learner.gather_bucket(names, dtype)
         if tensors is None:
             return 0
-        pending = [engine.load_weights.remote(list(tensors.items()), version, bucket=bucket,
-                                              num_buckets=num_buckets) for engine in engines]
-        ray.get(pending, timeout=timeout)
+        here = ray.get_runtime_context().get_node_id()
+        nodes = ray.get([engine.node_id.remote() for engine in engines], timeout=timeout)
+        path = None
+        if shared_memory and here in nodes and os.path.isdir("/dev/shm"):
+            path = f"/dev/shm/tandem-push-{os.getpid()}-v{version}-b{bucket}.safetensors"
+            save_file(_untied(tensors), path)
+        try:
+            pending = [engine.load_weights.remote(
+                path if node == here and path else list(tensors.items()), version,
+                bucket=bucket, num_buckets=num_buckets) for engine, node in zip(
+                    engines, nodes, strict=True)]
+            ray.get(pending, timeout=timeout)
+        finally:
+            if path is not None:
+                os.remove(path)  # the workers' mappings stay valid after the unlink
         return sum(t.numel() * t.element_size() for t in tensors.values()) * len(engines)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -3,9 +3,10 @@
 One interface (`WeightTransport.push`), picked by topology in `make_transport`:
 
 - `cpu`: engines on CPU, or the fallback. FSDP full parameters are gathered one bucket at a
-  time; learner rank 0 hands each bucket to every senior engine through Ray's object store
-  (shared memory on one node), and the engine's worker extension stages it. The last bucket
-  loads them all with vLLM's `reload_weights`.
+  time; learner rank 0 writes each bucket as a safetensors file in /dev/shm that the engine
+  workers on its node map without a copy (engines on other nodes get the tensors through
+  Ray's object store), and the engine's worker extension stages it. The last bucket loads
+  them all with vLLM's `reload_weights`.
 - `nccl`: broadcast from learner rank 0 to the engines' GPU workers over a dedicated process
   group (vLLM's weight-transfer API) — engines and learner on different GPUs or nodes.
 - `cuda_ipc`: a learner colocated with its engine on the same GPU hands over CUDA IPC handles.
@@ -64,8 +65,10 @@ class CpuTransport(WeightTransport):
     name = "cpu"
 
     def __init__(self, bucket_bytes: int, timeout_s: float, dtype: str,
-                 fail_after_buckets: int | None = None) -> None:
+                 shared_memory: bool = True, fail_after_buckets: int | None = None) -> None:
         self.bucket_bytes, self.timeout_s, self.dtype = bucket_bytes, timeout_s, dtype
+        # Same-node engines map a file in /dev/shm instead of receiving the tensors.
+        self.shared_memory = shared_memory
         # Fault injection for tests: raise once this many buckets were staged.
         self.fail_after_buckets = fail_after_buckets
 
@@ -88,7 +91,8 @@ class CpuTransport(WeightTransport):
                 if remaining <= 0:
                     raise TimeoutError
                 calls = [learner.push_bucket.remote(names, engines, version, index,
-                                                    len(buckets), self.dtype, remaining)
+                                                    len(buckets), self.dtype, remaining,
+                                                    self.shared_memory)
                          for learner in learners]
                 sent += sum(ray.get(calls, timeout=remaining))
         except (TimeoutError, ray.exceptions.GetTimeoutError):

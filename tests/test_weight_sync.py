@@ -104,6 +104,21 @@ def test_push_makes_the_senior_serve_the_learners_weights(setup):
     assert ray.get(junior.weight_version.remote()) == 0
 
 
+def test_push_through_the_object_store_matches_shared_memory(setup):
+    """Engines on another node get tensors instead of a /dev/shm file; same weights served."""
+    import ray
+
+    _, learners, engines = setup
+    senior = engines["senior"][0]
+    _train(learners)
+    version = ray.get(senior.weight_version.remote()) + 1
+    CpuTransport(2**20, 120.0, "float32", shared_memory=False).push(
+        learners, engines["senior"], version=version)
+    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    assert ray.get(senior.weight_version.remote()) == version
+    assert _max_diff(_scores(senior), learner_scores) < 1e-3
+
+
 def test_interrupted_push_leaves_the_previous_version(setup):
     import ray
 

@@ -46,8 +46,13 @@ log = logging.getLogger(__name__)
 DIST_TIMEOUT = datetime.timedelta(minutes=10)
 
 
-def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: bool) -> None:
-    """FSDP2: shard each decoder block, then the root (embeddings, norm, head)."""
+def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: bool,
+                world_size: int) -> None:
+    """FSDP2: shard each decoder block, then the root (embeddings, norm, head).
+
+    One CPU rank is left unsharded: FSDP would only copy parameters in and out around every
+    forward and backward, with nothing to shard and fp32 anyway.
+    """
     blocks = model.model.layers
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
@@ -56,6 +61,8 @@ def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: b
 
         for index, block in enumerate(blocks):
             blocks[index] = checkpoint_wrapper(block)
+    if device == "cpu" and world_size == 1:
+        return
     # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; on CPU plain
     # fp32, which is what the world-size equivalence test needs.
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -70,7 +77,8 @@ def token_logprobs(model: torch.nn.Module, micro: batching.MicroBatch, temperatu
     """Log-prob of each target token and the entropy of each next-token distribution.
 
     The entropy carries a gradient only with `entropy_grad` (an entropy bonus); otherwise it
-    is a detached metric.
+    is a detached metric. It is computed at senior-written positions only (0 elsewhere): it is
+    a pass over the whole vocabulary per position, and only senior tokens are trained.
     """
     device = next(model.parameters()).device
     logits = model(input_ids=micro.input_ids.to(device),
@@ -79,8 +87,11 @@ def token_logprobs(model: torch.nn.Module, micro: batching.MicroBatch, temperatu
     log_probs = torch.log_softmax(logits, dim=-1)  # [batch, seq - 1, vocab]
     targets = micro.targets.to(device)[..., None]  # [batch, seq - 1, 1]
     chosen = log_probs.gather(-1, targets).squeeze(-1)  # [batch, seq - 1]
+    senior = (micro.response_mask * micro.author_mask).to(device).bool()  # [batch, seq - 1]
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [batch, seq - 1]
+        rows = log_probs[senior]  # [senior tokens, vocab]
+        entropy = torch.zeros_like(chosen).index_put(
+            (senior.nonzero(as_tuple=True)), -(rows.exp() * rows).sum(-1))  # [batch, seq - 1]
     return chosen, entropy
 
 
@@ -149,7 +160,8 @@ class Learner:
                                          attn_implementation=attention)
         if self.device == "cuda":
             model = model.to("cuda")
-        shard_model(model, self.device, self.config.trainer.activation_checkpointing)
+        shard_model(model, self.device, self.config.trainer.activation_checkpointing,
+                    self.world_size)
         return model
 
     # ------------------------------------------------------------------------- training

@@ -29,24 +29,11 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from tandem.config import ClusterConfig
+from tandem.packing import plan_buckets
 
 
 class WeightPushError(RuntimeError):
     """A push that failed or timed out; the engines still serve the previous version."""
-
-
-def plan_buckets(sizes: list[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
-    """Consecutive parameters grouped so each bucket stays within `bucket_bytes` (a single
-    parameter larger than that gets a bucket of its own)."""
-    buckets: list[list[str]] = []
-    used = bucket_bytes  # forces a new bucket for the first parameter
-    for name, size in sizes:
-        if used + size > bucket_bytes and (not buckets or buckets[-1]):
-            buckets.append([])
-            used = 0
-        buckets[-1].append(name)
-        used += size
-    return buckets
 
 
 class WeightTransport(ABC):

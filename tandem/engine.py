@@ -273,6 +273,10 @@ class WeightLoadExtension:
         blob, or the path of a safetensors file on this node (memory-mapped, no copy)."""
         from safetensors.torch import load, load_file
 
+        tensors = load_file(blob) if isinstance(blob, str) else load(blob)
+        return self._tandem_stage(list(tensors.items()), version, bucket)
+
+    def _tandem_stage(self, named: list[tuple[str, Any]], version: int, bucket: int) -> int:
         staged = getattr(self, "_tandem_staged", None)
         if bucket == 0 or staged is None or staged["version"] != version:
             if bucket != 0:
@@ -282,10 +286,33 @@ class WeightLoadExtension:
         if bucket != staged["buckets"]:
             raise RuntimeError(f"weight push v{version}: bucket {bucket} arrived after "
                                f"{staged['buckets']} buckets")
-        tensors = load_file(blob) if isinstance(blob, str) else load(blob)
-        staged["tensors"].extend(tensors.items())
+        staged["tensors"].extend(named)
         staged["buckets"] += 1
-        return len(tensors)
+        return len(named)
+
+    def tandem_group_join(self, host: str, port: int, rank_offset: int, world_size: int,
+                          timeout_s: float, backend: str) -> None:
+        """Join the learner's dedicated broadcast group as rank `rank_offset` + this worker's
+        tensor-parallel rank (every TP rank receives whole buckets; the loader shards them)."""
+        from tandem.gpu_transport import NcclReceiver
+
+        self.tandem_group_leave()
+        device = getattr(self, "device", "cpu")
+        receiver = NcclReceiver(host, port, rank_offset + getattr(self, "rank", 0), world_size,
+                                device, timeout_s, backend=backend)
+        receiver.connect()
+        self._tandem_receiver = receiver
+
+    def tandem_group_receive(self, version: int, bucket: int, timeout_s: float) -> int:
+        receiver = getattr(self, "_tandem_receiver", None)
+        if receiver is None:
+            raise RuntimeError("this engine worker has not joined a weight broadcast group")
+        return self._tandem_stage(receiver.receive(version, bucket, timeout_s), version, bucket)
+
+    def tandem_group_leave(self) -> None:
+        receiver, self._tandem_receiver = getattr(self, "_tandem_receiver", None), None
+        if receiver is not None:
+            receiver.close()
 
     def tandem_discard_weights(self) -> int:
         """Drop staged buckets of an interrupted push; the served weights never changed."""
@@ -672,6 +699,35 @@ class RolloutEngine:
         sampled under one version; open sessions are closed (their KV came from the old
         weights) and reopen from their token ids at their next turn. The prefix cache is reset.
         """
+        blob = named_tensors if isinstance(named_tensors, str) else _pack(named_tensors)
+        await self._load("tandem_stage_weights", (blob, version, bucket), version, bucket,
+                         num_buckets)
+
+    async def receive_weights(self, version: int, bucket: int, num_buckets: int,
+                              timeout_s: float) -> None:
+        """`load_weights` for one bucket broadcast by the learner over the weight group this
+        engine joined (`join_weight_group`); same all-or-nothing rules."""
+        await self._load("tandem_group_receive", (version, bucket, timeout_s), version, bucket,
+                         num_buckets)
+
+    async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                                timeout_s: float, backend: str = "nccl") -> int:
+        """Join learner rank 0's dedicated broadcast group (see gpu_transport.py); returns the
+        number of ranks this engine holds (its tensor-parallel workers)."""
+        self._check_open()
+        await self._llm.collective_rpc(
+            "tandem_group_join", args=(host, port, rank_offset, world_size, timeout_s, backend))
+        return self.settings.tensor_parallel_size
+
+    async def leave_weight_group(self) -> None:
+        await self._llm.collective_rpc("tandem_group_leave")
+
+    async def workers(self) -> int:
+        """Worker processes (tensor-parallel ranks) of this engine: weight-group members."""
+        return self.settings.tensor_parallel_size
+
+    async def _load(self, stage_method: str, args: tuple, version: int, bucket: int,
+                    num_buckets: int) -> None:
         self._check_open()
         if self._in_flight:
             raise RuntimeError(f"load_weights needs a drained engine, but {self._in_flight} calls "
@@ -683,8 +739,7 @@ class RolloutEngine:
             for session in self._sessions.values():
                 if session.stream is not None:
                     await self._evict(session, for_space=False)
-            blob = named_tensors if isinstance(named_tensors, str) else _pack(named_tensors)
-            await self._llm.collective_rpc("tandem_stage_weights", args=(blob, version, bucket))
+            await self._llm.collective_rpc(stage_method, args=args)
             if bucket < num_buckets - 1:
                 return
             await self._llm.collective_rpc("tandem_apply_weights", args=(version, num_buckets))

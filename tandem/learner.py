@@ -285,7 +285,8 @@ class Learner:
         itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
         return [(name, param.numel() * itemsize) for name, param in self._named_parameters()]
 
-    def gather_bucket(self, names: list[str], dtype: str) -> dict[str, torch.Tensor] | None:
+    def gather_bucket(self, names: list[str], dtype: str,
+                      device: str = "cpu") -> dict[str, torch.Tensor] | None:
         """Full tensors of `names` in `dtype` on CPU at rank 0 (None elsewhere). A collective:
         every rank calls it with the same names, so no rank ever holds more than one bucket of
         full parameters beyond its shard."""
@@ -296,7 +297,7 @@ class Learner:
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()  # all-gather of this parameter's shards
             if self.rank == 0:
-                out[name] = tensor.to(device="cpu", dtype=getattr(torch, dtype))
+                out[name] = tensor.to(device=device, dtype=getattr(torch, dtype))
         return out if self.rank == 0 else None
 
     def _named_parameters(self):
@@ -474,6 +475,35 @@ class LearnerActor:
             if path is not None:
                 os.remove(path)  # the workers' mappings stay valid after the unlink
         return sum(t.numel() * t.element_size() for t in tensors.values()) * len(engines)
+
+    def open_weight_group(self, world_size: int, timeout_s: float,
+                          backend: str) -> tuple[str, int]:
+        """Rank 0: host a dedicated broadcast group to the senior engines' workers."""
+        import ray
+
+        from tandem.gpu_transport import NcclSender
+
+        self.leave_weight_group()
+        device = "cuda" if self.learner.device == "cuda" else "cpu"
+        self._sender = NcclSender(world_size, device, timeout_s, backend=backend)
+        return ray.util.get_node_ip_address(), self._sender.port
+
+    def join_weight_group(self) -> None:
+        self._sender.connect()
+
+    def leave_weight_group(self) -> None:
+        sender, self._sender = getattr(self, "_sender", None), None
+        if sender is not None:
+            sender.close()
+
+    def push_bucket_broadcast(self, names: list[str], version: int, bucket: int, dtype: str,
+                              timeout: float) -> int:
+        """Gather one bucket (every rank); rank 0 broadcasts it over the weight group."""
+        device = "cuda" if self.learner.device == "cuda" else "cpu"
+        tensors = self.learner.gather_bucket(names, dtype, device)
+        if tensors is None:
+            return 0
+        return self._sender.send(list(tensors.items()), version, bucket, timeout)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Rank 0 returns the full parameters; the others take part and return None."""

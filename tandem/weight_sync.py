@@ -7,9 +7,11 @@ One interface (`WeightTransport.push`), picked by topology in `make_transport`:
   workers on its node map without a copy (engines on other nodes get the tensors through
   Ray's object store), and the engine's worker extension stages it. The last bucket loads
   them all with vLLM's `reload_weights`.
-- `nccl`: broadcast from learner rank 0 to the engines' GPU workers over a dedicated process
-  group (vLLM's weight-transfer API) — engines and learner on different GPUs or nodes.
-- `cuda_ipc`: a learner colocated with its engine on the same GPU hands over CUDA IPC handles.
+- `nccl`: broadcast from learner rank 0 to every engine GPU worker over a dedicated process
+  group (`gpu_transport.py`, torch only) — engines and learner on different GPUs or nodes. The
+  same code runs over gloo on CPU, which is how the wiring is tested without a GPU.
+- `cuda_ipc`: a learner colocated with its engine on the same GPU hands over CUDA IPC handles
+  (core in `gpu_transport.py`; not wired yet).
 
 Guarantees, whatever the transport:
 
@@ -37,29 +39,22 @@ class WeightPushError(RuntimeError):
 
 
 class WeightTransport(ABC):
-    """Moves the learner's current weights into every senior engine."""
+    """Moves the learner's current weights into every senior engine.
+
+    `push` is the shared skeleton — buckets, one deadline, drop what was staged on any
+    failure — and a transport supplies how one bucket travels (`_push_bucket`).
+    """
 
     name: str
 
-    @abstractmethod
-    def push(self, learners: list[Any], engines: list[Any], version: int) -> dict[str, float]:
-        """Push as `version`; returns `time/push`, `perf/push_gb_per_s` and friends."""
-
-
-class CpuTransport(WeightTransport):
-    """Buckets through Ray's object store into the engines' worker extension."""
-
-    name = "cpu"
-
     def __init__(self, bucket_bytes: int, timeout_s: float, dtype: str,
-                 shared_memory: bool = True, fail_after_buckets: int | None = None) -> None:
+                 fail_after_buckets: int | None = None) -> None:
         self.bucket_bytes, self.timeout_s, self.dtype = bucket_bytes, timeout_s, dtype
-        # Same-node engines map a file in /dev/shm instead of receiving the tensors.
-        self.shared_memory = shared_memory
-        # Fault injection for tests: raise once this many buckets were staged.
+        # Fault injection for tests: raise once this many buckets were sent.
         self.fail_after_buckets = fail_after_buckets
 
     def push(self, learners: list[Any], engines: list[Any], version: int) -> dict[str, float]:
+        """Push as `version`; returns `time/push`, `perf/push_gb_per_s` and friends."""
         import ray
 
         started = time.perf_counter()
@@ -68,6 +63,7 @@ class CpuTransport(WeightTransport):
         sent = 0
         index = 0
         try:
+            self._prepare(learners, engines)
             sizes = ray.get(learners[0].parameter_sizes.remote(self.dtype),
                             timeout=self.timeout_s)
             buckets = plan_buckets(sizes, self.bucket_bytes)
@@ -77,20 +73,17 @@ class CpuTransport(WeightTransport):
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     raise TimeoutError
-                calls = [learner.push_bucket.remote(names, engines, version, index,
-                                                    len(buckets), self.dtype, remaining,
-                                                    self.shared_memory)
-                         for learner in learners]
-                sent += sum(ray.get(calls, timeout=remaining))
+                sent += self._push_bucket(learners, engines, names, version, index,
+                                          len(buckets), remaining)
         except (TimeoutError, ray.exceptions.GetTimeoutError):
-            self._discard(engines)
+            self._recover(learners, engines)
             raise WeightPushError(
                 f"weight push v{version} over {self.name} timed out at bucket {index + 1}/"
                 f"{len(buckets)} after {time.perf_counter() - started:.1f} s "
                 f"(cluster.push_timeout_s={self.timeout_s}); the senior engines still serve "
                 "the previous version") from None
         except Exception as error:
-            self._discard(engines)
+            self._recover(learners, engines)
             raise WeightPushError(
                 f"weight push v{version} over {self.name} failed at bucket {index + 1}/"
                 f"{len(buckets)}: {error}; the senior engines still serve the previous "
@@ -99,12 +92,96 @@ class CpuTransport(WeightTransport):
         return {"time/push": elapsed, "perf/push_gb_per_s": sent / elapsed / 1e9,
                 "push/buckets": float(len(buckets)), "push/bytes": float(sent)}
 
-    def _discard(self, engines: list[Any]) -> None:
+    def _prepare(self, learners: list[Any], engines: list[Any]) -> None:  # noqa: B027
+        """Set-up before the first bucket (e.g. a process group); nothing by default."""
+
+    @abstractmethod
+    def _push_bucket(self, learners: list[Any], engines: list[Any], names: list[str],
+                     version: int, bucket: int, num_buckets: int, timeout: float) -> int:
+        """Send one bucket to every engine (staged there); returns the bytes sent."""
+
+    def _recover(self, learners: list[Any], engines: list[Any]) -> None:
         import ray
 
         # Bounded too: a dead engine must not turn a clear error into a hang.
         ray.get([engine.discard_weights.remote() for engine in engines],
                 timeout=max(30.0, self.timeout_s))
+
+
+class CpuTransport(WeightTransport):
+    """Buckets through /dev/shm (same node) or Ray's object store into the engines' workers."""
+
+    name = "cpu"
+
+    def __init__(self, bucket_bytes: int, timeout_s: float, dtype: str,
+                 shared_memory: bool = True, fail_after_buckets: int | None = None) -> None:
+        super().__init__(bucket_bytes, timeout_s, dtype, fail_after_buckets)
+        # Same-node engines map a file in /dev/shm instead of receiving the tensors.
+        self.shared_memory = shared_memory
+
+    def _push_bucket(self, learners, engines, names, version, bucket, num_buckets, timeout):
+        import ray
+
+        calls = [learner.push_bucket.remote(names, engines, version, bucket, num_buckets,
+                                            self.dtype, timeout, self.shared_memory)
+                 for learner in learners]
+        return sum(ray.get(calls, timeout=timeout))
+
+
+class BroadcastTransport(WeightTransport):
+    """A broadcast from learner rank 0 to every senior engine worker over a dedicated process
+    group (`gpu_transport.NcclSender` / `NcclReceiver`): NCCL between GPUs, or gloo — the same
+    code on CPU, which is how it is tested here. The group is built at the first push and
+    rebuilt after any failure."""
+
+    def __init__(self, bucket_bytes: int, timeout_s: float, dtype: str, backend: str = "nccl",
+                 fail_after_buckets: int | None = None) -> None:
+        super().__init__(bucket_bytes, timeout_s, dtype, fail_after_buckets)
+        self.backend, self.name = backend, backend
+        self._group: tuple[int, ...] | None = None  # ids of the members it was built for
+
+    def _prepare(self, learners, engines):
+        import ray
+
+        members = tuple(id(handle) for handle in (*learners, *engines))
+        if self._group == members:
+            return
+        workers = ray.get([engine.workers.remote() for engine in engines], timeout=self.timeout_s)
+        world = 1 + sum(workers)
+        host, port = ray.get(learners[0].open_weight_group.remote(world, self.timeout_s,
+                                                                   self.backend),
+                             timeout=self.timeout_s)
+        offsets = [1 + sum(workers[:i]) for i in range(len(engines))]
+        joins = [learners[0].join_weight_group.remote()] + [
+            engine.join_weight_group.remote(host, port, offset, world, self.timeout_s,
+                                            self.backend)
+            for engine, offset in zip(engines, offsets, strict=True)]
+        ray.get(joins, timeout=self.timeout_s)
+        self._group = members
+
+    def _push_bucket(self, learners, engines, names, version, bucket, num_buckets, timeout):
+        import ray
+
+        sends = [learner.push_bucket_broadcast.remote(names, version, bucket, self.dtype,
+                                                      timeout) for learner in learners]
+        receives = [engine.receive_weights.remote(version, bucket, num_buckets, timeout)
+                    for engine in engines]
+        sent = ray.get(sends, timeout=timeout)
+        ray.get(receives, timeout=timeout)
+        return sum(sent) * len(engines)
+
+    def close(self, learners: list[Any], engines: list[Any]) -> None:
+        """Both ends leave the group; the next push builds a new one."""
+        import ray
+
+        self._group = None
+        calls = [learners[0].leave_weight_group.remote()] + [
+            engine.leave_weight_group.remote() for engine in engines]
+        ray.get(calls, timeout=max(30.0, self.timeout_s))
+
+    def _recover(self, learners, engines):
+        self.close(learners, engines)  # an aborted group cannot be reused
+        super()._recover(learners, engines)
 
 
 def make_transport(cluster: ClusterConfig, dtype: str) -> WeightTransport:
@@ -113,10 +190,11 @@ def make_transport(cluster: ClusterConfig, dtype: str) -> WeightTransport:
     transport = cluster.transport
     if transport == "cpu":
         return CpuTransport(bucket_bytes, cluster.push_timeout_s, dtype)
-    elif transport in ("nccl", "cuda_ipc"):
+    elif transport == "nccl":
+        return BroadcastTransport(bucket_bytes, cluster.push_timeout_s, dtype, backend="nccl")
+    elif transport == "cuda_ipc":
         raise NotImplementedError(
-            f"cluster.weight_transport={transport} is not implemented yet (issue 5 tracks the "
-            "GPU transports); use cluster.weight_transport=cpu, which also works with GPU "
-            "engines, slower")
+            "cluster.weight_transport=cuda_ipc is not wired yet (its core is in "
+            "gpu_transport.py); use nccl across GPUs or cpu")
     else:
         raise ValueError(f"unknown weight transport: {transport!r}")

@@ -11,7 +11,13 @@ from tandem.alternation import Boundaries
 from tandem.config import compose
 from tandem.episode import Episode
 from tandem.learner import fan_out, spawn_learners
-from tandem.weight_sync import CpuTransport, WeightPushError, make_transport, plan_buckets
+from tandem.weight_sync import (
+    BroadcastTransport,
+    CpuTransport,
+    WeightPushError,
+    make_transport,
+    plan_buckets,
+)
 
 TIMEOUT = 600
 
@@ -26,8 +32,9 @@ def test_buckets_respect_the_size_and_keep_order():
 
 def test_transport_follows_the_cluster_config():
     assert make_transport(compose(["cluster=local_cpu"]).cluster, "float32").name == "cpu"
-    with pytest.raises(NotImplementedError, match="cluster.weight_transport=nccl"):
-        make_transport(compose(["cluster=multi_node"]).cluster, "bfloat16")
+    assert make_transport(compose(["cluster=multi_node"]).cluster, "bfloat16").name == "nccl"
+    with pytest.raises(NotImplementedError, match="cuda_ipc"):
+        make_transport(compose(["cluster=single_gpu"]).cluster, "bfloat16")
 
 
 def _config(model_dir):
@@ -148,3 +155,32 @@ def test_stalled_push_raises_within_its_timeout(setup):
     ray.get(senior.discard_weights.remote())
     assert ray.get(senior.weight_version.remote()) == version
     assert _max_diff(_scores(senior), served) == 0.0
+
+
+def test_broadcast_transport_over_gloo_pushes_all_or_nothing(setup):
+    """The NCCL transport's wiring (dedicated group, learner rank 0 -> engine worker) over
+    gloo: the same code path, minus NCCL itself."""
+    import ray
+
+    _, learners, engines = setup
+    senior = engines["senior"][0]
+    _train(learners)
+    version = ray.get(senior.weight_version.remote())
+    served = _scores(senior)
+    broken = BroadcastTransport(2**18, 120.0, "float32", backend="gloo", fail_after_buckets=2)
+    with pytest.raises(WeightPushError, match="gloo failed at bucket 3/"):
+        broken.push(learners, engines["senior"], version=version + 1)
+    assert ray.get(senior.weight_version.remote()) == version
+    assert _max_diff(_scores(senior), served) == 0.0
+
+    transport = BroadcastTransport(2**18, 120.0, "float32", backend="gloo")
+    stats = transport.push(learners, engines["senior"], version=version + 1)
+    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    assert stats["push/buckets"] > 2
+    assert ray.get(senior.weight_version.remote()) == version + 1
+    assert _max_diff(_scores(senior), learner_scores) < 1e-3
+    _train(learners)  # the group stays up between pushes
+    transport.push(learners, engines["senior"], version=version + 2)
+    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    assert _max_diff(_scores(senior), learner_scores) < 1e-3
+    transport.close(learners, engines["senior"])

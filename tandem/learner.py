@@ -55,12 +55,9 @@ def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: b
     """
     blocks = model.model.layers
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-            checkpoint_wrapper,
-        )
-
-        for index, block in enumerate(blocks):
-            blocks[index] = checkpoint_wrapper(block)
+        # transformers' own per-layer checkpointing: its decoder layers take many keyword
+        # arguments that a generic checkpoint wrapper does not replay correctly.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device == "cpu" and world_size == 1:
         return
     # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; on CPU plain
@@ -283,14 +280,14 @@ class Learner:
     def parameter_sizes(self, dtype: str) -> list[tuple[str, int]]:
         """(Hugging Face name, bytes in `dtype`) of every parameter, in a fixed order."""
         itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        return [(name, param.numel() * itemsize) for name, param in self._named_parameters()]
+        return [(name, param.numel() * itemsize) for name, param in self.model.named_parameters()]
 
     def gather_bucket(self, names: list[str], dtype: str,
                       device: str = "cpu") -> dict[str, torch.Tensor] | None:
         """Full tensors of `names` in `dtype` on CPU at rank 0 (None elsewhere). A collective:
         every rank calls it with the same names, so no rank ever holds more than one bucket of
         full parameters beyond its shard."""
-        params = dict(self._named_parameters())
+        params = dict(self.model.named_parameters())
         out = {}
         for name in names:
             tensor = params[name].detach()
@@ -299,10 +296,6 @@ class Learner:
             if self.rank == 0:
                 out[name] = tensor.to(device=device, dtype=getattr(torch, dtype))
         return out if self.rank == 0 else None
-
-    def _named_parameters(self):
-        for name, param in self.model.named_parameters():
-            yield name.replace("_checkpoint_wrapped_module.", ""), param
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:

@@ -164,3 +164,21 @@ def test_exported_directory_loads_in_transformers_with_the_trained_weights(
         torch.testing.assert_close(exported(ids).logits, reference(ids).logits, atol=0, rtol=0)
         initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         assert not torch.allclose(exported(ids).logits, initial(ids).logits)
+
+
+@pytest.mark.slow
+def test_kl_entropy_and_junior_options_train_with_a_frozen_reference(tiny_model_dir,
+                                                                     ray_cluster):
+    config = _config(2, tiny_model_dir, **{
+        "algorithm.kl_coef": 0.1, "algorithm.entropy_coef": 0.01,
+        "algorithm.junior_kl_coef": 0.05, "trainer.activation_checkpointing": "true"})
+    learners = spawn_learners(config, str(tiny_model_dir))
+    try:
+        metrics = fan_out(learners, "train_step", *_episodes(seed=4), timeout=TIMEOUT)[0]
+        second = fan_out(learners, "train_step", *_episodes(seed=5), timeout=TIMEOUT)[0]
+    finally:
+        _close(learners, ray_cluster)
+    # The reference stays at the initial weights while the senior moves away from it.
+    assert 0 <= metrics["train/kl_loss"] < second["train/kl_loss"]
+    assert metrics["train/junior_kl"] != 0.0
+    assert all(torch.isfinite(torch.tensor(v)) for v in second.values())

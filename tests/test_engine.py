@@ -409,7 +409,8 @@ def test_settings_and_stop_rules_validate():
 
 
 def _engine_cores() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["name"]) if "EngineCore" in (p.info["name"] or "")]
+    # Linux truncates a process name to 15 characters ("VLLM::EngineCor"): match that prefix.
+    return [p for p in psutil.process_iter(["name"]) if "EngineCor" in (p.info["name"] or "")]
 
 
 def test_ray_actor_end_to_end(tiny_dir, prompt, reference):

@@ -399,9 +399,24 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward: less memory, ~30% more compute."""
     save_every: int = 20
+    """Checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in <run dir>/checkpoints; older ones are deleted (0 = keep all)."""
     val_every: int = 20
+    """Validate every this many steps (0 = never)."""
+    val_before_train: bool = True
+    """Also validate the starting senior (logged as step 0) when val_every > 0."""
     resume: str = "none"
-    """none | auto (latest checkpoint in the run directory) | a checkpoint path."""
+    """none | auto (latest checkpoint in the run directory; start fresh if there is none) |
+    a checkpoint path (<run dir>/checkpoints/step_NNNNNN)."""
+    off_policy: bool = False
+    """One-step off-policy: the rollout of step k+1 runs while the learner trains on step k,
+    with weights one step old (episodes record their weight version)."""
+    save_episodes_every: int = 0
+    """Write every episode of every N-th step (token ids, author mask, log-probs, text, reward)
+    to <run dir>/episodes/step_N.jsonl, to read who wrote what (0 = never)."""
+    export_final: bool = True
+    """Write the trained senior as a Hugging Face directory (<run dir>/senior) at the end."""
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "tandem"
@@ -421,6 +436,11 @@ class TrainerConfig:
                f"trainer.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
         _check(self.save_every >= 0, f"trainer.save_every must be >= 0, got {self.save_every}")
         _check(self.val_every >= 0, f"trainer.val_every must be >= 0, got {self.val_every}")
+        _check(self.save_episodes_every >= 0,
+               f"trainer.save_episodes_every must be >= 0, got {self.save_episodes_every}")
+        _check(self.keep_checkpoints >= 0,
+               f"trainer.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        _check(bool(self.resume), "trainer.resume is empty: use none, auto or a checkpoint path")
 
 
 @dataclass
@@ -451,9 +471,19 @@ class EvalConfig:
     pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     max_response_tokens: int = 3000
     """Shared senior + junior budget of a hand-off evaluation episode."""
+    val_problems: int | None = 64
+    """Held-out problems used by validation during training (None = all of data.holdout_size)."""
+    val_samples: int = 1
+    """Samples per problem in validation (accuracy = mean over them; pass@k for pass_k <= it)."""
+    val_handoff: bool = True
+    """Also validate the team: senior and frozen junior alternate one step each, senior first."""
 
     def __post_init__(self) -> None:
         _check(self.n >= 1, f"eval.n must be >= 1, got {self.n}")
+        if self.val_problems is not None:
+            _check(self.val_problems >= 1,
+                   f"eval.val_problems must be >= 1 (or null), got {self.val_problems}")
+        _check(self.val_samples >= 1, f"eval.val_samples must be >= 1, got {self.val_samples}")
         _check(all(1 <= k <= self.n for k in self.pass_k),
                f"eval.pass_k values must be in [1, eval.n={self.n}], got {list(self.pass_k)}")
         _check(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
@@ -486,6 +516,9 @@ class TandemConfig:
                    f"rollout.max_prompt_tokens + rollout.max_response_tokens = {budget} does "
                    f"not fit model.{role}.max_context = {context}; lower "
                    "rollout.max_response_tokens or rollout.max_prompt_tokens")
+        _check(not (self.trainer.off_policy and self.cluster.colocated),
+               "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
+               "true puts the engines to sleep while the learner trains; use one of them")
         eval_budget = self.rollout.max_prompt_tokens + self.eval.max_response_tokens
         context = self.model.senior.max_context
         _check(context is None or eval_budget <= context,

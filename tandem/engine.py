@@ -106,6 +106,9 @@ class EngineSettings:
     on CPU). A streaming session counts while parked, so this must cover the episodes per engine."""
     token_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Named token sets for boundary and pair stop rules, registered once for the engine's life."""
+    enable_sleep_mode: bool = False
+    """cuda only: the engine can release its GPU memory (`sleep`) while a colocated learner
+    trains; level 1 keeps a CPU copy of the weights, so a frozen junior needs no re-send."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -479,6 +482,7 @@ class RolloutEngine:
             max_model_len=settings.max_model_len,
             seed=settings.seed,
             enable_prefix_caching=settings.enable_prefix_caching,
+            enable_sleep_mode=settings.enable_sleep_mode,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,  # our stat logger below still receives the stats
             enable_logging_iteration_details=True,  # per-step computed tokens and busy time
@@ -760,6 +764,23 @@ class RolloutEngine:
         counts = await self._llm.collective_rpc("tandem_discard_weights")
         return max(counts, default=0)
 
+    async def sleep(self, level: int = 1) -> None:
+        """Release GPU memory while a colocated learner trains (needs enable_sleep_mode).
+        Level 1 keeps the weights in CPU memory; level 2 drops them (they must be re-sent).
+        The KV cache is dropped either way, so every open session is closed first."""
+        if not self.settings.enable_sleep_mode:
+            raise RuntimeError("this engine was built without enable_sleep_mode; colocated "
+                               "runs set it (cluster.colocated=true)")
+        for session_id in list(self._sessions):
+            await self.close_session(session_id)
+        await self._llm.reset_prefix_cache()
+        await self._llm.sleep(level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take the GPU memory back: `["weights"]` first to receive a push into it, then
+        `["kv_cache"]`; None wakes everything."""
+        await self._llm.wake_up(tags)
+
     async def weight_version(self) -> int:
         return self._weight_version
 
@@ -872,22 +893,36 @@ def _logprob_values(logprobs: Any) -> list[float]:
 # ----------------------------------------------------------------------------- replicas (Ray)
 
 
-def start_engines(settings: Sequence[EngineSettings]) -> list[Any]:
+def start_engines(settings: Sequence[EngineSettings],
+                  options: Sequence[dict[str, Any]] | None = None,
+                  timeout_s: float | None = None) -> list[Any]:
     """The replicas of one role: a `RolloutEngine` Ray actor per settings entry, started and
-    ready to serve. Give each replica its own `cpu_cores` on CPU; on CUDA it takes
-    `tensor_parallel_size` GPUs."""
+    ready to serve within `timeout_s`. Give each replica its own `cpu_cores` on CPU; on CUDA it
+    takes `tensor_parallel_size` GPUs. `options` (one dict per replica, e.g. from
+    `placement.reserve`) replace the default resources and may name a placement group."""
     import ray
 
     actor = ray.remote(RolloutEngine)
     handles = []
-    for replica in settings:
-        gpus = replica.tensor_parallel_size if replica.device == "cuda" else 0
-        cpus = 1 if replica.cpu_cores is None else _count_cores(replica.cpu_cores)
+    for index, replica in enumerate(settings):
+        if options is None:
+            gpus = replica.tensor_parallel_size if replica.device == "cuda" else 0
+            cpus = 1 if replica.cpu_cores is None else _count_cores(replica.cpu_cores)
+            resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+        else:
+            resources = dict(options[index])
         handles.append(actor.options(
-            num_cpus=cpus, num_gpus=gpus,
             max_concurrency=4096,  # an async actor: this many calls may await the engine at once
+            **resources,
         ).remote(replica))
-    ray.get([handle.stats.remote() for handle in handles])  # wait until every engine is up
+    try:
+        # wait until every engine is up
+        ray.get([handle.stats.remote() for handle in handles], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for handle in handles:
+            ray.kill(handle)
+        raise TimeoutError(f"{len(handles)} engine(s) of {settings[0].model} did not start "
+                           f"within {timeout_s} s (cluster.call_timeout_s)") from None
     return handles
 
 

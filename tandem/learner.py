@@ -414,6 +414,11 @@ class LearnerActor:
             port = probe.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def setup(self, config: TandemConfig, model_path: str, master_addr: str,
               master_port: int) -> None:
         self.learner = Learner(config, model_path, self.rank, self.world_size, master_addr,
@@ -508,16 +513,19 @@ class LearnerActor:
             self.learner.close()
 
 
-def spawn_learners(config: TandemConfig, model_path: str) -> list:
-    """Start `cluster.learner.world_size` rank actors and join them into one process group."""
+def spawn_learners(config: TandemConfig, model_path: str,
+                   options: list[dict] | None = None) -> list:
+    """Start `cluster.learner.world_size` rank actors and join them into one process group.
+    `options` (one dict per rank, e.g. from `placement.reserve`) replace the default
+    resources and may name a placement group."""
     import ray
 
     resources = config.cluster.learner
-    options = {"num_cpus": resources.cpus_per_rank,
+    default = {"num_cpus": resources.cpus_per_rank,
                "num_gpus": 1 if config.cluster.device == "cuda" else 0}
-    actor_cls = ray.remote(**options)(LearnerActor)
-    actors = [actor_cls.remote(rank, resources.world_size)
-              for rank in range(resources.world_size)]
+    actor_cls = ray.remote(LearnerActor)
+    actors = [actor_cls.options(**(options[rank] if options else default)).remote(
+        rank, resources.world_size) for rank in range(resources.world_size)]
     timeout = config.cluster.call_timeout_s
     master_addr, master_port = ray.get(actors[0].address.remote(), timeout=timeout)
     ray.get([a.setup.remote(config, model_path, master_addr, master_port) for a in actors],

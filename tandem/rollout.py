@@ -83,20 +83,22 @@ class Rollout:
         self.weight_version = 0
 
     def generate(self, prompts: list[list[int]], step: int,
-                 junior_prompts: list[list[int]] | None = None
+                 junior_prompts: list[list[int]] | None = None, samples: int | None = None
                  ) -> tuple[list[Episode], dict[str, float]]:
-        """`group_size` episodes per prompt (senior token ids; for a junior with another
-        tokenizer also the same prompts in its ids). Returns episodes grouped by prompt."""
-        return asyncio.run(self.agenerate(prompts, step, junior_prompts))
+        """`samples` (default `algorithm.group_size`) episodes per prompt (senior token ids; for
+        a junior with another tokenizer also the same prompts in its ids). Returns episodes
+        grouped by prompt."""
+        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples))
 
     async def agenerate(self, prompts: list[list[int]], step: int,
-                        junior_prompts: list[list[int]] | None = None
+                        junior_prompts: list[list[int]] | None = None,
+                        samples: int | None = None
                         ) -> tuple[list[Episode], dict[str, float]]:
         if self.cross_tokenizer and (junior_prompts is None
                                      or len(junior_prompts) != len(prompts)):
             raise ValueError("a junior with another tokenizer needs junior_prompts: the same "
                              "prompts in the junior's token ids")
-        group_size = self.config.algorithm.group_size
+        group_size = samples or self.config.algorithm.group_size
         activity = _Activity()
         busy_before = await self._busy_seconds()
         tasks = []

@@ -1,0 +1,163 @@
+"""Where the senior engines, junior engines and learner ranks run: Ray placement groups.
+
+The topology comes from `cluster.*` (conf/cluster/). Each role gets its own placement group,
+reserved before any actor starts, so a run either gets everything it asked for or fails in
+seconds with a message that compares what was asked with what the Ray cluster has.
+
+- Disaggregated (default): one bundle per engine replica ({GPU: tensor_parallel_size} on cuda)
+  and one per learner rank ({GPU: 1}). The engines of both roles share one group that spreads
+  over nodes when `cluster.num_nodes > 1` (else packs); learner ranks pack.
+- Colocated (`cluster.colocated`, cuda only): one bundle per GPU that the learner rank, the
+  senior replica and the junior replica on that GPU share, each taking a fraction of it for
+  Ray's accounting. Memory is shared by time, not by fraction: the engines sleep while the
+  learner trains (train.py).
+
+On CPU every bundle is {CPU: cores}; engines are additionally pinned to their own cores
+(`rollout.engine_settings`), since two engines sharing cores run 3-4x slower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.config import ClusterConfig
+
+# Ray accounting of a shared GPU in colocated mode (memory is governed by the engines'
+# gpu_memory_utilization and by sleeping, not by these numbers).
+COLOCATED_GPU_SHARE = {"learner": 0.4, "senior": 0.3, "junior": 0.3}
+
+
+class PlacementError(RuntimeError):
+    """The Ray cluster cannot hold the topology the config asks for."""
+
+
+@dataclass
+class Placement:
+    """Ray actor options for each replica of each role, inside reserved placement groups."""
+
+    senior: list[dict[str, Any]]
+    junior: list[dict[str, Any]]
+    learner: list[dict[str, Any]]
+    groups: list[Any]
+
+    def remove(self) -> None:
+        """Release the reservations (after the actors are gone)."""
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
+
+
+def demand(cluster: ClusterConfig) -> dict[str, float]:
+    """Total resources the topology reserves: {"CPU": n, "GPU": m}."""
+    roles = [cluster.senior, cluster.junior]
+    cpus = sum(r.replicas * r.cpus for r in roles)
+    cpus += cluster.learner.world_size * cluster.learner.cpus_per_rank
+    if cluster.device == "cpu":
+        return {"CPU": float(cpus), "GPU": 0.0}
+    if cluster.colocated:
+        gpus = cluster.learner.world_size
+    else:
+        gpus = sum(r.replicas * r.tensor_parallel_size for r in roles)
+        gpus += cluster.learner.world_size
+    return {"CPU": float(cpus), "GPU": float(gpus)}
+
+
+def check_fits(cluster: ClusterConfig, available: dict[str, float], nodes: int) -> None:
+    """Raise PlacementError naming what was asked and what exists when the cluster is short."""
+    asked = demand(cluster)
+    short = [name for name in ("CPU", "GPU") if asked[name] > available.get(name, 0.0)]
+    if nodes < cluster.num_nodes:
+        short.append("nodes")
+    if not short:
+        return
+    raise PlacementError(
+        f"cluster={cluster.name} asks for {asked['GPU']:g} GPU and {asked['CPU']:g} CPU on "
+        f"{cluster.num_nodes} node(s) (senior {cluster.senior.replicas} x "
+        f"{cluster.senior.tensor_parallel_size} GPU, junior {cluster.junior.replicas} x "
+        f"{cluster.junior.tensor_parallel_size} GPU, learner {cluster.learner.world_size} "
+        f"ranks), but the Ray cluster has {available.get('GPU', 0.0):g} GPU and "
+        f"{available.get('CPU', 0.0):g} CPU on {nodes} node(s); short of {', '.join(short)}. "
+        "Pick a smaller cluster preset (cluster=local_cpu | single_gpu | multi_node) or lower "
+        "cluster.*.replicas / cluster.learner.world_size")
+
+
+def colocated_shares(cluster: ClusterConfig) -> None:
+    """Colocated mode puts one rank, one senior and one junior replica on each GPU."""
+    gpus = cluster.learner.world_size
+    for role in ("senior", "junior"):
+        engines = getattr(cluster, role)
+        if engines.replicas * engines.tensor_parallel_size != gpus:
+            raise PlacementError(
+                f"cluster.colocated=true shares each GPU between a learner rank and a {role} "
+                f"engine: cluster.{role}.replicas x tensor_parallel_size = "
+                f"{engines.replicas * engines.tensor_parallel_size} must equal "
+                f"cluster.learner.world_size = {gpus}")
+        if engines.tensor_parallel_size != 1:
+            raise PlacementError(f"cluster.colocated=true needs cluster.{role}."
+                                 "tensor_parallel_size=1 (one engine per GPU)")
+
+
+def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
+    """Reserve placement groups for the topology; bounded by `timeout_s`."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    check_fits(cluster, ray.cluster_resources(), nodes)
+    cuda = cluster.device == "cuda"
+
+    def strategy(group, index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=group,
+                                                placement_group_bundle_index=index)
+
+    groups, options = [], {}
+    if cuda and cluster.colocated:
+        colocated_shares(cluster)
+        cpus = (cluster.learner.cpus_per_rank + cluster.senior.cpus + cluster.junior.cpus)
+        group = placement_group([{"GPU": 1.0, "CPU": float(cpus)}] * cluster.learner.world_size,
+                                strategy="PACK", name="tandem-colocated")
+        groups.append(group)
+        for role, cpus in (("senior", cluster.senior.cpus), ("junior", cluster.junior.cpus),
+                           ("learner", cluster.learner.cpus_per_rank)):
+            options[role] = [{"num_cpus": cpus, "num_gpus": COLOCATED_GPU_SHARE[role],
+                              "scheduling_strategy": strategy(group, i)}
+                             for i in range(cluster.learner.world_size)]
+    else:
+        # One group for the engines of both roles, so SPREAD can put them on different nodes.
+        bundles, roles = [], []
+        for role in ("senior", "junior"):
+            engines = getattr(cluster, role)
+            gpus = float(engines.tensor_parallel_size) if cuda else 0.0
+            bundle = {"CPU": float(engines.cpus), **({"GPU": gpus} if cuda else {})}
+            bundles += [bundle] * engines.replicas
+            roles += [(role, engines.cpus, gpus)] * engines.replicas
+        group = placement_group(bundles, strategy="SPREAD" if cluster.num_nodes > 1 else "PACK",
+                                name="tandem-engines")
+        groups.append(group)
+        options.update(senior=[], junior=[])
+        for index, (role, cpus, gpus) in enumerate(roles):
+            options[role].append({"num_cpus": cpus, "num_gpus": gpus,
+                                  "scheduling_strategy": strategy(group, index)})
+        learner = cluster.learner
+        bundle = {"CPU": float(learner.cpus_per_rank), **({"GPU": 1.0} if cuda else {})}
+        group = placement_group([bundle] * learner.world_size, strategy="PACK",
+                                name="tandem-learner")
+        groups.append(group)
+        options["learner"] = [{"num_cpus": learner.cpus_per_rank, "num_gpus": 1 if cuda else 0,
+                               "scheduling_strategy": strategy(group, i)}
+                              for i in range(learner.world_size)]
+    placement = Placement(options["senior"], options["junior"], options["learner"], groups)
+    ready, _ = ray.wait([group.ready() for group in groups], num_returns=len(groups),
+                        timeout=timeout_s)
+    if len(ready) < len(groups):
+        placement.remove()
+        raise PlacementError(
+            f"the placement groups for cluster={cluster.name} were not granted within "
+            f"{timeout_s:g} s (asked {demand(cluster)} over {cluster.num_nodes} node(s)); the "
+            "cluster has the resources in total but not in the shapes asked (e.g. a bundle "
+            "needs more CPUs or GPUs than any one node has)")
+    return placement

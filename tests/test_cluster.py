@@ -232,6 +232,32 @@ def test_missing_or_wrong_token_is_refused_before_anything_runs(head, tmp_path):
     assert "RAY_AUTH_MODE=token" in forced.stderr
 
 
+@pytest.mark.slow
+def test_no_wait_and_timeout_leave_the_job_running(head, tmp_path):
+    env = {"RAY_AUTH_TOKEN_PATH": str(head.token_path)}
+    # --timeout-s far below the seconds a job needs to set up and import torch
+    followed = _run_submit(["--address", head.address, "--timeout-s", "0.1", "--",
+                            *JOB_OVERRIDES], env, tmp_path)
+    assert followed.returncode == submit.EXIT_TIMEOUT, followed.stdout + followed.stderr
+    assert "the job keeps going" in followed.stderr and "ray job logs" in followed.stderr
+    detached = _run_submit(["--address", head.address, "--no-wait", "--", *JOB_OVERRIDES],
+                           env, tmp_path)
+    assert detached.returncode == 0, detached.stdout + detached.stderr
+    assert "follow it with" in detached.stdout
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address, headers={
+        "Authorization": f"Bearer {head.token_path.read_text()}"})
+    for out in (followed.stdout, detached.stdout):
+        job_id = out.split("submit: job ", 1)[1].split()[0]
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert client.get_job_status(job_id).value == "SUCCEEDED"
+        assert JOB_LOG_MARKER in client.get_job_logs(job_id)
+
+
 # ----------------------------------------------------------------------------- no cluster
 
 

@@ -1,0 +1,460 @@
+"""The cluster launch path: cluster/submit.py against a real `ray start --head` on this machine,
+plus the KubeRay manifest and the SLURM script checked without a cluster.
+
+The head is private to this module: its own ports, temp dir and auth token, started as a
+subprocess in its own session and stopped by its PID (never `ray stop`, which would also stop
+other people's Ray processes on a shared machine). Every address is passed explicitly, so this
+head is never picked up by the `ray.init(address="local")` of other tests, nor the other way
+round.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBMIT = REPO_ROOT / "cluster" / "submit.py"
+sys.path.insert(0, str(REPO_ROOT / "cluster"))
+import submit  # noqa: E402  (cluster/ is a folder of scripts, not a package)
+
+# What the submitted job runs and what its log must show. While tandem.train only validates
+# the config, a successful job logs "config ok"; once the loop lands, make this a 1-step
+# tiny-model run (e.g. experiment=demo_cpu trainer.total_steps=1 model@model.senior=tiny) and
+# assert on its metrics.jsonl as well.
+JOB_OVERRIDES = ["experiment=demo_cpu", "model@model.senior=tiny", "algorithm.handoff_p=0.5"]
+JOB_LOG_MARKER = "config ok"
+
+HEAD_START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 240
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = []
+    for _ in range(n):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _pids_of(pgid: int, temp_dir: str) -> set[int]:
+    """Live processes of one head: its process group, or a command line naming its temp dir
+    (a Ray process that left the group still names the session it belongs to)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            in_group = os.getpgid(pid) == pgid
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ProcessLookupError):
+            continue
+        if state != "Z" and (in_group or temp_dir in cmdline):
+            pids.add(pid)
+    return pids
+
+
+def _survivors(pgid: int, temp_dir: str, settle_s: float = 15) -> dict[int, str]:
+    """Processes of one head still alive `settle_s` after it was told to stop (Ray's children
+    take a few seconds to exit), as {pid: command line}; they are killed, so nothing leaks."""
+    deadline = time.monotonic() + settle_s
+    left = _pids_of(pgid, temp_dir)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _pids_of(pgid, temp_dir)
+    found = {}
+    for pid in left:
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    return found
+
+
+class LocalHead:
+    """A one-node Ray cluster with token auth, owned by this test module."""
+
+    def __init__(self, root: Path):
+        # Ray puts unix sockets under the temp dir and Linux caps their path at 107 bytes,
+        # too short for pytest's tmp_path plus Ray's session name: use a short dir of our own.
+        self.temp_dir = tempfile.mkdtemp(prefix="tdr", dir="/tmp")
+        self.token_path = root / "auth_token"
+        self.token_path.write_text(os.urandom(16).hex())
+        self.log_path = root / "head.log"
+        (gcs, dashboard, client, agent_http, agent_grpc, node_manager, object_manager,
+         runtime_env_agent, metrics) = _free_ports(9)
+        self.address = f"http://127.0.0.1:{dashboard}"
+        ray_cli = Path(sys.executable).parent / "ray"
+        command = [
+            str(ray_cli), "start", "--head", "--block", "--disable-usage-stats",
+            # Ray >= 2.5x replaces a loopback --node-ip-address with the machine's IP and its
+            # GCS and raylet listen on all interfaces; the token below is what keeps them
+            # closed. The dashboard (the job API) binds to loopback only.
+            "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            f"--port={gcs}", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--node-manager-port={node_manager}",
+            f"--object-manager-port={object_manager}",
+            f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
+            "--num-cpus=2", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
+        ]
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update({
+            # the job's `python` must be this venv's, as on a cluster image
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            # no Serve here: skip the 30 s drain on SIGTERM
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        })
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, cwd=root)
+        self.pgid = self.process.pid  # start_new_session: the head leads its own group
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.process.returncode}:\n{self.log()}")
+            try:
+                response = requests.get(f"{self.address}/api/version", timeout=5, headers={
+                    "Authorization": f"Bearer {self.token_path.read_text()}"})
+                if response.status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray head not up within {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self, timeout_s: float = 60) -> dict[int, str]:
+        """SIGTERM the `ray start --block` process (it stops its children), wait, and return
+        the PIDs of this head still alive afterwards (killed, so nothing leaks)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        left = _survivors(self.pgid, self.temp_dir)
+        if self.process.poll() is None:
+            self.process.wait(10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return left
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    head = LocalHead(tmp_path_factory.mktemp("ray_head"))
+    try:
+        head.wait_ready(HEAD_START_TIMEOUT_S)
+        yield head
+    finally:
+        left = head.stop()
+    assert not left, f"processes of the test's Ray head survived SIGTERM: {left}"
+
+
+def _run_submit(args: list[str], env_extra: dict[str, str], home: Path,
+                timeout_s: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE",
+                        "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    # a private HOME: the user's ~/.ray/auth_token must not stand in for the test's token
+    env.update({"HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}, **env_extra)
+    return subprocess.run([sys.executable, str(SUBMIT), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout_s, cwd=home)
+
+
+# ----------------------------------------------------------------------------- real head
+
+
+@pytest.mark.slow
+def test_submitted_training_job_succeeds_and_its_log_comes_back(head, tmp_path):
+    result = _run_submit(
+        ["--address", head.address, "--timeout-s", str(JOB_TIMEOUT_S), "--", *JOB_OVERRIDES],
+        {"RAY_AUTH_TOKEN_PATH": str(head.token_path)}, tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "(auth: token)" in result.stdout
+    assert f"{head.address}/#/jobs/tandem-" in result.stdout
+    assert JOB_LOG_MARKER in result.stdout, out
+    assert "SUCCEEDED" in result.stdout
+
+
+@pytest.mark.slow
+def test_failing_job_exits_nonzero_with_its_error(head, tmp_path):
+    result = _run_submit(["--address", head.address, "--", "algorithm.handoff_p=1.5"],
+                         {"RAY_AUTH_TOKEN": head.token_path.read_text()}, tmp_path)
+    assert result.returncode == submit.EXIT_FAILED, result.stdout + result.stderr
+    assert "handoff_p must be in [0, 1]" in result.stdout
+    assert "FAILED" in result.stdout
+
+
+@pytest.mark.slow
+def test_missing_or_wrong_token_is_refused_before_anything_runs(head, tmp_path):
+    missing = _run_submit(["--address", head.address, "--", *JOB_OVERRIDES], {}, tmp_path)
+    assert missing.returncode == submit.EXIT_UNREACHABLE
+    assert "no token was found" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
+
+    wrong = _run_submit(["--address", head.address, "--", *JOB_OVERRIDES],
+                        {"RAY_AUTH_TOKEN": "not-the-token"}, tmp_path)
+    assert wrong.returncode == submit.EXIT_UNREACHABLE
+    assert "Authentication failed" in wrong.stderr, wrong.stderr
+
+    forced = _run_submit(["--address", head.address, "--auth-mode", "disabled", "--", "x=1"],
+                         {}, tmp_path)
+    assert forced.returncode == submit.EXIT_UNREACHABLE
+    assert "RAY_AUTH_MODE=token" in forced.stderr
+
+
+@pytest.mark.slow
+def test_no_wait_and_timeout_leave_the_job_running(head, tmp_path):
+    env = {"RAY_AUTH_TOKEN_PATH": str(head.token_path)}
+    # --timeout-s far below the seconds a job needs to set up and import torch
+    followed = _run_submit(["--address", head.address, "--timeout-s", "0.1", "--",
+                            *JOB_OVERRIDES], env, tmp_path)
+    assert followed.returncode == submit.EXIT_TIMEOUT, followed.stdout + followed.stderr
+    assert "the job keeps going" in followed.stderr and "ray job logs" in followed.stderr
+    detached = _run_submit(["--address", head.address, "--no-wait", "--", *JOB_OVERRIDES],
+                           env, tmp_path)
+    assert detached.returncode == 0, detached.stdout + detached.stderr
+    assert "follow it with" in detached.stdout
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.address, headers={
+        "Authorization": f"Bearer {head.token_path.read_text()}"})
+    for out in (followed.stdout, detached.stdout):
+        job_id = out.split("submit: job ", 1)[1].split()[0]
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert client.get_job_status(job_id).value == "SUCCEEDED"
+        assert JOB_LOG_MARKER in client.get_job_logs(job_id)
+
+
+# ----------------------------------------------------------------------------- no cluster
+
+
+def test_unreachable_address_names_what_was_tried(tmp_path):
+    (port,) = _free_ports(1)
+    address = f"http://127.0.0.1:{port}"
+    result = _run_submit(["--address", address, "--request-timeout-s", "5", "--", "x=1"], {},
+                         tmp_path, timeout_s=60)
+    assert result.returncode == submit.EXIT_UNREACHABLE
+    assert f"cannot reach the Ray dashboard at {address} (address from --address)" in result.stderr
+    assert f"GET {address}/api/authentication_mode" in result.stderr
+
+
+def test_gcs_address_is_rejected_with_the_form_to_use(tmp_path):
+    result = _run_submit(["--address", "10.0.0.1:6379", "--", "x=1"], {}, tmp_path, timeout_s=60)
+    assert result.returncode == 2
+    assert "http://HEAD:8265" in result.stderr
+
+
+def test_address_precedence(monkeypatch):
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api:8265")
+    monkeypatch.setenv("RAY_ADDRESS", "http://ray:8265")
+    assert submit.resolve_address("http://cli:8265/") == ("http://cli:8265", "--address")
+    assert submit.resolve_address(None) == ("http://api:8265", "RAY_API_SERVER_ADDRESS")
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    assert submit.resolve_address(None) == ("http://ray:8265", "RAY_ADDRESS")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a GCS address: not for the job API
+    assert submit.resolve_address(None) == (submit.DEFAULT_ADDRESS, "the default")
+
+
+def test_entrypoint_quotes_overrides_hydra_would_otherwise_lose():
+    overrides = ["hydra.run.dir=/shared/runs/${now:%H-%M}", "+model@model.junior=qwen3_0_6b",
+                 "data.name=a b"]
+    entrypoint = submit.build_entrypoint(submit.JobSpec(overrides=overrides, python="python3"))
+    assert shlex.split(entrypoint) == ["python3", "-m", "tandem.train", *overrides]
+
+
+def test_runtime_env_carries_the_repo_auth_mode_and_requested_env(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("math-verify\n")
+    spec = submit.JobSpec(env={"HF_HOME": "/shared/hf"}, offline=True, uv=str(requirements))
+    runtime_env = submit.build_runtime_env(spec, "token")
+    assert runtime_env["working_dir"] == str(REPO_ROOT)
+    assert runtime_env["env_vars"]["RAY_AUTH_MODE"] == "token"
+    assert runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert runtime_env["env_vars"]["HF_HOME"] == "/shared/hf"
+    assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert runtime_env["uv"] == str(requirements) and "pip" not in runtime_env
+    # the token itself never goes into the runtime_env: the dashboard shows it to everyone
+    assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(runtime_env["env_vars"])
+    plain = submit.build_runtime_env(submit.JobSpec(), "disabled")
+    assert "pip" not in plain and "uv" not in plain and "HF_HUB_OFFLINE" not in plain["env_vars"]
+
+    with pytest.raises(ValueError, match="no such requirements file"):
+        submit.build_runtime_env(submit.JobSpec(pip=str(tmp_path / "absent.txt")), "token")
+    with pytest.raises(ValueError, match="--env takes NAME=VALUE"):
+        submit.parse_env(["HF_HOME"])
+
+
+def test_working_dir_package_leaves_out_weights_runs_and_venvs(tmp_path):
+    """Ray's own packager, with our excludes, on a fake checkout."""
+    from ray._private.runtime_env.packaging import create_package
+
+    checkout = tmp_path / "checkout"
+    kept = ["tandem/train.py", "conf/config.yaml", "cluster/submit.py", "data/problems.jsonl"]
+    dropped = [".venv/bin/python", "runs/2026/metrics.jsonl", "outputs/x.log",
+               "model/model.safetensors", "ckpt/step_20/optim.pt", ".git/HEAD",
+               "tandem/__pycache__/train.cpython-311.pyc", "checkpoints/a/b.distcp",
+               "smollm2.gguf"]
+    for name in kept + dropped:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("x")
+    package = tmp_path / "package.zip"
+    create_package(str(checkout), package, include_gitignore=True,
+                   excludes=list(submit.WORKING_DIR_EXCLUDES))
+    names = {name for name in zipfile.ZipFile(package).namelist() if not name.endswith("/")}
+    assert names == set(kept)
+
+
+def test_auth_follows_the_cluster_and_reads_the_token_in_rays_order(tmp_path, monkeypatch):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    monkeypatch.setattr(submit, "DEFAULT_TOKEN_PATH", tmp_path / "absent")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    assert submit.resolve_auth("auto", "disabled") == ("disabled", {})
+    with pytest.raises(submit.SubmitError, match="no token was found"):
+        submit.resolve_auth("auto", "token")
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert submit.resolve_auth("auto", "token") == ("token",
+                                                    {"Authorization": "Bearer from-file"})
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert submit.resolve_auth("token", "token")[1] == {"Authorization": "Bearer from-env"}
+    # an old cluster (no auth endpoint): an explicit mode is taken as given
+    assert submit.resolve_auth("token", "unknown")[0] == "token"
+    with pytest.raises(submit.SubmitError, match="RAY_AUTH_MODE=disabled"):
+        submit.resolve_auth("token", "disabled")
+
+
+# ----------------------------------------------------------------------------- launch files
+
+
+def test_kuberay_manifest_runs_the_trainer_on_a_gpu_worker_group():
+    manifest = yaml.safe_load((REPO_ROOT / "cluster" / "rayjob.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    spec = manifest["spec"]
+    entrypoint = shlex.split(spec["entrypoint"])
+    assert entrypoint[:3] == ["python", "-m", "tandem.train"]
+    assert "cluster=multi_node" in entrypoint
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > 0
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)
+    head = cluster["headGroupSpec"]
+    # the driver runs on the head: no GPU there, so no engine or learner lands on it
+    assert str(head["rayStartParams"]["num-gpus"]) == "0"
+    (worker_group,) = cluster["workerGroupSpecs"]
+    (container,) = worker_group["template"]["spec"]["containers"]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    # conf/cluster/multi_node.yaml: 8 learner + 6 senior + 2 junior GPUs on 2 nodes
+    assert worker_group["replicas"] * gpus == 16
+    assert worker_group["minReplicas"] == worker_group["maxReplicas"] == worker_group["replicas"]
+    volumes = {v["name"] for v in worker_group["template"]["spec"]["volumes"]}
+    assert "dshm" in volumes  # NCCL and vLLM need more /dev/shm than a pod's 64 MiB default
+
+
+def test_slurm_script_is_valid_bash_and_uses_the_submit_path():
+    script = REPO_ROOT / "cluster" / "slurm.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    text = script.read_text()
+    assert "#SBATCH --nodes=" in text
+    assert "ray start --head" in text and "ray start --address" in text
+    assert "cluster/submit.py" in text
+    assert "RAY_AUTH_MODE=token" in text
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun on one machine: drop srun's own options, run the command here
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in -w|-n|-N) shift 2;; *) shift;; esac
+done
+exec "$@"
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_a_one_node_job_end_to_end(tmp_path):
+    """The sbatch script on this machine, with srun/scontrol/squeue faked for one node: it
+    must start the head, wait for it, submit the run, and leave no Ray process behind."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", "#!/bin/bash\necho localhost\n"),
+                       ("squeue", "#!/bin/bash\necho 00:20:00\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    job_id = f"test{os.getpid()}"
+    ray_tmp = f"/tmp/ray-{job_id}"
+    gcs, dashboard, *others = _free_ports(9)
+    flags = ["--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--node-manager-port", "--object-manager-port",
+             "--runtime-env-agent-port", "--metrics-export-port"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN",
+                        "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    env.update({
+        "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "HOME": str(home), "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "2",
+        "TANDEM_VENV": str(Path(sys.executable).parent.parent),
+        "TANDEM_RAY_PORT": str(gcs), "TANDEM_DASHBOARD_PORT": str(dashboard),
+        "TANDEM_DASHBOARD_HOST": "127.0.0.1",
+        "TANDEM_RAY_START_ARGS": " ".join(f"{f}={p}" for f, p in zip(flags, others, strict=True)),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    })
+    script = REPO_ROOT / "cluster" / "slurm.sbatch"
+    # its own session, so that a timeout here can still stop everything it started
+    process = subprocess.Popen(["bash", str(script), *JOB_OVERRIDES, "cluster=local_cpu"],
+                               env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+    finally:
+        left = _survivors(process.pid, ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert process.returncode == 0, out[-4000:]
+    assert "tandem: 1 nodes joined" in out
+    assert JOB_LOG_MARKER in out and "SUCCEEDED" in out
+    assert not left, f"Ray processes left after the script ended: {left}"
+    assert not list((home / ".ray").iterdir()), "the job's auth token was not removed"

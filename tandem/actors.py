@@ -31,7 +31,9 @@ def connect(config: TandemConfig) -> tuple[bool, str]:
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        # A submitted job brings its own runtime_env (cluster/submit.py); Ray refuses to merge
+        # a second one into it.
+        ray.init(address=address, log_to_driver=True)
         started = False
     else:
         # Logical CPUs: the topology's bundles may exceed the physical cores (engines are

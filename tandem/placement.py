@@ -73,15 +73,18 @@ def check_fits(cluster: ClusterConfig, available: dict[str, float], nodes: int) 
         short.append("nodes")
     if not short:
         return
+    unit = "GPU" if cluster.device == "cuda" else "CPU"
+    per_engine = {role: (getattr(cluster, role).tensor_parallel_size if unit == "GPU"
+                         else getattr(cluster, role).cpus) for role in ("senior", "junior")}
     raise PlacementError(
         f"cluster={cluster.name} asks for {asked['GPU']:g} GPU and {asked['CPU']:g} CPU on "
         f"{cluster.num_nodes} node(s) (senior {cluster.senior.replicas} x "
-        f"{cluster.senior.tensor_parallel_size} GPU, junior {cluster.junior.replicas} x "
-        f"{cluster.junior.tensor_parallel_size} GPU, learner {cluster.learner.world_size} "
-        f"ranks), but the Ray cluster has {available.get('GPU', 0.0):g} GPU and "
-        f"{available.get('CPU', 0.0):g} CPU on {nodes} node(s); short of {', '.join(short)}. "
-        "Pick a smaller cluster preset (cluster=local_cpu | single_gpu | multi_node) or lower "
-        "cluster.*.replicas / cluster.learner.world_size")
+        f"{per_engine['senior']} {unit}, junior {cluster.junior.replicas} x "
+        f"{per_engine['junior']} {unit}, learner {cluster.learner.world_size} rank(s)), but the "
+        f"Ray cluster has {available.get('GPU', 0.0):g} GPU and {available.get('CPU', 0.0):g} "
+        f"CPU on {nodes} node(s); short of {', '.join(short)}. Pick a smaller cluster preset "
+        "(cluster=local_cpu | single_gpu | multi_node) or lower cluster.*.replicas / "
+        "cluster.learner.world_size")
 
 
 def colocated_shares(cluster: ClusterConfig) -> None:

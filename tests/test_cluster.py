@@ -10,6 +10,7 @@ round.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -30,15 +31,21 @@ SUBMIT = REPO_ROOT / "cluster" / "submit.py"
 sys.path.insert(0, str(REPO_ROOT / "cluster"))
 import submit  # noqa: E402  (cluster/ is a folder of scripts, not a package)
 
-# What the submitted job runs and what its log must show. While tandem.train only validates
-# the config, a successful job logs "config ok"; once the loop lands, make this a 1-step
-# tiny-model run (e.g. experiment=demo_cpu trainer.total_steps=1 model@model.senior=tiny) and
-# assert on its metrics.jsonl as well.
-JOB_OVERRIDES = ["experiment=demo_cpu", "model@model.senior=tiny", "algorithm.handoff_p=0.5"]
-JOB_LOG_MARKER = "config ok"
+# The training job: one real tandem step with the tiny model (engines, learner, reward, push).
+TRAIN_JOB = ["model@model.senior=tiny", "trainer.total_steps=1", "trainer.val_every=0",
+             "trainer.export_final=false", "algorithm.group_size=2",
+             "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
+             "rollout.max_prompt_tokens=128", "rollout.max_response_tokens=16",
+             "eval.max_response_tokens=16", "data.num_generated=32", "data.holdout_size=2",
+             "cluster.cpu_kvcache_gib=0.25", "reward.num_workers=1"]
+TRAIN_LOG_MARKER = "step 1/1"
+# Jobs whose content does not matter (timeouts, detaching, SLURM plumbing): Hydra composes
+# and prints the config, then the job ends without starting engines.
+JOB_OVERRIDES = ["--cfg", "job", "model@model.senior=tiny", "algorithm.handoff_p=0.5"]
+JOB_LOG_MARKER = "handoff_p: 0.5"
 
 HEAD_START_TIMEOUT_S = 120
-JOB_TIMEOUT_S = 240
+JOB_TIMEOUT_S = 600
 
 
 def _free_ports(n: int) -> list[int]:
@@ -115,7 +122,7 @@ class LocalHead:
             f"--dashboard-agent-grpc-port={agent_grpc}", f"--node-manager-port={node_manager}",
             f"--object-manager-port={object_manager}",
             f"--runtime-env-agent-port={runtime_env_agent}", f"--metrics-export-port={metrics}",
-            "--num-cpus=2", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
+            "--num-cpus=4", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
         ]
         env = {k: v for k, v in os.environ.items()
                if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
@@ -195,15 +202,20 @@ def _run_submit(args: list[str], env_extra: dict[str, str], home: Path,
 
 @pytest.mark.slow
 def test_submitted_training_job_succeeds_and_its_log_comes_back(head, tmp_path):
+    run_dir = tmp_path / "run"
     result = _run_submit(
-        ["--address", head.address, "--timeout-s", str(JOB_TIMEOUT_S), "--", *JOB_OVERRIDES],
+        ["--address", head.address, "--timeout-s", str(JOB_TIMEOUT_S), "--", *TRAIN_JOB,
+         f"hydra.run.dir={run_dir}"],
         {"RAY_AUTH_TOKEN_PATH": str(head.token_path)}, tmp_path)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "(auth: token)" in result.stdout
     assert f"{head.address}/#/jobs/tandem-" in result.stdout
-    assert JOB_LOG_MARKER in result.stdout, out
+    assert TRAIN_LOG_MARKER in result.stdout, out
     assert "SUCCEEDED" in result.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1]
+    assert "ray: connected to" in out  # the job attached to the head, not a cluster of its own
 
 
 @pytest.mark.slow

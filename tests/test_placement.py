@@ -1,0 +1,40 @@
+"""Topology checks that run before any actor starts: what a preset asks for, and the error
+that compares it with what the Ray cluster has."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.config import compose
+from tandem.placement import PlacementError, check_fits, colocated_shares, demand
+
+
+def test_presets_ask_for_what_their_yaml_says():
+    assert demand(compose(["cluster=local_cpu"]).cluster) == {"CPU": 3.0, "GPU": 0.0}
+    # colocated: one GPU shared by learner, senior and junior
+    assert demand(compose(["cluster=single_gpu"]).cluster)["GPU"] == 1.0
+    # disaggregated: 6 senior + 2 junior engine GPUs + 8 learner GPUs
+    assert demand(compose(["cluster=multi_node"]).cluster)["GPU"] == 16.0
+
+
+def test_short_cluster_names_what_was_asked_and_what_exists():
+    cluster = compose(["cluster=multi_node"]).cluster
+    with pytest.raises(PlacementError) as error:
+        check_fits(cluster, {"CPU": 64.0, "GPU": 8.0}, nodes=1)
+    message = str(error.value)
+    assert "asks for 16 GPU" in message and "has 8 GPU" in message
+    assert "short of GPU, nodes" in message and "cluster.learner.world_size" in message
+    check_fits(cluster, {"CPU": 64.0, "GPU": 16.0}, nodes=2)  # enough: no error
+
+
+def test_cpu_topology_counts_cores_not_gpus():
+    cluster = compose(["cluster=local_cpu", "cluster.learner.world_size=2"]).cluster
+    with pytest.raises(PlacementError, match=r"senior 1 x 1 CPU.*short of CPU"):
+        check_fits(cluster, {"CPU": 2.0}, nodes=1)
+
+
+def test_colocated_needs_one_engine_of_each_role_per_learner_gpu():
+    cluster = compose(["cluster=single_gpu", "cluster.senior.replicas=2"]).cluster
+    with pytest.raises(PlacementError, match="cluster.senior.replicas"):
+        colocated_shares(cluster)
+    colocated_shares(compose(["cluster=single_gpu"]).cluster)

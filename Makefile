@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Re-installs only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test test-fast lint clean
+.PHONY: install test test-fast lint clean demo smoke
 
 install: $(STAMP)
 
@@ -37,6 +37,24 @@ test: install
 # The quick loop while developing: skips tests marked slow.
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The main job without a GPU: tandem GRPO with SmolLM2-135M self-paired on offline arithmetic,
+# a few minutes on 2 cores, then a summary table and a plot. With a GPU, the same on one GPU.
+DEMO_DIR := runs/demo/$(shell date +%Y%m%d-%H%M%S)
+demo: install
+	$(PY) -m tandem.train experiment=demo_cpu hydra.run.dir=$(DEMO_DIR) \
+		$$(nvidia-smi -L >/dev/null 2>&1 && echo cluster=single_gpu) $(ARGS)
+	$(PY) -m tandem.plots $(DEMO_DIR)
+
+# One GPU: a handful of colocated tandem steps with Qwen3-0.6B (or MODEL=<local dir>), then
+# pass/fail and the seconds of each phase.
+SMOKE_DIR := runs/smoke/$(shell date +%Y%m%d-%H%M%S)
+SMOKE_STEPS ?= 5
+smoke: install
+	@nvidia-smi -L >/dev/null 2>&1 || { echo "make smoke needs a GPU; on CPU run make demo"; exit 2; }
+	$(PY) -m tandem.train experiment=smoke_gpu hydra.run.dir=$(SMOKE_DIR) \
+		trainer.total_steps=$(SMOKE_STEPS) $(if $(MODEL),model.senior.path=$(MODEL)) $(ARGS)
+	$(PY) -m tandem.smoke $(SMOKE_DIR) --steps $(SMOKE_STEPS)
 
 lint: install
 	$(VENV)/bin/ruff check tandem tests bench

@@ -96,6 +96,9 @@ class ClusterConfig:
     """Fraction of a GPU's memory one vLLM engine may take (cuda only)."""
     cpu_kvcache_gib: float = 2.0
     """KV-cache size of one CPU engine (VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: bool = False
+    """Engines skip torch.compile and graph capture: start in seconds, not about a minute on
+    CPU (tests and short runs); long runs keep the compiled engine."""
     weight_transport: str = "auto"
     """Learner -> senior push: auto picks cpu on CPU, cuda_ipc when colocated, else nccl."""
     push_timeout_s: float = 300.0

@@ -106,6 +106,9 @@ class EngineSettings:
     on CPU). A streaming session counts while parked, so this must cover the episodes per engine."""
     token_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Named token sets for boundary and pair stop rules, registered once for the engine's life."""
+    enforce_eager: bool = False
+    """Skip torch.compile and graph capture: an engine starts in seconds instead of about a
+    minute on CPU (tests, short runs)."""
     enable_sleep_mode: bool = False
     """cuda only: the engine can release its GPU memory (`sleep`) while a colocated learner
     trains; level 1 keeps a CPU copy of the weights, so a frozen junior needs no re-send."""
@@ -483,6 +486,7 @@ class RolloutEngine:
             seed=settings.seed,
             enable_prefix_caching=settings.enable_prefix_caching,
             enable_sleep_mode=settings.enable_sleep_mode,
+            enforce_eager=settings.enforce_eager,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,  # our stat logger below still receives the stats
             enable_logging_iteration_details=True,  # per-step computed tokens and busy time

@@ -266,6 +266,7 @@ def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries:
             device=cluster.device, tensor_parallel_size=resources.tensor_parallel_size,
             gpu_memory_utilization=cluster.gpu_memory_utilization,
             cpu_kvcache_gib=cluster.cpu_kvcache_gib, cpu_cores=pinned,
+            enforce_eager=cluster.enforce_eager,
             max_num_seqs=max(256, config.trainer.prompts_per_step * group_size + 1),
             token_sets=boundaries.token_sets(),
         ))

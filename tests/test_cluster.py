@@ -37,7 +37,8 @@ TRAIN_JOB = ["model@model.senior=tiny", "trainer.total_steps=1", "trainer.val_ev
              "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
              "rollout.max_prompt_tokens=128", "rollout.max_response_tokens=16",
              "eval.max_response_tokens=16", "data.num_generated=32", "data.holdout_size=2",
-             "cluster.cpu_kvcache_gib=0.25", "reward.num_workers=1"]
+             "cluster.cpu_kvcache_gib=0.25", "cluster.enforce_eager=true",
+             "reward.num_workers=1"]
 TRAIN_LOG_MARKER = "step 1/1"
 # Jobs whose content does not matter (timeouts, detaching, SLURM plumbing): Hydra composes
 # and prints the config, then the job ends without starting engines.

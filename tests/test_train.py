@@ -36,7 +36,7 @@ def _config(senior: Path, junior: Path, *overrides: str):
         "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
         "algorithm.entropy_coef=0.05", "optim.lr=1e-3", "reward.num_workers=1",
         "cluster.cpu_kvcache_gib=0.25", "cluster.call_timeout_s=300",
-        "cluster.push_timeout_s=120", "seed=5", *overrides,
+        "cluster.push_timeout_s=120", "cluster.enforce_eager=true", "seed=5", *overrides,
     ])
 
 
@@ -203,5 +203,6 @@ def _overrides_literal(senior: Path, junior: Path) -> str:
         "rollout.max_response_tokens=16", "eval.max_response_tokens=16",
         "algorithm.group_size=2", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
         "reward.num_workers=1", "cluster.cpu_kvcache_gib=0.25", "cluster.call_timeout_s=300",
+        "cluster.enforce_eager=true",
     ]
     return repr(config_args)

@@ -455,12 +455,16 @@ class RewardConfig:
     """A verification still running after this is killed and scored 0 (counted)."""
     max_answer_chars: int = 1000
     """Longer boxed answers are not handed to sympy (counted as parse errors)."""
+    answer_from: str = "boxed"
+    """boxed (the paper: the last \\boxed{}) | boxed_or_number (the last number when nothing
+    is boxed: for small models that never box, like the CPU demo's 135M model)."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"reward.num_workers must be >= 1, got {self.num_workers}")
         _check(self.timeout_s > 0, f"reward.timeout_s must be > 0, got {self.timeout_s}")
         _check(self.max_answer_chars >= 1,
                f"reward.max_answer_chars must be >= 1, got {self.max_answer_chars}")
+        _check_choice(self.answer_from, ("boxed", "boxed_or_number"), "reward.answer_from")
 
 
 @dataclass

@@ -99,6 +99,27 @@ def last_boxed(text: str) -> str | None:
     return None if last is None else text[last[0] : last[1]]
 
 
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in `text` (thousands commas dropped), or None."""
+    found = _LAST_NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def answer_of(response: str, answer_from: str) -> str | None:
+    """What gets graded: the last \\boxed{} (`boxed`, the paper), or with `boxed_or_number`
+    the last number when nothing is boxed (small models that never box, e.g. the CPU demo)."""
+    box = last_boxed(response)
+    if answer_from == "boxed":
+        return box
+    elif answer_from == "boxed_or_number":
+        return box if box is not None and box.strip() else last_number(response)
+    else:
+        raise ValueError(f"unknown reward.answer_from: {answer_from!r}")
+
+
 def verify_one(
     response: str, answer: str, *, max_answer_chars: int = 1000, math_timeout_s: int = 5
 ) -> Verdict:
@@ -263,15 +284,18 @@ class RewardPool:
     serialised. Use as a context manager, or call `close`.
     """
 
-    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, max_answer_chars: int = 1000):
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, max_answer_chars: int = 1000,
+                 answer_from: str = "boxed"):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
+        answer_of("", answer_from)  # an unknown value fails here, not at the first batch
         self.timeout_s = timeout_s
         self.max_answer_chars = max_answer_chars
+        self.answer_from = answer_from
         # math-verify's alarm takes whole seconds; at half the deadline most slow items end
         # inside the worker, which is cheaper than a respawn. The kill still bounds C code
         # that never yields to the alarm, and math-verify's per-pair alarms adding up.
@@ -308,7 +332,7 @@ class RewardPool:
         jobs: deque[tuple[int, str, str]] = deque()
         for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
             _check_texts(response, answer, index=i)
-            box = last_boxed(response)
+            box = answer_of(response, self.answer_from)
             verdicts[i] = _verdict_without_sympy(box, self.max_answer_chars)
             if verdicts[i] is None:
                 jobs.append((i, box, answer))

@@ -152,7 +152,8 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         logger = cleanup.enter_context(RunLogger(run_dir, config, total, start_step=start))
         stop = cleanup.enter_context(StopRequest())
         rewards = cleanup.enter_context(RewardPool(
-            config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars))
+            config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
+            config.reward.answer_from))
         background = cleanup.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rollout"))
         logger.stage(f"data: {len(prompts.train)} training problems, {len(prompts.holdout)} for "
                      f"validation; {total} steps of {trainer.prompts_per_step} prompts x "

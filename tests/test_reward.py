@@ -232,3 +232,23 @@ def test_reward_metrics_and_verdict_reject_bad_input():
         reward_metrics([])
     with pytest.raises(ValueError, match="unknown verdict status 'right'"):
         Verdict("right")
+
+
+def test_boxed_or_number_grades_the_last_number_only_when_nothing_is_boxed():
+    from tandem.reward import answer_of, last_number
+
+    assert last_number("Tom has 1,200 apples, then 3.5 and finally -7/2") == "-7/2"
+    assert last_number("no digits here") is None
+    text = "Step 1: 24 + 4 = 28.\nTherefore, Omar has 23 pencils left."
+    assert answer_of(text, "boxed") is None  # the paper's rule: no box, nothing to grade
+    assert answer_of(text, "boxed_or_number") == "23"
+    assert answer_of(text + " \\boxed{22} then 9", "boxed_or_number") == "22"  # box wins
+    with pytest.raises(ValueError, match="reward.answer_from"):
+        answer_of(text, "last_line")
+
+
+def test_pool_with_number_fallback_grades_unboxed_answers(tmp_path):
+    with RewardPool(num_workers=1, timeout_s=POOL_TIMEOUT_S, answer_from="boxed_or_number") as pool:
+        verdicts = pool.score(["so the answer is 23.", "so it is 22", "no answer"],
+                              ["23", "23", "23"])
+    assert [v.status for v in verdicts] == ["correct", "wrong", "no_box"]

@@ -78,10 +78,14 @@ def read_metrics(run: str | Path) -> list[Row]:
 
 
 def metric_row(step: int, metrics: dict[str, Any]) -> Row:
-    """One metrics.jsonl row: "step" first, then each metric as a float, non-finite -> None."""
+    """One metrics.jsonl row: "step" first, then each metric as a float; None and non-finite
+    values -> None (null in the file)."""
     row: Row = {"step": int(step)}
     for key, value in metrics.items():
         if key == "step":
+            continue
+        if value is None:
+            row[key] = None
             continue
         try:
             number = float(value)
@@ -91,19 +95,28 @@ def metric_row(step: int, metrics: dict[str, Any]) -> Row:
     return row
 
 
+BAR_LABELS = {"reward/mean": "reward", "tandem/senior_token_frac": "senior", "train/loss": "loss",
+              "time/step": "s/step", "val/solo_accuracy": "val_solo",
+              "val/handoff_accuracy": "val_handoff"}
+"""Shorter names for the progress bar, which has one terminal line."""
+
+
 def eta_seconds(step: int, total_steps: int, seconds_per_step: float | None) -> float | None:
     if seconds_per_step is None:
         return None
     return max(total_steps - step, 0) * seconds_per_step
 
 
-def step_line(step: int, total_steps: int, row: Row, eta: float | None) -> str:
-    """The console's summary of one step: key metrics, validation accuracies, ETA."""
-    parts = [f"step {step}/{total_steps}"]
+def step_line(step: int, total_steps: int, row: Row, eta: float | None,
+              bar: bool = False) -> str:
+    """The console's summary of one step: key metrics, validation accuracies, ETA (the bar's
+    postfix, with short names, when `bar`)."""
+    parts = [] if bar else [f"step {step}/{total_steps}"]
     for key in KEY_METRICS + VAL_METRICS:
         value = row.get(key)
         if value is not None:
-            parts.append(f"{key}={value:.4g}" + ("s" if key.startswith("time/") else ""))
+            name = BAR_LABELS[key] if bar else key
+            parts.append(f"{name}={value:.4g}" + ("s" if key == "time/step" and not bar else ""))
     if step < total_steps:
         parts.append(f"eta {_clock(eta)}")
     return " ".join(parts)
@@ -162,13 +175,13 @@ class RunLogger:
             self._tensorboard.flush()
         if self._wandb is not None:
             self._wandb.log(values, step=step)
-        line = step_line(step, self.total_steps, row, self._eta(step, row))
+        eta = self._eta(step, row)
         if self._bar is not None:
             self._bar.n = min(step, self.total_steps)
-            self._bar.set_postfix_str(line.split(" ", 2)[-1] if " " in line else "")
-            log.debug(line)
+            self._bar.set_postfix_str(step_line(step, self.total_steps, row, eta, bar=True))
+            log.debug(step_line(step, self.total_steps, row, eta))
         else:
-            self._say(line)
+            self._say(step_line(step, self.total_steps, row, eta))
 
     def close(self) -> None:
         if self._closed:
@@ -230,7 +243,9 @@ class RunLogger:
                          unit="step", dynamic_ncols=True,
                          bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         # Console log handlers write through tqdm while the bar is up, so lines never split it.
-        self._redirect = logging_redirect_tqdm(loggers=[logging.root, log])
+        # Only loggers that have one: tqdm would add a second, unformatted handler to the rest.
+        self._redirect = logging_redirect_tqdm(loggers=[
+            node for node in _loggers_to(log) if any(_is_console(h) for h in node.handlers)])
         self._redirect.__enter__()
 
     def _say(self, line: str) -> None:
@@ -248,23 +263,30 @@ def _is_terminal(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
-def _reaches_console(logger: logging.Logger) -> bool:
-    """Whether an INFO record of `logger` already lands on stdout/stderr (e.g. under Hydra)."""
-    if not logger.isEnabledFor(logging.INFO):
-        return False
+def _is_console(handler: logging.Handler) -> bool:
+    if type(handler).__name__ == "_TqdmLoggingHandler":  # a console handler, routed via the bar
+        return True
+    return (isinstance(handler, logging.StreamHandler)
+            and not isinstance(handler, logging.FileHandler)
+            and getattr(handler, "stream", None) in (sys.stdout, sys.stderr, sys.__stdout__,
+                                                     sys.__stderr__))
+
+
+def _loggers_to(logger: logging.Logger) -> list[logging.Logger]:
+    """The loggers a record of `logger` passes through: itself and its ancestors."""
+    chain: list[logging.Logger] = []
     node: logging.Logger | None = logger
     while node is not None:
-        for handler in node.handlers:
-            stream = getattr(handler, "stream", None)
-            if (isinstance(handler, logging.StreamHandler)
-                    and not isinstance(handler, logging.FileHandler)
-                    and handler.level <= logging.INFO
-                    and stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)):
-                return True
-            if type(handler).__name__ == "_TqdmLoggingHandler":  # console, routed via the bar
-                return True
+        chain.append(node)
         node = node.parent if node.propagate else None
-    return False
+    return chain
+
+
+def _reaches_console(logger: logging.Logger) -> bool:
+    """Whether an INFO record of `logger` already lands on stdout/stderr (e.g. under Hydra)."""
+    return logger.isEnabledFor(logging.INFO) and any(
+        _is_console(h) and h.level <= logging.INFO for node in _loggers_to(logger)
+        for h in node.handlers)
 
 
 def _open_tensorboard(run_dir: Path, start_step: int) -> Any:

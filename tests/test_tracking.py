@@ -50,7 +50,7 @@ def test_rows_round_trip_with_step_first(tmp_path, config):
 
 def test_non_finite_values_are_null_and_the_file_stays_valid_json(tmp_path, config):
     with RunLogger(tmp_path, config, total_steps=2, console=False) as logger:
-        logger.log(1, {"train/loss": math.nan, "reward/mean": math.inf, "time/step": -math.inf,
+        logger.log(1, {"train/loss": math.nan, "reward/mean": math.inf, "time/step": None,
                        "tandem/senior_token_frac": 0.5})
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert strict_loads(line) == {"step": 1, "train/loss": None, "reward/mean": None,
@@ -170,11 +170,34 @@ def test_on_a_terminal_a_progress_bar_replaces_the_step_lines(tmp_path, config):
             logger.log(step, step_metrics(step))
     text = console.getvalue()
     assert "data ready (" in text
-    assert "3/3" in text and "reward/mean=0.3" in text
+    assert "3/3" in text and "reward=0.3 senior=0.53 loss=0.3333 s/step=2" in text
     assert not any(line.startswith("step ") for line in text.replace("\r", "\n").splitlines())
     # the bar is gone and console logging is restored
     assert not any(type(h).__name__ == "_TqdmLoggingHandler"
                    for h in logging.getLogger().handlers + logging.getLogger("tandem").handlers)
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["plain", "terminal"])
+def test_under_a_console_log_handler_each_line_shows_once(tmp_path, config, capsys, terminal):
+    # Hydra's job logging puts a stdout handler on the root logger: lines go through it only.
+    handler = logging.StreamHandler(sys.stdout)
+    root, tandem_log = logging.getLogger(), logging.getLogger("tandem")
+    level = tandem_log.level
+    root.addHandler(handler)
+    tandem_log.setLevel(logging.INFO)
+    console = Terminal() if terminal else io.StringIO()
+    try:
+        with RunLogger(tmp_path, config, total_steps=2, stream=console) as logger:
+            logger.stage("engines ready")
+            logger.log(1, step_metrics(1))
+    finally:
+        root.removeHandler(handler)
+        tandem_log.setLevel(level)
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert out.count("engines ready (") == 1 and "engines ready" not in console.getvalue()
+    assert out.count("step 1/2 ") == (0 if terminal else 1)
+    assert root.handlers.count(handler) == 0 and not tandem_log.handlers
 
 
 def test_close_is_idempotent_and_logging_after_close_fails(tmp_path, config):

@@ -1,5 +1,7 @@
 """A run's progress plot and its end-of-run console table, both from metrics.jsonl.
 
+`python -m tandem.plots <run dir>` prints the table and writes <run dir>/progress.png.
+
 Figures are drawn on matplotlib's Agg canvas (no display, no pyplot global state), so this
 works on a headless node and in a Ray job.
 """
@@ -7,6 +9,7 @@ works on a headless node and in a Ray job.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -113,3 +116,22 @@ def summary_table(run_dir: str | Path, max_rows: int = 20) -> str:
             totals.append(f"last {key} {values[-1]:.4g} (step {steps[-1]})")
     shown = "" if len(body) - 1 == len(rows) else f"; table shows {len(body) - 1} of {len(rows)}"
     return f"{table}\n{'; '.join(totals)}{shown}; mean = over every logged value"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m tandem.plots <run dir>  (prints the table, writes "
+              "<run dir>/progress.png)", file=sys.stderr)
+        return 2
+    try:
+        print(summary_table(args[0]))
+        print(f"wrote {plot_run(args[0])}")
+    except MetricsError as error:
+        print(f"tandem.plots: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem import report
+from tandem import plots, report
 from tandem.plots import pick_rows, plot_run, summary_table
 from tandem.tracking import MetricsError
 
@@ -175,10 +175,20 @@ def test_plot_run_writes_progress_png(multirun, tmp_path):
     assert_png(run / "progress.png")
 
 
-def test_plot_run_of_an_empty_run_is_a_clear_error(tmp_path):
+def test_plot_run_of_an_empty_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(MetricsError, match="empty"):
         plot_run(tmp_path)
+    assert plots.main([str(tmp_path)]) == 1
+    assert "metrics.jsonl is empty: the run logged no step" in capsys.readouterr().err
+
+
+def test_plots_cli_prints_the_table_and_writes_the_png(multirun, tmp_path, capsys):
+    run = run_dir(copy_of(multirun, tmp_path), 0.25)
+    assert plots.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| step | reward/mean |") and f"wrote {run / 'progress.png'}" in out
+    assert_png(run / "progress.png")
 
 
 def test_summary_table_shows_each_step_and_the_means(multirun):

@@ -145,15 +145,19 @@ class RunLogger:
         self.total_steps, self.start_step, self.console = total_steps, start_step, console
         self._stream = stream if stream is not None else sys.stdout
         self._closed = False
+        self._file = self._tensorboard = self._wandb = self._bar = self._redirect = None
         self._keep_steps_up_to(start_step)
-        self._file = open(self.path, "a")  # noqa: SIM115 - held until close()
-        trainer = config.trainer
-        self._tensorboard = _open_tensorboard(self.run_dir, start_step) \
-            if trainer.tensorboard else None
-        self._wandb = _open_wandb(self.run_dir, config) if trainer.wandb else None
-        self._bar, self._redirect = None, None
-        if console and _is_terminal(self._stream):
-            self._open_bar()
+        try:  # a sink that fails to open closes the ones already open
+            self._file = open(self.path, "a")  # noqa: SIM115 - held until close()
+            if config.trainer.tensorboard:
+                self._tensorboard = _open_tensorboard(self.run_dir, start_step)
+            if config.trainer.wandb:
+                self._wandb = _open_wandb(self.run_dir, config)
+            if console and _is_terminal(self._stream):
+                self._open_bar()
+        except BaseException:
+            self.close()
+            raise
         self._last_stage = time.perf_counter()
         self._first_step: tuple[float, int] | None = None  # first step logged by this process
 
@@ -189,8 +193,10 @@ class RunLogger:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
+        if self._redirect is not None:
             self._redirect.__exit__(None, None, None)
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
         if self._wandb is not None:

@@ -11,6 +11,7 @@ import types
 
 import pytest
 
+from tandem import tracking
 from tandem.config import compose
 from tandem.tracking import MetricsError, RunLogger, metric_row, read_metrics
 
@@ -217,6 +218,21 @@ def test_wandb_enabled_but_not_installed_warns_and_logs_the_rest(tmp_path, monke
     assert any("wandb package is not installed" in r.message and "trainer.wandb=false"
                in r.message for r in caplog.records)
     assert read_metrics(tmp_path) == [{"step": 1, "reward/mean": 1.0}]
+
+
+def test_a_failing_wandb_init_names_the_fixes_and_closes_what_was_open(tmp_path, monkeypatch):
+    def init(**kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        init=init, util=types.SimpleNamespace(generate_id=lambda: "id1")))
+    closed = []
+    writer = types.SimpleNamespace(close=lambda: closed.append("tensorboard"))
+    monkeypatch.setattr(tracking, "_open_tensorboard", lambda run_dir, start_step: writer)
+    config = compose(["trainer.tensorboard=true", "trainer.wandb=true"])
+    with pytest.raises(RuntimeError, match="WANDB_MODE=offline.*trainer.wandb=false"):
+        RunLogger(tmp_path, config, total_steps=1, console=False)
+    assert closed == ["tensorboard"]
 
 
 def test_wandb_gets_every_finite_metric_and_a_resume_continues_the_same_run(tmp_path,

@@ -1,0 +1,233 @@
+"""`python -m tandem.report <multirun dir> [--out DIR]`: one table and a few plots for a sweep.
+
+A Hydra multirun (`python -m tandem.train -m algorithm.handoff_p=0.25,0.5,0.75`) writes one run
+directory per value; this finds every directory under the given one (any depth) holding a
+metrics.jsonl, reads its `.hydra/overrides.yaml`, and writes `report.md` (one row per run, the
+overrides that differ between runs as columns) and PNG plots next to it. A run whose metrics
+are empty or corrupt is reported and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tandem.plots import fmt, last_value, markdown_table, read_rows, series, tail_mean
+from tandem.tracking import METRICS_FILE, MetricsError, Row
+
+FINAL_METRICS = ("reward/mean", "tandem/senior_token_frac")
+LAST_METRICS = ("val/solo_accuracy", "val/handoff_accuracy")
+
+
+class ReportError(RuntimeError):
+    """Nothing to report: no runs, or none readable."""
+
+
+@dataclass
+class Run:
+    directory: Path
+    overrides: dict[str, str]
+    rows: list[Row]
+
+
+@dataclass
+class Report:
+    runs: list[Run]
+    swept: list[str]
+    """Override keys whose value differs between runs: the table's leading columns."""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    table: str = ""
+    files: list[Path] = field(default_factory=list)
+
+
+def read_overrides(run_dir: Path) -> dict[str, str]:
+    """The run's command-line overrides from Hydra's .hydra/overrides.yaml ({} without one)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return {}
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError as error:
+        raise MetricsError(f"{path}: not YAML ({error})") from None
+    if not isinstance(items, list):
+        raise MetricsError(f"{path}: expected a list of key=value overrides, got {items!r}")
+    overrides = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep:
+            raise MetricsError(f"{path}: override {item!r} is not key=value")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """Every run under root, and the (run dir, reason) of each one that could not be read."""
+    runs, skipped = [], []
+    for path in sorted(root.rglob(METRICS_FILE)):
+        try:
+            runs.append(Run(path.parent, read_overrides(path.parent), read_rows(path.parent)))
+        except MetricsError as error:
+            skipped.append((path.parent, str(error)))
+    return runs, skipped
+
+
+def number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def swept_keys(runs: Sequence[Run]) -> list[str]:
+    keys = sorted({k for run in runs for k in run.overrides})
+    return [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
+
+
+def _sort_key(run: Run, swept: Sequence[str]) -> tuple:
+    # numeric values sort as numbers, others as text; a missing value sorts first
+    cells = []
+    for key in swept:
+        value = run.overrides.get(key)
+        cells.append((0, 0.0, "") if value is None else
+                     (1, number(value), "") if number(value) is not None else (2, 0.0, value))
+    return (*cells, str(run.directory))
+
+
+def run_label(run: Run, swept: Sequence[str], root: Path) -> str:
+    parts = [f"{k.rsplit('.', 1)[-1]}={run.overrides.get(k, '-')}" for k in swept]
+    return ", ".join(parts) if parts else str(run.directory.relative_to(root))
+
+
+def results_table(runs: Sequence[Run], swept: Sequence[str], root: Path, last: int) -> str:
+    header = [*swept, *(f"final {k} (mean of last {last})" for k in FINAL_METRICS),
+              *(f"last {k}" for k in LAST_METRICS), "steps", "run"]
+    body = []
+    for run in runs:
+        relative = run.directory.relative_to(root)
+        body.append([run.overrides.get(k, "-") for k in swept]
+                    + [fmt(tail_mean(run.rows, k, last)) for k in FINAL_METRICS]
+                    + [fmt(last_value(run.rows, k)) for k in LAST_METRICS]
+                    + [str(run.rows[-1]["step"]), str(relative) if str(relative) != "." else
+                       str(root)])
+    return markdown_table(header, body)
+
+
+def plot_rewards(runs: Sequence[Run], swept: Sequence[str], root: Path, out: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 5), constrained_layout=True)
+    axes = figure.subplots()
+    for run in runs:
+        axes.plot(*series(run.rows, "reward/mean"), label=run_label(run, swept, root))
+    axes.set_xlabel("step")
+    axes.set_ylabel("reward/mean")
+    axes.set_title("reward/mean per step")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    figure.savefig(out, dpi=100)
+    return out
+
+
+def plot_against(runs: Sequence[Run], key: str, last: int, out: Path) -> Path:
+    """Final reward and the last validation accuracies against one numeric swept value."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 5), constrained_layout=True)
+    axes = figure.subplots()
+    curves = [(f"final reward/mean (last {last})", "o",
+               lambda run: tail_mean(run.rows, "reward/mean", last)),
+              ("val solo accuracy", "s", lambda run: last_value(run.rows, "val/solo_accuracy")),
+              ("val hand-off accuracy", "^",
+               lambda run: last_value(run.rows, "val/handoff_accuracy"))]
+    for label, marker, value in curves:
+        points = sorted((number(run.overrides[key]), value(run)) for run in runs
+                        if value(run) is not None)
+        if points:
+            axes.plot([x for x, _ in points], [y for _, y in points], marker=marker, label=label)
+    axes.set_xlabel(key)
+    axes.set_ylabel("reward / accuracy")
+    axes.set_title(f"final results vs {key}")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    figure.savefig(out, dpi=100)
+    return out
+
+
+def build_report(root: str | Path, out: str | Path | None = None, last: int = 3) -> Report:
+    """Read every run under root and write report.md and the plots to out (default root)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"{root} is not a directory")
+    out = Path(out) if out is not None else root
+    runs, skipped = find_runs(root)
+    if not runs:
+        reasons = "".join(f"\n  skipped {d}: {why}" for d, why in skipped)
+        raise ReportError(
+            f"no runs found under {root.resolve()}: a run directory holds {METRICS_FILE} with "
+            "at least one step (written by `python -m tandem.train`) and, for the sweep columns, "
+            f"Hydra's .hydra/overrides.yaml{reasons}")
+    swept = swept_keys(runs)
+    runs.sort(key=lambda run: _sort_key(run, swept))
+    report = Report(runs, swept, skipped)
+    report.table = results_table(runs, swept, root, last)
+    out.mkdir(parents=True, exist_ok=True)
+    report.files.append(plot_rewards(runs, swept, root, out / "reward.png"))
+    numeric = [k for k in swept if all(number(r.overrides.get(k)) is not None for r in runs)]
+    if len(swept) == 1 and numeric:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", swept[0])
+        report.files.append(plot_against(runs, swept[0], last, out / f"vs_{name}.png"))
+    (out / "report.md").write_text(_markdown(report, root, out, last))
+    report.files.insert(0, out / "report.md")
+    return report
+
+
+def _markdown(report: Report, root: Path, out: Path, last: int) -> str:
+    common = {k: v for k, v in report.runs[0].overrides.items() if k not in report.swept
+              and all(r.overrides.get(k) == v for r in report.runs)}
+    lines = [f"# Sweep report: {root.resolve()}", "",
+             f"{len(report.runs)} runs" + (f", {len(report.skipped)} skipped" if report.skipped
+                                            else "") + ".",
+             "Swept: " + (", ".join(report.swept) or "nothing (no override differs)") + ".",
+             "Common overrides: " + (" ".join(f"{k}={v}" for k, v in common.items()) or "none")
+             + ".", "", report.table, "",
+             f"final = mean of the last {last} logged values of the metric; last = the value of "
+             "the last validation step; steps = the last step logged.", ""]
+    if report.skipped:
+        lines += ["## Skipped runs", ""] + [f"- `{d}`: {why}" for d, why in report.skipped]
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in report.files]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tandem.report", description=__doc__
+                                     .split("\n\n")[0])
+    parser.add_argument("root", type=Path, help="a multirun directory (searched at any depth)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where report.md and the plots go (default: the multirun directory)")
+    parser.add_argument("--last", type=int, default=3,
+                        help="final reward/mean = mean over this many last steps (default 3)")
+    args = parser.parse_args(argv)
+    if args.last < 1:
+        parser.error(f"--last must be >= 1, got {args.last}")
+    try:
+        report = build_report(args.root, args.out, args.last)
+    except ReportError as error:
+        print(f"tandem.report: {error}", file=sys.stderr)
+        return 2
+    print(report.table)
+    for directory, why in report.skipped:
+        print(f"skipped {directory}: {why}", file=sys.stderr)
+    print(f"{len(report.runs)} runs, {len(report.skipped)} skipped; wrote "
+          + ", ".join(str(p) for p in report.files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

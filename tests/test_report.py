@@ -1,0 +1,212 @@
+"""The run plot, the end-of-run table and `python -m tandem.report` over a real Hydra multirun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tandem import plots, report
+from tandem.plots import pick_rows, plot_run, summary_table
+from tandem.tracking import MetricsError
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 4
+HANDOFF_P = (0.25, 0.5, 0.75)
+
+# A throwaway Hydra app on our real conf/: it logs made-up metrics that depend on handoff_p
+# through the real RunLogger, so the multirun layout is exactly what Hydra writes.
+APP = """
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from tandem.config import CONF_DIR, to_config
+from tandem.tracking import RunLogger
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg):
+    config = to_config(cfg)
+    p, steps = config.algorithm.handoff_p, config.trainer.total_steps
+    with RunLogger(HydraConfig.get().runtime.output_dir, config, steps, console=False) as log:
+        log.log(0, {"val/solo_accuracy": 0.1, "val/handoff_accuracy": 0.05})
+        for step in range(1, steps + 1):
+            metrics = {"reward/mean": p * step / steps, "tandem/senior_token_frac": p,
+                       "train/loss": 1 / step, "time/step": 1.5}
+            if step % 2 == 0:
+                metrics["val/solo_accuracy"] = p / 2 + step / 100
+                metrics["val/handoff_accuracy"] = p / 4 + step / 100
+            log.log(step, metrics)
+
+main()
+"""
+
+
+def reward_mean(p: float, step: int) -> float:
+    return p * step / STEPS
+
+
+@pytest.fixture(scope="module")
+def multirun(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("sweep")
+    (work / "app.py").write_text(APP)
+    root = work / "runs" / "multirun" / "2026-11-27" / "19-00-00"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "1"}
+    done = subprocess.run(
+        [sys.executable, "app.py", "-m", "algorithm.handoff_p=" + ",".join(map(str, HANDOFF_P)),
+         f"trainer.total_steps={STEPS}", "trainer.tensorboard=false",
+         f"hydra.sweep.dir={root}"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
+def copy_of(multirun: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(multirun, tmp_path / "multirun"))
+
+
+def run_dir(root: Path, p: float) -> Path:
+    (found,) = [d for d in root.iterdir() if f"algorithm.handoff_p={p}," in d.name]
+    return found
+
+
+def assert_png(path: Path) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+        assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_hydra_wrote_one_run_per_value_with_overrides(multirun):
+    runs = sorted(d.name for d in multirun.iterdir() if d.is_dir())
+    assert len(runs) == 3
+    for p in HANDOFF_P:
+        assert (run_dir(multirun, p) / ".hydra" / "overrides.yaml").exists()
+
+
+def test_report_table_holds_the_logged_values(multirun, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert report.main([str(multirun), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert header.startswith("| algorithm.handoff_p | final reward/mean (mean of last 3) | "
+                             "final tandem/senior_token_frac (mean of last 3) | "
+                             "last val/solo_accuracy | last val/handoff_accuracy | steps | run |")
+    assert len(body) == 3
+    for line, p in zip(body, HANDOFF_P, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        final = sum(reward_mean(p, s) for s in (2, 3, 4)) / 3
+        assert cells[0] == str(p)
+        assert float(cells[1]) == pytest.approx(final, rel=1e-3)
+        assert float(cells[2]) == pytest.approx(p)
+        assert float(cells[3]) == pytest.approx(p / 2 + 0.04, rel=1e-3)
+        assert float(cells[4]) == pytest.approx(p / 4 + 0.04, rel=1e-3)
+        assert cells[5] == str(STEPS)
+        assert cells[6] == run_dir(multirun, p).name
+    assert "Common overrides: trainer.total_steps=4 trainer.tensorboard=False." in text
+    assert rows[1] in printed and "3 runs, 0 skipped" in printed
+
+
+def test_report_plots_are_pngs_with_the_sweep_plot_for_one_numeric_key(multirun, tmp_path):
+    result = report.build_report(multirun, tmp_path / "out")
+    names = sorted(p.name for p in result.files)
+    assert names == ["report.md", "reward.png", "vs_algorithm.handoff_p.png"]
+    for path in result.files[1:]:
+        assert_png(path)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "![reward](reward.png)" in text and "(vs_algorithm.handoff_p.png)" in text
+
+
+def test_no_sweep_plot_when_the_varying_value_is_not_a_number(multirun, tmp_path):
+    root = copy_of(multirun, tmp_path)
+    overrides = run_dir(root, 0.5) / ".hydra" / "overrides.yaml"
+    overrides.write_text(overrides.read_text().replace("algorithm.handoff_p=0.5",
+                                                       "algorithm.handoff_p=half"))
+    result = report.build_report(root)
+    assert [p.name for p in result.files] == ["report.md", "reward.png"]
+    assert [r.overrides["algorithm.handoff_p"] for r in result.runs] == ["0.25", "0.75", "half"]
+
+
+def test_corrupt_and_empty_runs_are_counted_and_skipped_a_cut_line_is_not(
+        multirun, tmp_path, capsys):
+    root = copy_of(multirun, tmp_path)
+    with open(run_dir(root, 0.25) / "metrics.jsonl", "a") as cut:
+        cut.write('{"step": 5, "reward/me')
+    corrupt = run_dir(root, 0.5) / "metrics.jsonl"
+    lines = corrupt.read_text().splitlines()
+    corrupt.write_text("\n".join(lines[:2] + ["{oops"] + lines[2:]) + "\n")
+    (run_dir(root, 0.75) / "metrics.jsonl").write_text("")
+
+    assert report.main([str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "1 runs, 2 skipped" in captured.out
+    assert "metrics.jsonl:3: not JSON" in captured.err and "is empty" in captured.err
+    text = (root / "report.md").read_text()
+    assert "## Skipped runs" in text and text.count("\n- `") == 2
+    (line,) = [row for row in text.splitlines() if row.startswith("| -") or "| 4 |" in row]
+    assert run_dir(root, 0.25).name in line  # the cut-short run still reports its 4 steps
+
+
+def test_no_runs_says_where_it_looked_and_what_a_run_holds(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    error = capsys.readouterr().err
+    assert f"no runs found under {(tmp_path / 'empty').resolve()}" in error
+    assert "metrics.jsonl" in error and ".hydra/overrides.yaml" in error
+
+
+def test_the_cli_runs_as_a_module(multirun, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "tandem.report", str(multirun), "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert "| algorithm.handoff_p |" in done.stdout and (tmp_path / "report.md").exists()
+
+
+def test_plot_run_writes_progress_png(multirun, tmp_path):
+    run = run_dir(copy_of(multirun, tmp_path), 0.5)
+    assert plot_run(run) == run / "progress.png"
+    assert_png(run / "progress.png")
+
+
+def test_plot_run_of_an_empty_run_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(MetricsError, match="empty"):
+        plot_run(tmp_path)
+    assert plots.main([str(tmp_path)]) == 1
+    assert "metrics.jsonl is empty: the run logged no step" in capsys.readouterr().err
+
+
+def test_plots_cli_prints_the_table_and_writes_the_png(multirun, tmp_path, capsys):
+    run = run_dir(copy_of(multirun, tmp_path), 0.25)
+    assert plots.main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| step | reward/mean |") and f"wrote {run / 'progress.png'}" in out
+    assert_png(run / "progress.png")
+
+
+def test_summary_table_shows_each_step_and_the_means(multirun):
+    table = summary_table(run_dir(multirun, 0.5))
+    lines = table.splitlines()
+    assert lines[0] == ("| step | reward/mean | tandem/senior_token_frac | train/loss | time/step "
+                        "| val/solo_accuracy | val/handoff_accuracy |")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:-1]]
+    assert [c[0] for c in cells] == ["0", "1", "2", "3", "4", "mean"]
+    assert [c[1] for c in cells[1:5]] == ["0.125", "0.25", "0.375", "0.5"]
+    assert cells[0][1] == "-" and cells[0][5] == "0.1"
+    assert cells[-1][1] == "0.3125"  # mean reward/mean of steps 1-4
+    assert lines[-1].startswith("4 steps logged (last: step 4); 6.0 s in steps")
+    assert "last val/solo_accuracy 0.29 (step 4)" in lines[-1]
+
+
+def test_a_long_run_shows_first_last_and_every_kth_step():
+    shown = pick_rows(101, 20)
+    assert shown[0] == 0 and shown[-1] == 100 and len(shown) <= 21
+    assert len({b - a for a, b in zip(shown[:-2], shown[1:-1], strict=True)}) == 1
+    assert pick_rows(5, 20) == [0, 1, 2, 3, 4]

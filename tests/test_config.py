@@ -185,7 +185,12 @@ def test_cli_rejects_a_bad_value_before_starting_anything(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_cli_accepts_a_good_config(tmp_path):
-    done = _train("experiment=demo_cpu", tmp_path=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "config ok" in done.stderr + done.stdout
+def test_cli_accepts_a_good_config_and_names_a_bad_resume_path_before_ray(tmp_path):
+    # The whole run is tests/test_train.py's and test_sweep.py's; here the good config passes
+    # validation and the run stops at its first check, a resume path that does not exist.
+    done = _train("experiment=demo_cpu", f"trainer.resume={tmp_path}/nowhere",
+                  tmp_path=tmp_path)
+    out = done.stderr + done.stdout
+    assert "config ok" in out
+    assert done.returncode != 0 and "trainer.resume=" in out and "not a complete checkpoint" in out
+    assert "ray:" not in out  # failed before connecting to Ray

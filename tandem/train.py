@@ -150,7 +150,6 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
 
     with contextlib.ExitStack() as cleanup:
         logger = cleanup.enter_context(RunLogger(run_dir, config, total, start_step=start))
-        stop = cleanup.enter_context(StopRequest())
         rewards = cleanup.enter_context(RewardPool(
             config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
             config.reward.answer_from))
@@ -161,6 +160,8 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         started_ray, where = run_actors.connect(config)
         if started_ray:
             cleanup.callback(_ray_shutdown)
+        # after ray.init, which installs its own SIGTERM handler (exit at once)
+        stop = cleanup.enter_context(StopRequest())
         logger.stage(where)
         boundaries = {"senior": Boundaries.from_tokenizer(prompts.senior_tokenizer),
                       "junior": Boundaries.from_tokenizer(prompts.junior_tokenizer

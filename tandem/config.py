@@ -534,8 +534,27 @@ class TandemConfig:
 
 
 def register_configs() -> None:
-    """Register the schema so conf/config.yaml can name it in its defaults list."""
+    """Register the schema so conf/config.yaml can name it in its defaults list, and the
+    resolver that names multirun directories."""
     ConfigStore.instance().store(name="tandem_schema", node=TandemConfig)
+    if not OmegaConf.has_resolver("tandem_dirname"):
+        OmegaConf.register_new_resolver("tandem_dirname", short_dirname)
+
+
+MAX_DIRNAME = 96
+
+
+def short_dirname(overrides: str, limit: int = MAX_DIRNAME) -> str:
+    """A multirun job's directory name from its overrides (`a=1,b=2`), cut to `limit` chars
+    with a hash of the whole, so every job keeps its own directory: file systems refuse names
+    over 255 bytes and a sweep over a long command line goes past that."""
+    import hashlib
+
+    name = overrides.replace("/", "_") or "default"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[:limit - 9]}-{digest}"
 
 
 register_configs()

@@ -194,3 +194,14 @@ def test_cli_accepts_a_good_config_and_names_a_bad_resume_path_before_ray(tmp_pa
     assert "config ok" in out
     assert done.returncode != 0 and "trainer.resume=" in out and "not a complete checkpoint" in out
     assert "ray:" not in out  # failed before connecting to Ray
+
+
+def test_multirun_directory_names_stay_short_and_distinct():
+    from tandem.config import short_dirname
+
+    assert short_dirname("algorithm.handoff_p=0.25") == "algorithm.handoff_p=0.25"
+    long_a = ",".join(f"trainer.key{i}=value{i}" for i in range(30)) + ",algorithm.handoff_p=0.25"
+    long_b = long_a.replace("0.25", "0.75")
+    assert len(short_dirname(long_a)) == 96
+    assert short_dirname(long_a) != short_dirname(long_b)
+    assert "/" not in short_dirname("model@model.senior=/models/qwen")

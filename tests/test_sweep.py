@@ -29,10 +29,11 @@ def test_two_value_sweep_makes_two_runs_and_one_report(tmp_path):
          *ONE_TINY_STEP, f"hydra.sweep.dir={sweep}"],
         env=env, capture_output=True, text=True, timeout=1500)
     assert train.returncode == 0, train.stderr[-4000:]
-    runs = sorted(path.parent.name for path in sweep.rglob("metrics.jsonl"))
+    runs = sorted(path.parent for path in sweep.rglob("metrics.jsonl"))
     assert len(runs) == 2, runs
-    assert any("handoff_p=0.25" in name for name in runs)
-    assert any("handoff_p=0.75" in name for name in runs)
+    swept = sorted((run / ".hydra" / "overrides.yaml").read_text() for run in runs)
+    assert "algorithm.handoff_p=0.25" in swept[0] and "algorithm.handoff_p=0.75" in swept[1]
+    assert all(len(run.name) <= 100 for run in runs)  # a long command line still fits a name
 
     report = subprocess.run([sys.executable, "-m", "tandem.report", str(sweep)], env=env,
                             capture_output=True, text=True, timeout=300)

@@ -257,3 +257,20 @@ def build_tiny_model(out_dir: Path | str, variant: str = "tiny") -> Path:
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_reweighted_copy(model_dir: Path | str, out_dir: Path | str, seed: int) -> Path:
+    """The same architecture and tokenizer with other random weights (N(0, 0.1), seeded): a
+    junior whose tokens are told apart from the senior's by their log-probs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
+    return out_dir

@@ -42,17 +42,9 @@ def _config(senior: Path, junior: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def junior_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tandem.testkit import build_reweighted_copy
 
-    out = tmp_path_factory.mktemp("train-junior")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return build_reweighted_copy(tiny_model_dir, tmp_path_factory.mktemp("train-junior"), 99)
 
 
 def _rows(path: Path) -> list[dict]:

@@ -104,6 +104,10 @@ class ClusterConfig:
     """Full parameters are gathered and sent one bucket of this size at a time."""
     call_timeout_s: float = 1800.0
     """Any remote call to a learner rank or engine that takes longer raises."""
+    turn_channel: bool = True
+    """Rollout turns reach engine actors over a ZMQ socket on the engine's node
+    (`RolloutEngine.open_channel`) instead of one Ray call each. Set false if the driver cannot
+    open TCP connections to arbitrary ports of the engine nodes."""
 
     def __post_init__(self) -> None:
         _check_choice(self.device, ("cpu", "cuda"), "cluster.device")

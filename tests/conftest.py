@@ -38,7 +38,8 @@ def ray_cluster():
     engines and learner ranks can be placed side by side."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False,
+    # address="local": never attach to a head some other process started with `ray start`
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -183,11 +183,16 @@ def test_shared_budget_truncates_and_flags(models, engines, tokenizers):
 
 
 def test_greedy_episodes_are_reproducible(models, engines, tokenizers):
+    # once over the turn channel, once with a Ray call per turn: the same episodes
     config = _config(models["senior"], models["junior"], "rollout.top_k=1")
     first, _ = _rollout(config, engines, tokenizers, step=5)
-    again, _ = _rollout(config, engines, tokenizers, step=5)
+    ray_calls = _config(models["senior"], models["junior"], "rollout.top_k=1",
+                        "cluster.turn_channel=false")
+    again, _ = _rollout(ray_calls, engines, tokenizers, step=5)
     assert [e.response_ids for e in first] == [e.response_ids for e in again]
     assert [e.author_mask for e in first] == [e.author_mask for e in again]
+    assert [v for e in first for v in e.logprobs] == pytest.approx(
+        [v for e in again for v in e.logprobs], abs=1e-4)
 
 
 def test_both_engines_write_at_the_same_time(models, engines, tokenizers):

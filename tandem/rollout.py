@@ -27,8 +27,9 @@ the junior's text as senior ids with author 0 and log-prob 0 (it is never traine
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
@@ -173,6 +174,9 @@ class Rollout:
         finish, version = "length", self.weight_version
         # one session per role: in solo benchmarks one engine may serve both roles
         sessions = {role: f"{step}-{index}-{name}" for role, name in ROLES.items()}
+        # reproducible sampling: one seeded request per segment, seeds drawn apart from hand-offs
+        seeds = random.Random(f"tandem/sampling/{self.config.seed}/{step}/{index}")
+        seeded = self.config.rollout.reproducible_sampling
         try:
             while written < budget:
                 writer = alternation.writer
@@ -182,13 +186,18 @@ class Rollout:
                 new_ids = context[writer][sent[writer]:]
                 activity.change(writer, +1)
                 try:
-                    segment = await self._call(engines[writer], "turn", sessions[writer],
-                                               new_ids, stop, self.sampling)
+                    if seeded:
+                        sampling = replace(self.sampling, seed=seeds.getrandbits(62))
+                        segment = await self._call(engines[writer], "generate", context[writer],
+                                                   stop, sampling)
+                    else:
+                        segment = await self._call(engines[writer], "turn", sessions[writer],
+                                                   new_ids, stop, self.sampling)
                 finally:
                     activity.change(writer, -1)
                 turn = alternation.advance(segment.token_ids)
                 kept = segment.token_ids[:turn.kept]
-                if turn.kept < len(segment.token_ids):
+                if turn.kept < len(segment.token_ids) and not seeded:
                     # The engine's session holds tokens we drop: restart it from our context.
                     await self._call(engines[writer], "close_session", sessions[writer])
                     sent[writer] = 0
@@ -207,8 +216,9 @@ class Rollout:
                 if not kept and not turn.handoff and segment.finish_reason == "length":
                     break  # the model's context is full
         finally:
-            await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
-                                   for role in (SENIOR, JUNIOR)))
+            if not seeded:
+                await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
+                                       for role in (SENIOR, JUNIOR)))
         text = self.tokenizers[SENIOR].decode(response, skip_special_tokens=True)
         return Episode(prompt_ids=list(prompt), response_ids=response, author_mask=authors,
                        logprobs=logprobs, group=group, weight_version=version,
@@ -316,6 +326,7 @@ def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries:
             gpu_memory_utilization=cluster.gpu_memory_utilization,
             cpu_kvcache_gib=cluster.cpu_kvcache_gib, cpu_cores=pinned,
             max_num_seqs=max(256, config.trainer.prompts_per_step * group_size + 1),
+            enable_chunked_prefill=not config.rollout.reproducible_sampling,
             token_sets=boundaries.token_sets(),
         ))
     return settings

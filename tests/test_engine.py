@@ -242,6 +242,11 @@ def test_bad_calls_are_refused_with_what_to_change(run, engine, prompt):
             prompt, SegmentStop(max_tokens=4, boundary_set="words", boundaries=1), GREEDY))
     with pytest.raises(ValueError, match="adds no tokens"):
         run(engine.turn("empty", [], SegmentStop(max_tokens=4), GREEDY))
+    # per-request seeds: never on streaming turns, and on CPU not with chunked prefill
+    with pytest.raises(ValueError, match="cannot be seeded"):
+        run(engine.turn("seeded", prompt, SegmentStop(max_tokens=4), Sampling(1.0, seed=3)))
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        run(engine.generate(prompt, SegmentStop(max_tokens=4), Sampling(1.0, seed=3)))
     assert run(engine.stats())["engine/sessions"] == 0
 
 

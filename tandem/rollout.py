@@ -11,6 +11,12 @@ Each episode keeps a streaming session open on both engines (`RolloutEngine.turn
 prefills only the other writer's tokens since that engine's last turn; the sessions close when
 the episode ends. Every engine call is bounded by `cluster.call_timeout_s`.
 
+Turns reach engine actors over a `TurnChannel` (a ZMQ socket per engine), not as Ray calls: a Ray
+call costs ~1 ms of CPU and 5-10 ms of latency on a busy machine, while a word-schedule turn of a
+small model lasts a few engine steps. The channel carries all turns started in one loop iteration
+in one message, and the engine answers all turns one step finished in one message.
+`cluster.turn_channel=false` falls back to one Ray call per turn.
+
 Junior of another family (a different tokenizer): the hand-off goes through text. Each engine
 works in its own token space; a segment is decoded and the text encoded by the other
 tokenizer, piece by piece, so no token ever spans a hand-off in either context. The Episode is
@@ -21,8 +27,9 @@ the junior's text as senior ids with author 0 and log-prob 0 (it is never traine
 from __future__ import annotations
 
 import asyncio
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
@@ -34,7 +41,11 @@ ROLES = {SENIOR: "senior", JUNIOR: "junior"}
 
 @dataclass
 class _Activity:
-    """When each role had segments in flight: measures that both engines work at once."""
+    """When each role had segments in flight: measures that both engines work at once.
+
+    The driver's view: a call is in flight from its send to its reply, transport and the wait
+    for the engine's next step included, so this over-states how busy the engines were (their
+    own view: `rollout/*_engine_cpu_frac`, `rollout/generated_tokens_per_step`)."""
 
     started: float = field(default_factory=time.perf_counter)
     in_flight: dict[int, int] = field(default_factory=lambda: {SENIOR: 0, JUNIOR: 0})
@@ -81,6 +92,7 @@ class Rollout:
         self.sampling = Sampling(temperature=rollout.temperature, top_p=rollout.top_p,
                                  top_k=rollout.top_k)
         self.weight_version = 0
+        self._addresses: dict[int, str] = {}  # id(engine actor) -> its TurnChannel address
 
     def generate(self, prompts: list[list[int]], step: int,
                  junior_prompts: list[list[int]] | None = None, samples: int | None = None
@@ -99,20 +111,25 @@ class Rollout:
             raise ValueError("a junior with another tokenizer needs junior_prompts: the same "
                              "prompts in the junior's token ids")
         group_size = samples or self.config.algorithm.group_size
-        activity = _Activity()
-        busy_before = await self._busy_seconds()
-        tasks = []
-        for group, prompt in enumerate(prompts):
-            senior = self.senior[group % len(self.senior)]
-            junior = self.junior[group % len(self.junior)]
-            junior_prompt = junior_prompts[group] if self.cross_tokenizer else prompt
-            for member in range(group_size):
-                index = group * group_size + member
-                tasks.append(self._episode(prompt, junior_prompt, group, index, step,
-                                           {SENIOR: senior, JUNIOR: junior}, activity))
-        episodes = await asyncio.gather(*tasks)
-        wall = time.perf_counter() - activity.started
-        busy_after = await self._busy_seconds()
+        callers, channels = await self._connect()
+        try:
+            before = await self._engine_counters()
+            activity = _Activity()
+            tasks = []
+            for group, prompt in enumerate(prompts):
+                senior = callers[id(self.senior[group % len(self.senior)])]
+                junior = callers[id(self.junior[group % len(self.junior)])]
+                junior_prompt = junior_prompts[group] if self.cross_tokenizer else prompt
+                for member in range(group_size):
+                    index = group * group_size + member
+                    tasks.append(self._episode(prompt, junior_prompt, group, index, step,
+                                               {SENIOR: senior, JUNIOR: junior}, activity))
+            episodes = await asyncio.gather(*tasks)
+            wall = time.perf_counter() - activity.started
+        finally:
+            for channel in channels:
+                channel.close()
+        after = await self._engine_counters()
         metrics = tandem_metrics(episodes)
         tokens = sum(len(e.response_ids) for e in episodes)
         metrics.update({
@@ -123,10 +140,18 @@ class Rollout:
             "rollout/both_engines_busy_frac": activity.both_s / wall,
             "time/rollout": wall,
         })
+        spent = {key: after[key] - before[key] for key in after}
         for role, name in ROLES.items():
-            engines = len(self.senior if role == SENIOR else self.junior)
-            spent = busy_after[role] - busy_before[role]
-            metrics[f"rollout/{name}_engine_busy_frac"] = spent / (wall * engines)
+            seconds = wall * len(self.senior if role == SENIOR else self.junior)
+            metrics[f"rollout/{name}_engine_busy_frac"] = spent[role, "busy_s"] / seconds
+            metrics[f"rollout/{name}_engine_cpu_frac"] = spent[role, "core_cpu_s"] / seconds
+        # every engine once (a solo benchmark may list one engine under both roles)
+        steps, computed, generated = (spent[None, key] for key in (
+            "steps", "computed_tokens", "generated_tokens"))
+        metrics["rollout/engine_cpu_frac"] = spent[None, "core_cpu_s"] / (
+            wall * len({id(e) for e in (*self.senior, *self.junior)}))
+        metrics["rollout/computed_per_generated_token"] = computed / max(generated, 1)
+        metrics["rollout/generated_tokens_per_step"] = generated / max(steps, 1)
         return list(episodes), metrics
 
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
@@ -151,6 +176,9 @@ class Rollout:
         finish, version = "length", self.weight_version
         # one session per role: in solo benchmarks one engine may serve both roles
         sessions = {role: f"{step}-{index}-{name}" for role, name in ROLES.items()}
+        # reproducible sampling: one seeded request per segment, seeds drawn apart from hand-offs
+        seeds = random.Random(f"tandem/sampling/{self.config.seed}/{step}/{index}")
+        seeded = self.config.rollout.reproducible_sampling
         try:
             while written < budget:
                 writer = alternation.writer
@@ -160,13 +188,18 @@ class Rollout:
                 new_ids = context[writer][sent[writer]:]
                 activity.change(writer, +1)
                 try:
-                    segment = await self._call(engines[writer], "turn", sessions[writer],
-                                               new_ids, stop, self.sampling)
+                    if seeded:
+                        sampling = replace(self.sampling, seed=seeds.getrandbits(62))
+                        segment = await self._call(engines[writer], "generate", context[writer],
+                                                   stop, sampling)
+                    else:
+                        segment = await self._call(engines[writer], "turn", sessions[writer],
+                                                   new_ids, stop, self.sampling)
                 finally:
                     activity.change(writer, -1)
                 turn = alternation.advance(segment.token_ids)
                 kept = segment.token_ids[:turn.kept]
-                if turn.kept < len(segment.token_ids):
+                if turn.kept < len(segment.token_ids) and not seeded:
                     # The engine's session holds tokens we drop: restart it from our context.
                     await self._call(engines[writer], "close_session", sessions[writer])
                     sent[writer] = 0
@@ -185,8 +218,9 @@ class Rollout:
                 if not kept and not turn.handoff and segment.finish_reason == "length":
                     break  # the model's context is full
         finally:
-            await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
-                                   for role in (SENIOR, JUNIOR)))
+            if not seeded:
+                await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
+                                       for role in (SENIOR, JUNIOR)))
         text = self.tokenizers[SENIOR].decode(response, skip_special_tokens=True)
         return Episode(prompt_ids=list(prompt), response_ids=response, author_mask=authors,
                        logprobs=logprobs, group=group, weight_version=version,
@@ -216,23 +250,50 @@ class Rollout:
         authors += [writer] * len(senior_ids)
         logprobs += senior_values
 
+    async def _connect(self) -> tuple[dict[int, Any], list[Any]]:
+        """What each engine's turns go through, by id(engine): a new `TurnChannel` for a Ray
+        actor (its address asked once per engine) if `cluster.turn_channel`, else the engine
+        itself (Ray calls, or direct calls for a plain object); and the new channels, to close
+        when the batch is done."""
+        from tandem.engine import TurnChannel
+
+        callers: dict[int, Any] = {}
+        channels = []
+        for engine in (*self.senior, *self.junior):
+            if id(engine) in callers:
+                continue
+            if not self.config.cluster.turn_channel or not hasattr(engine.turn, "remote"):
+                callers[id(engine)] = engine
+                continue
+            if id(engine) not in self._addresses:
+                self._addresses[id(engine)] = await self._call(engine, "open_channel")
+            callers[id(engine)] = TurnChannel(self._addresses[id(engine)])
+            channels.append(callers[id(engine)])
+        return callers, channels
+
     async def _call(self, engine: Any, method: str, *args: Any) -> Any:
-        """A bounded call to an engine: a Ray actor handle or a plain RolloutEngine."""
+        """A bounded call to an engine: a Ray actor handle, a TurnChannel or a RolloutEngine."""
         bound = getattr(engine, method)
         pending = bound.remote(*args) if hasattr(bound, "remote") else bound(*args)
         timeout = self.config.cluster.call_timeout_s
         try:
-            return await asyncio.wait_for(pending, timeout)
+            async with asyncio.timeout(timeout):  # no extra Task per call, unlike wait_for
+                return await pending
         except TimeoutError:
             raise TimeoutError(f"engine call {method} took longer than cluster.call_timeout_s="
                                f"{timeout} s") from None
 
-    async def _busy_seconds(self) -> dict[int, float]:
-        busy = {}
-        for role, engines in ((SENIOR, self.senior), (JUNIOR, self.junior)):
-            stats = await asyncio.gather(*(self._call(e, "stats") for e in engines))
-            busy[role] = sum(s["engine/busy_s"] for s in stats)
-        return busy
+    async def _engine_counters(self) -> dict[tuple[int | None, str], float]:
+        """Engine counters summed by (role, name), and by (None, name) over distinct engines."""
+        engines = {id(e): e for e in (*self.senior, *self.junior)}
+        stats = dict(zip(engines, await asyncio.gather(
+            *(self._call(e, "stats") for e in engines.values())), strict=True))
+        names = ("busy_s", "core_cpu_s", "steps", "computed_tokens", "generated_tokens")
+        totals = {}
+        for role, group in ((SENIOR, self.senior), (JUNIOR, self.junior), (None, engines.values())):
+            for name in names:
+                totals[role, name] = sum(stats[id(e)][f"engine/{name}"] for e in group)
+        return totals
 
 
 def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries: Boundaries,
@@ -268,6 +329,7 @@ def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries:
             cpu_kvcache_gib=cluster.cpu_kvcache_gib, cpu_cores=pinned,
             enforce_eager=cluster.enforce_eager,
             max_num_seqs=max(256, config.trainer.prompts_per_step * group_size + 1),
+            enable_chunked_prefill=not config.rollout.reproducible_sampling,
             token_sets=boundaries.token_sets(),
         ))
     return settings

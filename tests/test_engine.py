@@ -19,6 +19,7 @@ from tandem.engine import (
     RolloutEngine,
     Sampling,
     SegmentStop,
+    TurnChannel,
     assign_episodes,
     shutdown_engines,
     start_engines,
@@ -241,6 +242,11 @@ def test_bad_calls_are_refused_with_what_to_change(run, engine, prompt):
             prompt, SegmentStop(max_tokens=4, boundary_set="words", boundaries=1), GREEDY))
     with pytest.raises(ValueError, match="adds no tokens"):
         run(engine.turn("empty", [], SegmentStop(max_tokens=4), GREEDY))
+    # per-request seeds: never on streaming turns, and on CPU not with chunked prefill
+    with pytest.raises(ValueError, match="cannot be seeded"):
+        run(engine.turn("seeded", prompt, SegmentStop(max_tokens=4), Sampling(1.0, seed=3)))
+    with pytest.raises(ValueError, match="enable_chunked_prefill"):
+        run(engine.generate(prompt, SegmentStop(max_tokens=4), Sampling(1.0, seed=3)))
     assert run(engine.stats())["engine/sessions"] == 0
 
 
@@ -413,18 +419,16 @@ def _engine_cores() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["name"]) if "EngineCor" in (p.info["name"] or "")]
 
 
-def test_ray_actor_end_to_end(tiny_dir, prompt, reference):
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):
+    ray = ray_cluster
+    settings = EngineSettings(model=str(tiny_dir), dtype="float32", max_model_len=512, seed=0,
+                              enable_prefix_caching=True, device="cpu", cpu_kvcache_gib=0.01,
+                              cpu_cores=CORES)
+    before = set(_engine_cores())
+    engines = start_engines([settings])
+    cores = [p for p in _engine_cores() if p not in before]
+    engine = engines[0]
     try:
-        settings = EngineSettings(model=str(tiny_dir), dtype="float32", max_model_len=512, seed=0,
-                                  enable_prefix_caching=True, device="cpu", cpu_kvcache_gib=0.01,
-                                  cpu_cores=CORES)
-        before = set(_engine_cores())
-        engines = start_engines([settings])
-        cores = [p for p in _engine_cores() if p not in before]
-        engine = engines[0]
         segment = ray.get(engine.generate.remote(prompt, SegmentStop(max_tokens=8), GREEDY))
         assert segment.token_ids == reference[:8]
         turns = ray.get([engine.turn.remote(f"e{i}", prompt, SegmentStop(max_tokens=8), GREEDY)
@@ -432,8 +436,34 @@ def test_ray_actor_end_to_end(tiny_dir, prompt, reference):
         assert all(t.token_ids == reference[:8] for t in turns)
         stats = ray.get(engine.stats.remote())
         assert stats["engine/sessions"] == 6 and stats["engine/max_running"] >= 2
-        shutdown_engines(engines)
-        _, alive = psutil.wait_procs(cores, timeout=30)
-        assert cores and not alive
+
+        # The same turns over the actor's channel; engine errors come back as errors, and a call
+        # pending when the engine goes away fails at once rather than at the call timeout.
+        address = ray.get(engine.open_channel.remote())
+        assert ray.get(engine.open_channel.remote()) == address
+
+        async def through_channel():
+            channel = TurnChannel(address)
+            segments = await asyncio.gather(*(
+                channel.turn(f"c{i}", prompt, SegmentStop(max_tokens=8), GREEDY)
+                for i in range(4)))
+            with pytest.raises(RuntimeError, match="not registered"):
+                await channel.turn("c0", [9], SegmentStop(max_tokens=4, boundary_set="words",
+                                                          boundaries=1), GREEDY)
+            await channel.close_session("c1")
+            pending = asyncio.ensure_future(
+                channel.turn("c2", [9], SegmentStop(max_tokens=400), Sampling(1.0)))
+            await asyncio.sleep(0)
+            engine.shutdown.remote()
+            with pytest.raises(RuntimeError, match="lost the connection"):
+                await asyncio.wait_for(pending, 30)
+            channel.close()
+            return segments
+
+        segments = asyncio.run(through_channel())
+        assert all(s.token_ids == reference[:8] for s in segments)
+        assert all(s.logprobs == t.logprobs for s, t in zip(segments, turns[:4], strict=True))
     finally:
-        ray.shutdown()
+        shutdown_engines(engines)
+    _, alive = psutil.wait_procs(cores, timeout=30)
+    assert cores and not alive

@@ -183,11 +183,16 @@ def test_shared_budget_truncates_and_flags(models, engines, tokenizers):
 
 
 def test_greedy_episodes_are_reproducible(models, engines, tokenizers):
+    # once over the turn channel, once with a Ray call per turn: the same episodes
     config = _config(models["senior"], models["junior"], "rollout.top_k=1")
     first, _ = _rollout(config, engines, tokenizers, step=5)
-    again, _ = _rollout(config, engines, tokenizers, step=5)
+    ray_calls = _config(models["senior"], models["junior"], "rollout.top_k=1",
+                        "cluster.turn_channel=false")
+    again, _ = _rollout(ray_calls, engines, tokenizers, step=5)
     assert [e.response_ids for e in first] == [e.response_ids for e in again]
     assert [e.author_mask for e in first] == [e.author_mask for e in again]
+    assert [v for e in first for v in e.logprobs] == pytest.approx(
+        [v for e in again for v in e.logprobs], abs=1e-4)
 
 
 def test_both_engines_write_at_the_same_time(models, engines, tokenizers):
@@ -214,3 +219,34 @@ def test_junior_with_another_tokenizer_hands_off_by_text(models, engines, tokeni
                 assert abs(episode.logprobs[i] - senior[i]) < 2e-3
             else:
                 assert episode.logprobs[i] == 0.0
+
+
+@pytest.mark.slow
+def test_reproducible_sampling_ignores_batch_composition(models, tokenizers, ray_cluster):
+    # Sampled (T = 1) episodes under rollout.reproducible_sampling: the first two groups come out
+    # the same whether the batch holds two or four groups, i.e. whatever shares an engine step.
+    from tandem.engine import shutdown_engines, start_engines
+    from tandem.rollout import Rollout, engine_settings
+
+    config = _config(models["senior"], models["junior"], "rollout.reproducible_sampling=true")
+    engines = {}
+    try:
+        for index, role in enumerate(("senior", "junior")):
+            boundaries = Boundaries.from_tokenizer(tokenizers[role])
+            settings = engine_settings(config, str(models[role]), role, boundaries,
+                                       first_core=index % (os.cpu_count() or 1))
+            assert not any(s.enable_chunked_prefill for s in settings)
+            engines[role] = start_engines(
+                [dataclasses.replace(s, cpu_kvcache_gib=0.25) for s in settings])
+        rollout = Rollout(config, engines["senior"], engines["junior"], tokenizers["senior"])
+        prompts = _prompts(tokenizers["senior"])
+        four, _ = rollout.generate(prompts, step=2)
+        two, _ = rollout.generate(prompts[:2], step=2)
+    finally:
+        for group in engines.values():
+            shutdown_engines(group)
+    assert len(two) == 8
+    assert [e.response_ids for e in two] == [e.response_ids for e in four[:8]]
+    assert [e.author_mask for e in two] == [e.author_mask for e in four[:8]]
+    # sampled, not greedy: a group's episodes differ
+    assert len({tuple(e.response_ids) for e in four[:4]}) > 1

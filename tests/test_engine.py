@@ -119,7 +119,7 @@ def engine(run, tiny_dir, token_sets):
     settings = EngineSettings(
         model=str(tiny_dir), dtype="float32", max_model_len=1024, seed=0,
         enable_prefix_caching=True, device="cpu", cpu_kvcache_gib=0.01, cpu_cores=CORES,
-        token_sets=token_sets,
+        token_sets=token_sets, enforce_eager=True,
     )
     async def start():
         return RolloutEngine(settings)
@@ -423,7 +423,7 @@ def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):
     ray = ray_cluster
     settings = EngineSettings(model=str(tiny_dir), dtype="float32", max_model_len=512, seed=0,
                               enable_prefix_caching=True, device="cpu", cpu_kvcache_gib=0.01,
-                              cpu_cores=CORES)
+                              cpu_cores=CORES, enforce_eager=True)
     before = set(_engine_cores())
     engines = start_engines([settings])
     cores = [p for p in _engine_cores() if p not in before]

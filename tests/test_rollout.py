@@ -17,7 +17,7 @@ import torch
 from tandem.alternation import Boundaries, replay
 from tandem.config import compose
 from tandem.episode import JUNIOR, SENIOR
-from tandem.testkit import build_tiny_model
+from tandem.testkit import build_reweighted_copy, build_tiny_model
 
 BUDGET = 48
 PROMPTS = ["What is 7 + 5?", "Tom has 12 apples and buys 7 more. How many apples?",
@@ -30,7 +30,8 @@ def _config(model_dir, junior_dir, *overrides):
         f"model.junior.path={junior_dir}", "rollout.max_prompt_tokens=96",
         f"rollout.max_response_tokens={BUDGET}", f"eval.max_response_tokens={BUDGET}",
         "rollout.temperature=1.0", "algorithm.group_size=4", "trainer.prompts_per_step=4",
-        "trainer.mini_batch_prompts=4", "cluster.call_timeout_s=300", "seed=3", *overrides,
+        "trainer.mini_batch_prompts=4", "cluster.call_timeout_s=300",
+        "cluster.enforce_eager=true", "seed=3", *overrides,
     ])
 
 
@@ -38,17 +39,8 @@ def _config(model_dir, junior_dir, *overrides):
 def models(tiny_model_dir, tmp_path_factory):
     """Senior = the kit's tiny model; junior = same architecture and tokenizer, other weights;
     alt = tiny-alt (another family and tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     root = tmp_path_factory.mktemp("rollout-models")
-    junior_dir = root / "junior"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    model.save_pretrained(junior_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(junior_dir)
+    junior_dir = build_reweighted_copy(tiny_model_dir, root / "junior", seed=1234)
     alt_dir = build_tiny_model(root / "alt", variant="tiny-alt")
     return {"senior": tiny_model_dir, "junior": junior_dir, "alt": alt_dir}
 

@@ -50,11 +50,15 @@ def bench_model(name: str, args) -> float:
         shutdown_engines(engines)
     seconds = statistics.median(r["time/push"] for r in runs)
     rate = statistics.median(r["perf/push_gb_per_s"] for r in runs)
+    parts = {part: statistics.median(r[f"time/push_{part}"] for r in runs)
+             for part in ("write", "stage", "apply")}
     print(f"{name}: {runs[0]['push/bytes'] / 1e6:.1f} MB in {dtype}, "
           f"{int(runs[0]['push/buckets'])} buckets of <= {args.bucket_mb} MiB, learner world "
           f"size {args.world_size}: {seconds:.3f} s per push, {rate:.2f} GB/s "
           f"(median of {args.pushes}: " + ", ".join(f"{r['time/push']:.3f}" for r in runs)
-          + " s)")
+          + f" s); medians: learner gather+cast+write {parts['write']:.3f} s, engine stage "
+          f"{parts['stage']:.3f} s, engine apply {parts['apply']:.3f} s, other (RPCs) "
+          f"{seconds - sum(parts.values()):.3f} s")
     return rate
 
 
@@ -68,7 +72,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": never attach to a head some other process started with `ray start`
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     try:
         rates = [bench_model(name, args) for name in args.models]
     finally:

@@ -20,7 +20,7 @@ from tandem.gpu_transport import (
     bucket_for_gpu,
     check_distinct_gpus,
 )
-from tandem.packing import ALIGN, BucketLayout, pack, unpack
+from tandem.packing import ALIGN, BucketLayout, pack, pack_into, unpack
 
 WAIT = 120  # seconds a test waits for a child process (spawning imports torch)
 
@@ -71,6 +71,26 @@ def test_unpack_refuses_a_buffer_that_does_not_match_its_layout():
     buffer, layout = pack(_mixed_tensors(2), version=5, bucket=2, device="cpu")
     with pytest.raises(ValueError, match="v5 bucket 2"):
         unpack(buffer[:-1], layout)
+
+
+def test_pack_into_casts_in_one_pass_and_refuses_a_wrong_shape():
+    masters = [("a", torch.randn(3, 5)), ("b", torch.randn(4))]  # fp32, as a learner holds them
+    layout = BucketLayout.plan([("a", torch.bfloat16, (3, 5)), ("b", torch.bfloat16, (4,))],
+                               version=7, bucket=1)
+    assert layout == BucketLayout.of(masters, 7, 1, torch.bfloat16)
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)  # [nbytes]
+    pack_into(buffer, layout, (t for _, t in masters))
+    _assert_identical(unpack(buffer, layout), [(n, t.bfloat16()) for n, t in masters])
+    with pytest.raises(ValueError, match=r"v7 bucket 1: 'b' has shape \(1, 4\)"):
+        pack_into(buffer, layout, [masters[0][1], masters[1][1][None]])  # would broadcast
+
+
+def test_ipc_ends_refuse_a_cpu_device_naming_the_cpu_transport():
+    with pytest.raises(TransportError, match="cuda_ipc needs the learner on a CUDA device.*"
+                                             "weight_transport=cpu"):
+        IpcSender("cpu")
+    with pytest.raises(TransportError, match="the engine worker"):
+        IpcReceiver("cpu")
 
 
 def test_pack_refuses_a_name_twice():

@@ -15,7 +15,8 @@ the number of tokens sampled. Nothing is re-tokenized.
   (minus room for one max-length request) the least recently used idle session is closed and
   reopened from its token ids at its next turn, instead of every request waiting forever.
 - `score(sequences, from_positions)`: teacher-forced log-probs at temperature 1 (prompt_logprobs).
-- `load_weights(named_tensors, version)`: in-place weight update, then prefix-cache reset.
+- `load_weights(named_tensors | ShmBucket, version)`: in-place weight update, then prefix-cache
+  reset (`receive_weights` / `receive_weights_ipc`: the same for the nccl / cuda_ipc pushes).
 
 Sampled log-probs are vLLM's `processed_logprobs`: those of the distribution sampled from (after
 temperature), i.e. the learner's `log_softmax(logits / T)`.
@@ -45,8 +46,10 @@ plus `collective_rpc` into the worker's `reload_weights`, `FlatLogprobs`, `token
 
 Weights: `WeightLoadExtension` (vLLM's `worker_extension_cls`) calls the worker's
 `reload_weights(weights_iterator=...)`, vLLM's layerwise in-place reload (a direct
-`model.load_weights` fails on CPU: kernels repack weights). Tensors travel as one safetensors blob
-per bucket (collective_rpc's msgspec path does not rebuild nested tensors). Buckets are staged and
+`model.load_weights` fails on CPU: kernels repack weights). A bucket reaches the worker as a
+shared-memory buffer on the learner's node (`tandem.shm`: mapped once, staged as views), as one
+safetensors blob from elsewhere (collective_rpc's msgspec path does not rebuild nested tensors), or
+over the nccl / cuda_ipc cores of `gpu_transport.py`. Buckets are staged and
 applied in one reload, since a fused layer (qkv, gate_up) is processed only when all its parts
 arrive in the same call. A tied lm_head is re-processed by hand: on CPU it holds a packed GEMM
 copy of the embedding that the reload would leave stale. Loads need no call in flight, so every

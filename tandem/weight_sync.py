@@ -2,16 +2,17 @@
 
 One interface (`WeightTransport.push`), picked by topology in `make_transport`:
 
-- `cpu`: engines on CPU, or the fallback. FSDP full parameters are gathered one bucket at a
-  time; learner rank 0 writes each bucket as a safetensors file in /dev/shm that the engine
-  workers on its node map without a copy (engines on other nodes get the tensors through
-  Ray's object store), and the engine's worker extension stages it. The last bucket loads
-  them all with vLLM's `reload_weights`.
+- `cpu`: engines on CPU, or the fallback. FSDP full parameters are gathered one at a time;
+  learner rank 0 casts them straight into a shared-memory buffer per bucket (`tandem.shm`)
+  that the engine workers on its node mapped once and keep (engines on other nodes get the
+  tensors through Ray's object store), and the engine's worker extension stages views of it.
+  The last bucket loads them all with vLLM's `reload_weights`.
 - `nccl`: broadcast from learner rank 0 to every engine GPU worker over a dedicated process
   group (`gpu_transport.py`, torch only) — engines and learner on different GPUs or nodes. The
   same code runs over gloo on CPU, which is how the wiring is tested without a GPU.
-- `cuda_ipc`: a learner colocated with its engine on the same GPU hands over CUDA IPC handles
-  (core in `gpu_transport.py`; not wired yet).
+- `cuda_ipc`: a learner colocated with its engine on the same GPU(s): each learner rank casts
+  the bucket into one CUDA buffer and exports its IPC handle; each engine worker copies the
+  export made on its own GPU (`gpu_transport.IpcSender` / `IpcReceiver`).
 
 Guarantees, whatever the transport:
 

@@ -360,12 +360,18 @@ class WeightLoadExtension:
                                               for name, t in staged["tensors"]))
         # A tied lm_head shares the embedding's weight, so the layerwise reload never hands it a
         # tensor and skips its post-load processing; on CPU that processing packs a private GEMM
-        # copy of the weight, which would keep scoring with the old embedding. Redo it.
+        # copy of the weight, which would keep scoring with the old embedding. The reload did
+        # pack the new embedding for embed_tokens (same weight, same method): reuse that
+        # GEMM rather than packing it a second time; else redo lm_head's processing.
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
-            lm_head.quant_method.process_weights_after_loading(lm_head)
+            if (hasattr(embed, "cpu_linear") and type(lm_head.quant_method)
+                    is type(embed.quant_method)):
+                lm_head.cpu_linear = embed.cpu_linear
+            else:
+                lm_head.quant_method.process_weights_after_loading(lm_head)
         return len(staged["tensors"])
 
 

@@ -373,19 +373,6 @@ class Learner:
             dist.destroy_process_group()
 
 
-def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage (tied weights): give each its own."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.contiguous()
-        if tensor.data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        out[name] = tensor
-    return out
-
-
 def _mean_over(updates: list[dict[str, float]]) -> dict[str, float]:
     names = {n for u in updates for n in u}
     return {n: sum(u.get(n, 0.0) for u in updates) / len(updates) for n in sorted(names)}

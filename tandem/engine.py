@@ -19,7 +19,8 @@ the number of tokens sampled. Nothing is re-tokenized.
   CPU and 5-10 ms of latency on a loaded machine, about as long as a word-schedule turn; the
   channel batches the calls of one driver loop iteration and the replies of one engine step.
 - `score(sequences, from_positions)`: teacher-forced log-probs at temperature 1 (prompt_logprobs).
-- `load_weights(named_tensors, version)`: in-place weight update, then prefix-cache reset.
+- `load_weights(named_tensors | ShmBucket, version)`: in-place weight update, then prefix-cache
+  reset (`receive_weights` / `receive_weights_ipc`: the same for the nccl / cuda_ipc pushes).
 
 Sampled log-probs are vLLM's `processed_logprobs`: those of the distribution sampled from (after
 temperature), i.e. the learner's `log_softmax(logits / T)`.
@@ -49,8 +50,10 @@ plus `collective_rpc` into the worker's `reload_weights`, `FlatLogprobs`, `token
 
 Weights: `WeightLoadExtension` (vLLM's `worker_extension_cls`) calls the worker's
 `reload_weights(weights_iterator=...)`, vLLM's layerwise in-place reload (a direct
-`model.load_weights` fails on CPU: kernels repack weights). Tensors travel as one safetensors blob
-per bucket (collective_rpc's msgspec path does not rebuild nested tensors). Buckets are staged and
+`model.load_weights` fails on CPU: kernels repack weights). A bucket reaches the worker as a
+shared-memory buffer on the learner's node (`tandem.shm`: mapped once, staged as views), as one
+safetensors blob from elsewhere (collective_rpc's msgspec path does not rebuild nested tensors), or
+over the nccl / cuda_ipc cores of `gpu_transport.py`. Buckets are staged and
 applied in one reload, since a fused layer (qkv, gate_up) is processed only when all its parts
 arrive in the same call. A tied lm_head is re-processed by hand: on CPU it holds a packed GEMM
 copy of the embedding that the reload would leave stale. Loads need no call in flight, so every
@@ -68,6 +71,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +79,8 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
+
+from tandem.shm import ShmBucket
 
 _TOKEN_SETS_KEY = "tandem_token_sets"  # VllmConfig.additional_config: {set name: [token ids]}
 _STOP_KEY = "tandem_stop"  # SamplingParams.extra_args: [boundary set, k, keep, pair A, pair B]
@@ -284,14 +290,22 @@ def segment_stop_scheduler(*args: Any, vllm_config: Any, **kwargs: Any) -> Sched
 class WeightLoadExtension:
     """`worker_extension_cls`: methods vLLM mixes into its worker, called via collective_rpc."""
 
-    def tandem_stage_weights(self, blob: bytes | str, version: int, bucket: int) -> int:
+    def tandem_stage_weights(self, blob: bytes, version: int, bucket: int) -> int:
         """Hold one bucket of `version` until all have arrived; a bucket 0 starts a new push
-        and drops whatever an interrupted earlier push left staged. `blob` is a safetensors
-        blob, or the path of a safetensors file on this node (memory-mapped, no copy)."""
-        from safetensors.torch import load, load_file
+        and drops whatever an interrupted earlier push left staged. `blob`: safetensors bytes."""
+        from safetensors.torch import load
 
-        tensors = load_file(blob) if isinstance(blob, str) else load(blob)
-        return self._tandem_stage(list(tensors.items()), version, bucket)
+        return self._tandem_stage(list(load(blob).items()), version, bucket)
+
+    def tandem_stage_shared(self, path: str, layout: bytes, version: int, bucket: int) -> int:
+        """`tandem_stage_weights` for a bucket the learner wrote into shared memory on this node
+        (`tandem.shm`): staged as views of the buffer, mapped once and kept between pushes."""
+        from tandem.shm import ShmBucket, ShmReader
+
+        reader = getattr(self, "_tandem_shm", None)
+        if reader is None:
+            reader = self._tandem_shm = ShmReader()
+        return self._tandem_stage(reader.read(ShmBucket(path, layout)), version, bucket)
 
     def _tandem_stage(self, named: list[tuple[str, Any]], version: int, bucket: int) -> int:
         staged = getattr(self, "_tandem_staged", None)
@@ -306,6 +320,17 @@ class WeightLoadExtension:
         staged["tensors"].extend(named)
         staged["buckets"] += 1
         return len(named)
+
+    def tandem_stage_ipc(self, exports: list[bytes], version: int, bucket: int) -> int:
+        """Stage one bucket exported over CUDA IPC by the learner ranks (`IpcBucket` bytes, one
+        per exporting GPU): this worker copies the export made on its own GPU."""
+        from tandem.gpu_transport import IpcBucket, IpcReceiver
+
+        receiver = getattr(self, "_tandem_ipc", None)
+        if receiver is None:
+            receiver = self._tandem_ipc = IpcReceiver(getattr(self, "device", "cpu"))
+        named = receiver.receive([IpcBucket.from_bytes(data) for data in exports])
+        return self._tandem_stage(named, version, bucket)
 
     def tandem_group_join(self, host: str, port: int, rank_offset: int, world_size: int,
                           timeout_s: float, backend: str) -> None:
@@ -345,16 +370,25 @@ class WeightLoadExtension:
             raise RuntimeError(f"weight push v{version} incomplete: {num_buckets} buckets "
                                f"expected, {have} staged; the served weights are unchanged")
         device = getattr(self, "device", "cpu")
+        shm = getattr(self, "_tandem_shm", None)
+        if shm is not None:
+            shm.keep(num_buckets)
         self.reload_weights(weights_iterator=((name, t.to(device))
                                               for name, t in staged["tensors"]))
         # A tied lm_head shares the embedding's weight, so the layerwise reload never hands it a
         # tensor and skips its post-load processing; on CPU that processing packs a private GEMM
-        # copy of the weight, which would keep scoring with the old embedding. Redo it.
+        # copy of the weight, which would keep scoring with the old embedding. The reload did
+        # pack the new embedding for embed_tokens (same weight, same method): reuse that
+        # GEMM rather than packing it a second time; else redo lm_head's processing.
         model = self.model_runner.get_model()
         lm_head = getattr(model, "lm_head", None)
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if lm_head is not None and embed is not None and lm_head.weight is embed.weight:
-            lm_head.quant_method.process_weights_after_loading(lm_head)
+            if (hasattr(embed, "cpu_linear") and type(lm_head.quant_method)
+                    is type(embed.quant_method)):
+                lm_head.cpu_linear = embed.cpu_linear
+            else:
+                lm_head.quant_method.process_weights_after_loading(lm_head)
         return len(staged["tensors"])
 
 
@@ -734,12 +768,15 @@ class RolloutEngine:
         finally:
             self._in_flight -= 1
 
-    async def load_weights(self, named_tensors: Sequence[tuple[str, Any]] | str, version: int,
-                           *, bucket: int = 0, num_buckets: int = 1) -> None:
-        """Replace the engine's weights (Hugging Face names) and label them `version`.
+    async def load_weights(self, named_tensors: Sequence[tuple[str, Any]] | ShmBucket,
+                           version: int, *, bucket: int = 0,
+                           num_buckets: int = 1) -> dict[str, float]:
+        """Replace the engine's weights (Hugging Face names) and label them `version`; returns
+        seconds spent staging and applying (`stage_s`, `apply_s`).
 
-        `named_tensors` is a list of (name, tensor), or the path of a safetensors file on this
-        engine's node — the fast path: the worker maps the file instead of receiving a copy.
+        `named_tensors` is a list of (name, tensor), or a `tandem.shm.ShmBucket` written by a
+        learner on this engine's node — the fast path: the worker maps the learner's buffer
+        (once, then keeps it) instead of receiving a copy.
 
         All or nothing: buckets 0 .. num_buckets - 1 are staged on the worker and the last one
         applies them together; until then, and after any failure (staged buckets are dropped),
@@ -747,16 +784,27 @@ class RolloutEngine:
         sampled under one version; open sessions are closed (their KV came from the old
         weights) and reopen from their token ids at their next turn. The prefix cache is reset.
         """
-        blob = named_tensors if isinstance(named_tensors, str) else _pack(named_tensors)
-        await self._load("tandem_stage_weights", (blob, version, bucket), version, bucket,
-                         num_buckets)
+        if isinstance(named_tensors, ShmBucket):
+            method = "tandem_stage_shared"
+            args = (named_tensors.path, named_tensors.layout, version, bucket)
+        else:
+            method, args = "tandem_stage_weights", (_pack(named_tensors), version, bucket)
+        return await self._load(method, args, version, bucket, num_buckets)
 
     async def receive_weights(self, version: int, bucket: int, num_buckets: int,
-                              timeout_s: float) -> None:
+                              timeout_s: float) -> dict[str, float]:
         """`load_weights` for one bucket broadcast by the learner over the weight group this
         engine joined (`join_weight_group`); same all-or-nothing rules."""
-        await self._load("tandem_group_receive", (version, bucket, timeout_s), version, bucket,
-                         num_buckets)
+        return await self._load("tandem_group_receive", (version, bucket, timeout_s), version,
+                                bucket, num_buckets)
+
+    async def receive_weights_ipc(self, exports: list[bytes], version: int, bucket: int,
+                                  num_buckets: int) -> dict[str, float]:
+        """`load_weights` for one bucket the colocated learner exported over CUDA IPC (see
+        gpu_transport.py); each worker copies it on its own GPU before this returns, so the
+        learner may release it then. Same all-or-nothing rules."""
+        return await self._load("tandem_stage_ipc", (exports, version, bucket), version, bucket,
+                                num_buckets)
 
     async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                 timeout_s: float, backend: str = "nccl") -> int:
@@ -775,7 +823,7 @@ class RolloutEngine:
         return self.settings.tensor_parallel_size
 
     async def _load(self, stage_method: str, args: tuple, version: int, bucket: int,
-                    num_buckets: int) -> None:
+                    num_buckets: int) -> dict[str, float]:
         self._check_open()
         if self._in_flight:
             raise RuntimeError(f"load_weights needs a drained engine, but {self._in_flight} calls "
@@ -787,15 +835,18 @@ class RolloutEngine:
             for session in self._sessions.values():
                 if session.stream is not None:
                     await self._evict(session, for_space=False)
+            started = time.perf_counter()
             await self._llm.collective_rpc(stage_method, args=args)
+            staged = time.perf_counter()
             if bucket < num_buckets - 1:
-                return
+                return {"stage_s": staged - started, "apply_s": 0.0}
             await self._llm.collective_rpc("tandem_apply_weights", args=(version, num_buckets))
             if not await self._llm.reset_prefix_cache():
                 raise RuntimeError("prefix cache reset failed after a weight load: blocks are "
                                    "still held by a request, so cached KV of old weights remains")
             await self._llm.update_weight_version(str(version))
             self._weight_version = version
+            return {"stage_s": staged - started, "apply_s": time.perf_counter() - staged}
         except BaseException:
             await self._llm.collective_rpc("tandem_discard_weights")
             raise

@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from tandem.packing import BucketLayout, pack, unpack
+from tandem.packing import BucketLayout, pack, pack_into, unpack
 
 _PG_GRACE_S = 60.0  # the process group's own timeout trails ours, so our watchdog fires first
 
@@ -267,24 +267,45 @@ def bucket_for_gpu(buckets: Sequence[IpcBucket], uuid: str) -> IpcBucket:
                          "colocated with the engine; otherwise use cluster.weight_transport=nccl")
 
 
+def _ipc_device(device: torch.device | str, who: str) -> torch.device:
+    if torch.device(device).type != "cuda":
+        raise TransportError(f"cuda_ipc needs {who} on a CUDA device, got {device!r}: use "
+                             "cluster.weight_transport=cpu for CPU engines")
+    return resolve_device(device)
+
+
 class IpcSender:
     """Learner side: exports packed buckets and keeps each buffer alive until `release`."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self.device = resolve_device(device)
+        self.device = _ipc_device(device, "the learner")
         self.gpu_uuid = gpu_uuid(self.device)
         self._held: dict[tuple[int, int], torch.Tensor] = {}
 
     def export(self, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int,
                bucket: int) -> IpcBucket:
+        """Pack `named_tensors` (as they are) into one buffer on this GPU and export it."""
+        buffer, layout = pack(named_tensors, version, bucket, self.device)  # [nbytes] uint8
+        return self._export(buffer, layout)
+
+    def export_cast(self, layout: BucketLayout, tensors: Iterable[torch.Tensor]) -> IpcBucket:
+        """Export bucket `layout`, casting `tensors` (slot order; e.g. fp32 master weights
+        gathered one at a time) straight into the packed buffer: no cast copy of the bucket."""
+        buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)  # [nbytes]
+        pack_into(buffer, layout, tensors)
+        return self._export(buffer, layout)
+
+    def _export(self, buffer: torch.Tensor, layout: BucketLayout) -> IpcBucket:
         from torch.multiprocessing.reductions import reduce_tensor
 
-        buffer, layout = pack(named_tensors, version, bucket, self.device)  # [nbytes] uint8
+        if buffer.device != self.device:
+            raise TransportError(f"cuda_ipc push v{layout.version} bucket {layout.bucket}: the "
+                                 f"buffer is on {buffer.device}, this sender on {self.device}")
         # A receiver that finds the mapping in torch's IPC cache skips the event wait, so the
         # bytes must be written before the handle leaves.
         torch.cuda.current_stream(self.device).synchronize()
         _, args = reduce_tensor(buffer)
-        self._held[(version, bucket)] = buffer
+        self._held[(layout.version, layout.bucket)] = buffer
         return IpcBucket(layout, self.gpu_uuid, tuple(args))
 
     def release(self, version: int, bucket: int | None = None) -> None:
@@ -303,7 +324,7 @@ class IpcReceiver:
     """Engine worker side: maps an exported bucket, copies it into its own memory, unmaps."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self.device = resolve_device(device)
+        self.device = _ipc_device(device, "the engine worker")
         self.gpu_uuid = gpu_uuid(self.device)
 
     def receive(self, buckets: Sequence[IpcBucket]) -> list[tuple[str, torch.Tensor]]:

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ from tandem import batching
 from tandem.config import TandemConfig
 from tandem.episode import Episode
 from tandem.loss import grpo_loss
+from tandem.packing import BucketLayout
+from tandem.shm import SHM_DIR
 
 log = logging.getLogger(__name__)
 
@@ -284,18 +287,29 @@ class Learner:
 
     def gather_bucket(self, names: list[str], dtype: str,
                       device: str = "cpu") -> dict[str, torch.Tensor] | None:
-        """Full tensors of `names` in `dtype` on CPU at rank 0 (None elsewhere). A collective:
-        every rank calls it with the same names, so no rank ever holds more than one bucket of
-        full parameters beyond its shard."""
+        """Full tensors of `names` in `dtype` on `device` at rank 0 (None elsewhere). A
+        collective: every rank calls it with the same names, so no rank ever holds more than
+        one bucket of full parameters beyond its shard."""
+        out = {name: tensor.to(device=device, dtype=getattr(torch, dtype))
+               for name, tensor in self.full_parameters(names)}
+        return out if self.rank == 0 else None
+
+    def full_parameters(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full parameter) one at a time, as stored (fp32; unsharded ranks yield the
+        parameter itself, no copy). A collective: every rank must run it to the end."""
         params = dict(self.model.named_parameters())
-        out = {}
         for name in names:
             tensor = params[name].detach()
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()  # all-gather of this parameter's shards
-            if self.rank == 0:
-                out[name] = tensor.to(device=device, dtype=getattr(torch, dtype))
-        return out if self.rank == 0 else None
+            yield name, tensor
+
+    def bucket_layout(self, names: list[str], dtype: str, version: int,
+                      bucket: int) -> BucketLayout:
+        """The packed layout of a bucket in `dtype`, from the full shapes (nothing gathered)."""
+        params = dict(self.model.named_parameters())
+        return BucketLayout.plan([(name, getattr(torch, dtype), tuple(params[name].shape))
+                                  for name in names], version, bucket)
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:
@@ -359,19 +373,6 @@ class Learner:
             dist.destroy_process_group()
 
 
-def _untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage (tied weights): give each its own."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in tensors.items():
-        tensor = tensor.contiguous()
-        if tensor.data_ptr() in seen:
-            tensor = tensor.clone()
-        seen.add(tensor.data_ptr())
-        out[name] = tensor
-    return out
-
-
 def _mean_over(updates: list[dict[str, float]]) -> dict[str, float]:
     names = {n for u in updates for n in u}
     return {n: sum(u.get(n, 0.0) for u in updates) / len(updates) for n in sorted(names)}
@@ -402,6 +403,9 @@ class LearnerActor:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.learner: Learner | None = None
+        self._shm = None  # rank 0's shared-memory push buffers (tandem.shm.ShmWriter)
+        self._ipc = None  # this rank's CUDA IPC exports (tandem.gpu_transport.IpcSender)
+        self._nodes: dict = {}  # engine handle -> its Ray node id
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
@@ -444,35 +448,89 @@ class LearnerActor:
 
     def push_bucket(self, names: list[str], engines: list, version: int, bucket: int,
                     num_buckets: int, dtype: str, timeout: float,
-                    shared_memory: bool = True) -> int:
+                    shared_memory: bool = True) -> dict[str, float]:
         """Gather one bucket (every rank) and, on rank 0, load it into every senior engine.
-        Returns the bytes rank 0 sent (0 elsewhere).
+        Returns rank 0's `bytes` sent, `write_s` (gather + cast + hand-over) and the engines'
+        slowest `stage_s` and `apply_s` (zeros elsewhere).
 
-        Engines on this node get the bucket as a safetensors file in shared memory (/dev/shm),
-        which their worker maps without a copy; engines elsewhere get the tensors through
-        Ray's object store."""
+        Engines on this node read the bucket from a shared-memory buffer that rank 0 casts the
+        parameters straight into (`tandem.shm`); engines elsewhere get the tensors through
+        Ray's object store. Rewriting those buffers push after push is safe because this actor
+        runs one call at a time and drops them after any call that did not come back cleanly."""
         import ray
-        from safetensors.torch import save_file
 
-        tensors = self.learner.gather_bucket(names, dtype)
-        if tensors is None:
-            return 0
-        here = ray.get_runtime_context().get_node_id()
-        nodes = ray.get([engine.node_id.remote() for engine in engines], timeout=timeout)
-        path = None
-        if shared_memory and here in nodes and os.path.isdir("/dev/shm"):
-            path = f"/dev/shm/tandem-push-{os.getpid()}-v{version}-b{bucket}.safetensors"
-            save_file(_untied(tensors), path)
+        started = time.perf_counter()
+        parameters = self.learner.full_parameters(names)
+        if self.rank != 0:
+            for _ in parameters:  # take part in each all-gather
+                pass
+            return {"bytes": 0.0, "write_s": 0.0, "stage_s": 0.0, "apply_s": 0.0}
+        local, remote = self._split_by_node(engines, timeout, shared_memory)
+        layout = self.learner.bucket_layout(names, dtype, version, bucket)
+        shared, named = None, None
+        if local:
+            if self._shm is None:
+                from tandem.shm import ShmWriter
+
+                self._shm = ShmWriter()
+            shared = self._shm.write(layout, (tensor for _, tensor in parameters), local)
+            if remote:  # what was just cast, for the object store
+                named = self._shm.views(layout)
+        else:
+            named = [(name, tensor.to(getattr(torch, dtype))) for name, tensor in parameters]
+        written = time.perf_counter()
         try:
-            pending = [engine.load_weights.remote(
-                path if node == here and path else list(tensors.items()), version,
-                bucket=bucket, num_buckets=num_buckets) for engine, node in zip(
-                    engines, nodes, strict=True)]
-            ray.get(pending, timeout=timeout)
-        finally:
-            if path is not None:
-                os.remove(path)  # the workers' mappings stay valid after the unlink
-        return sum(t.numel() * t.element_size() for t in tensors.values()) * len(engines)
+            pending = [engine.load_weights.remote(shared, version, bucket=bucket,
+                                                  num_buckets=num_buckets) for engine in local]
+            pending += [engine.load_weights.remote(named, version, bucket=bucket,
+                                                   num_buckets=num_buckets) for engine in remote]
+            loads = ray.get(pending, timeout=timeout)
+        except BaseException:
+            if self._shm is not None:
+                self._shm.drop()  # an engine may still be reading them: never rewrite these
+            raise
+        if local:
+            self._shm.mapped(bucket, local)
+        return {"bytes": float(layout.nbytes * len(engines)), "write_s": written - started,
+                "stage_s": max(load["stage_s"] for load in loads),
+                "apply_s": max(load["apply_s"] for load in loads)}
+
+    def _split_by_node(self, engines: list, timeout: float,
+                       shared_memory: bool) -> tuple[list, list]:
+        """(engines on this node, engines elsewhere); an engine's node is asked once."""
+        import ray
+
+        if not shared_memory or not os.path.isdir(SHM_DIR):
+            return [], list(engines)
+        unknown = [engine for engine in engines if engine not in self._nodes]
+        if unknown:
+            nodes = ray.get([engine.node_id.remote() for engine in unknown], timeout=timeout)
+            self._nodes.update(zip(unknown, nodes, strict=True))
+        here = ray.get_runtime_context().get_node_id()
+        return ([e for e in engines if self._nodes[e] == here],
+                [e for e in engines if self._nodes[e] != here])
+
+    def export_bucket_ipc(self, names: list[str], version: int, bucket: int,
+                          dtype: str) -> bytes:
+        """Gather one bucket (a collective: every rank) and export it from this rank's GPU over
+        CUDA IPC, cast to `dtype` straight into the exported buffer; returns the `IpcBucket`
+        bytes. Every rank exports, so each engine worker finds a copy on its own GPU. The
+        buffer stays alive until `release_bucket_ipc`."""
+        if self.learner.device != "cuda":
+            raise ValueError("cluster.weight_transport=cuda_ipc needs cluster.device=cuda; CPU "
+                             "learners push with cluster.weight_transport=cpu")
+        if self._ipc is None:
+            from tandem.gpu_transport import IpcSender
+
+            self._ipc = IpcSender("cuda")
+        layout = self.learner.bucket_layout(names, dtype, version, bucket)
+        parameters = self.learner.full_parameters(names)
+        return self._ipc.export_cast(layout, (tensor for _, tensor in parameters)).to_bytes()
+
+    def release_bucket_ipc(self, version: int, bucket: int | None = None) -> None:
+        """Free exported buffers of `version` once the engines copied them (or gave up)."""
+        if self._ipc is not None:
+            self._ipc.release(version, bucket)
 
     def open_weight_group(self, world_size: int, timeout_s: float,
                           backend: str) -> tuple[str, int]:
@@ -509,6 +567,9 @@ class LearnerActor:
         return state if self.rank == 0 else None
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         if self.learner is not None:
             self.learner.close()
 

@@ -9,7 +9,7 @@ received, without a copy. Tensors of any dtypes may share a bucket. Pure torch.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +37,25 @@ class BucketLayout:
 
     @classmethod
     def of(cls, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int,
-           bucket: int) -> BucketLayout:
+           bucket: int, dtype: torch.dtype | None = None) -> BucketLayout:
+        """The layout of these tensors, each stored as `dtype` (default: its own dtype)."""
+        return cls.plan([(name, dtype or tensor.dtype, tuple(tensor.shape))
+                         for name, tensor in named_tensors], version, bucket)
+
+    @classmethod
+    def plan(cls, specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], version: int,
+             bucket: int) -> BucketLayout:
+        """The layout of tensors given as (name, dtype, shape): no tensor needs to exist yet, so a
+        sender can lay out a bucket before gathering it and write each tensor straight in."""
         slots, offset, seen = [], 0, set()
-        for name, tensor in named_tensors:
+        for name, dtype, shape in specs:
             if name in seen:
                 raise ValueError(f"weight push v{version} bucket {bucket}: {name!r} twice")
             seen.add(name)
             offset = -(-offset // ALIGN) * ALIGN
-            nbytes = tensor.numel() * tensor.element_size()
-            slots.append(TensorSlot(name, str(tensor.dtype).removeprefix("torch."),
-                                    tuple(tensor.shape), offset, nbytes))
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            slots.append(TensorSlot(name, str(dtype).removeprefix("torch."), tuple(shape),
+                                    offset, nbytes))
             offset += nbytes
         return cls(version, bucket, offset, tuple(slots))
 
@@ -69,10 +78,20 @@ def pack(named_tensors: Sequence[tuple[str, torch.Tensor]], version: int, bucket
     padding bytes are left uninitialised)."""
     layout = BucketLayout.of(named_tensors, version, bucket)
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)  # [nbytes]
-    for slot, (_, tensor) in zip(layout.slots, named_tensors, strict=True):
-        flat = tensor.detach().contiguous().view(-1).view(torch.uint8)  # [numel * itemsize]
-        buffer[slot.offset:slot.offset + slot.nbytes].copy_(flat)
+    pack_into(buffer, layout, (tensor for _, tensor in named_tensors))
     return buffer, layout
+
+
+def pack_into(buffer: torch.Tensor, layout: BucketLayout,
+              tensors: Iterable[torch.Tensor]) -> None:
+    """Write `tensors` (in slot order) into `buffer` at the layout's offsets, casting each to its
+    slot's dtype on the way: one pass over each tensor, no intermediate copy. `tensors` may be a
+    generator (a sender gathering one parameter at a time)."""
+    for (name, view), tensor in zip(unpack(buffer, layout), tensors, strict=True):
+        if tuple(tensor.shape) != tuple(view.shape):  # copy_ would broadcast silently
+            raise ValueError(f"weight push v{layout.version} bucket {layout.bucket}: {name!r} "
+                             f"has shape {tuple(tensor.shape)}, its slot {tuple(view.shape)}")
+        view.copy_(tensor.detach())
 
 
 def unpack(buffer: torch.Tensor, layout: BucketLayout) -> list[tuple[str, torch.Tensor]]:

@@ -2,16 +2,17 @@
 
 One interface (`WeightTransport.push`), picked by topology in `make_transport`:
 
-- `cpu`: engines on CPU, or the fallback. FSDP full parameters are gathered one bucket at a
-  time; learner rank 0 writes each bucket as a safetensors file in /dev/shm that the engine
-  workers on its node map without a copy (engines on other nodes get the tensors through
-  Ray's object store), and the engine's worker extension stages it. The last bucket loads
-  them all with vLLM's `reload_weights`.
+- `cpu`: engines on CPU, or the fallback. FSDP full parameters are gathered one at a time;
+  learner rank 0 casts them straight into a shared-memory buffer per bucket (`tandem.shm`)
+  that the engine workers on its node mapped once and keep (engines on other nodes get the
+  tensors through Ray's object store), and the engine's worker extension stages views of it.
+  The last bucket loads them all with vLLM's `reload_weights`.
 - `nccl`: broadcast from learner rank 0 to every engine GPU worker over a dedicated process
   group (`gpu_transport.py`, torch only) — engines and learner on different GPUs or nodes. The
   same code runs over gloo on CPU, which is how the wiring is tested without a GPU.
-- `cuda_ipc`: a learner colocated with its engine on the same GPU hands over CUDA IPC handles
-  (core in `gpu_transport.py`; not wired yet).
+- `cuda_ipc`: a learner colocated with its engine on the same GPU(s): each learner rank casts
+  the bucket into one CUDA buffer and exports its IPC handle; each engine worker copies the
+  export made on its own GPU (`gpu_transport.IpcSender` / `IpcReceiver`).
 
 Guarantees, whatever the transport:
 
@@ -52,6 +53,8 @@ class WeightTransport(ABC):
         self.bucket_bytes, self.timeout_s, self.dtype = bucket_bytes, timeout_s, dtype
         # Fault injection for tests: raise once this many buckets were sent.
         self.fail_after_buckets = fail_after_buckets
+        self._planned: tuple[Any, list[list[str]]] | None = None  # (learners, dtype), buckets
+        self._sizes: dict[str, int] = {}  # parameter -> bytes in `dtype`
 
     def push(self, learners: list[Any], engines: list[Any], version: int) -> dict[str, float]:
         """Push as `version`; returns `time/push`, `perf/push_gb_per_s` and friends."""
@@ -60,21 +63,21 @@ class WeightTransport(ABC):
         started = time.perf_counter()
         deadline = started + self.timeout_s
         buckets: list[list[str]] = []
-        sent = 0
+        totals = dict.fromkeys(("bytes", "write_s", "stage_s", "apply_s"), 0.0)
         index = 0
         try:
             self._prepare(learners, engines)
-            sizes = ray.get(learners[0].parameter_sizes.remote(self.dtype),
-                            timeout=self.timeout_s)
-            buckets = plan_buckets(sizes, self.bucket_bytes)
+            buckets = self._plan(learners)
             for index, names in enumerate(buckets):
                 if self.fail_after_buckets is not None and index == self.fail_after_buckets:
                     raise WeightPushError(f"injected fault before bucket {index}")
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     raise TimeoutError
-                sent += self._push_bucket(learners, engines, names, version, index,
-                                          len(buckets), remaining)
+                sent = self._push_bucket(learners, engines, names, version, index,
+                                         len(buckets), remaining)
+                for key, value in sent.items():
+                    totals[key] += value
         except (TimeoutError, ray.exceptions.GetTimeoutError):
             self._recover(learners, engines)
             raise WeightPushError(
@@ -89,16 +92,34 @@ class WeightTransport(ABC):
                 f"{len(buckets)}: {error}; the senior engines still serve the previous "
                 "version") from error
         elapsed = time.perf_counter() - started
-        return {"time/push": elapsed, "perf/push_gb_per_s": sent / elapsed / 1e9,
-                "push/buckets": float(len(buckets)), "push/bytes": float(sent)}
+        return {"time/push": elapsed, "perf/push_gb_per_s": totals["bytes"] / elapsed / 1e9,
+                "push/buckets": float(len(buckets)), "push/bytes": totals["bytes"],
+                # where the time went: learner rank 0 gathering and casting into the hand-over
+                # buffers, engines staging buckets and applying the push (slowest engine)
+                "time/push_write": totals["write_s"], "time/push_stage": totals["stage_s"],
+                "time/push_apply": totals["apply_s"]}
+
+    def _plan(self, learners: list[Any]) -> list[list[str]]:
+        """The buckets; the parameters' names and sizes never change, so asked once."""
+        import ray
+
+        key = (tuple(learners), self.dtype)
+        if self._planned is None or self._planned[0] != key:
+            sizes = ray.get(learners[0].parameter_sizes.remote(self.dtype),
+                            timeout=self.timeout_s)
+            self._planned = (key, plan_buckets(sizes, self.bucket_bytes))
+            self._sizes = dict(sizes)
+        return self._planned[1]
 
     def _prepare(self, learners: list[Any], engines: list[Any]) -> None:  # noqa: B027
         """Set-up before the first bucket (e.g. a process group); nothing by default."""
 
     @abstractmethod
     def _push_bucket(self, learners: list[Any], engines: list[Any], names: list[str],
-                     version: int, bucket: int, num_buckets: int, timeout: float) -> int:
-        """Send one bucket to every engine (staged there); returns the bytes sent."""
+                     version: int, bucket: int, num_buckets: int,
+                     timeout: float) -> dict[str, float]:
+        """Send one bucket to every engine (staged there); returns the `bytes` sent and any of
+        `write_s`, `stage_s`, `apply_s` the transport measures."""
 
     def _recover(self, learners: list[Any], engines: list[Any]) -> None:
         import ray
@@ -125,7 +146,7 @@ class CpuTransport(WeightTransport):
         calls = [learner.push_bucket.remote(names, engines, version, bucket, num_buckets,
                                             self.dtype, timeout, self.shared_memory)
                  for learner in learners]
-        return sum(ray.get(calls, timeout=timeout))
+        return ray.get(calls, timeout=timeout)[0]  # rank 0 sends; the others only gather
 
 
 class BroadcastTransport(WeightTransport):
@@ -167,8 +188,9 @@ class BroadcastTransport(WeightTransport):
         receives = [engine.receive_weights.remote(version, bucket, num_buckets, timeout)
                     for engine in engines]
         sent = ray.get(sends, timeout=timeout)
-        ray.get(receives, timeout=timeout)
-        return sum(sent) * len(engines)
+        loads = ray.get(receives, timeout=timeout)
+        return {"bytes": float(sum(sent) * len(engines)),
+                "apply_s": max(load["apply_s"] for load in loads)}
 
     def close(self, learners: list[Any], engines: list[Any]) -> None:
         """Both ends leave the group; the next push builds a new one."""
@@ -184,6 +206,41 @@ class BroadcastTransport(WeightTransport):
         super()._recover(learners, engines)
 
 
+class CudaIpcTransport(WeightTransport):
+    """A learner colocated with its engine on the same GPU(s): every learner rank exports the
+    gathered bucket from its GPU as one CUDA IPC handle (`gpu_transport.IpcSender`), every
+    engine worker copies the export made on its own GPU (`IpcReceiver`), then the learners
+    free their buffers. No second copy of the bucket crosses any bus, and NCCL (which refuses
+    two ranks on one GPU) is not involved.
+
+    Per bucket: export (all learner ranks) -> receive (all engines) -> release (all ranks),
+    release also after a failure: torch keeps an exported block alive until every process
+    that opened it has dropped it."""
+
+    name = "cuda_ipc"
+
+    def _push_bucket(self, learners, engines, names, version, bucket, num_buckets, timeout):
+        import ray
+
+        deadline = time.perf_counter() + timeout
+        started = time.perf_counter()
+        exports = ray.get([learner.export_bucket_ipc.remote(names, version, bucket, self.dtype)
+                           for learner in learners], timeout=timeout)
+        written = time.perf_counter()
+        try:
+            loads = ray.get([engine.receive_weights_ipc.remote(exports, version, bucket,
+                                                               num_buckets)
+                             for engine in engines],
+                            timeout=max(deadline - time.perf_counter(), 0.0))
+        finally:
+            ray.get([learner.release_bucket_ipc.remote(version, bucket) for learner in learners],
+                    timeout=max(30.0, self.timeout_s))
+        nbytes = sum(self._sizes[name] for name in names)
+        return {"bytes": float(nbytes * len(engines)), "write_s": written - started,
+                "stage_s": max(load["stage_s"] for load in loads),
+                "apply_s": max(load["apply_s"] for load in loads)}
+
+
 def make_transport(cluster: ClusterConfig, dtype: str) -> WeightTransport:
     """The transport for this topology (`cluster.weight_transport`, auto by default)."""
     bucket_bytes = cluster.push_bucket_mb * 2**20
@@ -193,8 +250,6 @@ def make_transport(cluster: ClusterConfig, dtype: str) -> WeightTransport:
     elif transport == "nccl":
         return BroadcastTransport(bucket_bytes, cluster.push_timeout_s, dtype, backend="nccl")
     elif transport == "cuda_ipc":
-        raise NotImplementedError(
-            "cluster.weight_transport=cuda_ipc is not wired yet (its core is in "
-            "gpu_transport.py); use nccl across GPUs or cpu")
+        return CudaIpcTransport(bucket_bytes, cluster.push_timeout_s, dtype)
     else:
         raise ValueError(f"unknown weight transport: {transport!r}")

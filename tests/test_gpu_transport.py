@@ -20,7 +20,7 @@ from tandem.gpu_transport import (
     bucket_for_gpu,
     check_distinct_gpus,
 )
-from tandem.packing import ALIGN, BucketLayout, pack, unpack
+from tandem.packing import ALIGN, BucketLayout, pack, pack_into, unpack
 
 WAIT = 120  # seconds a test waits for a child process (spawning imports torch)
 
@@ -71,6 +71,26 @@ def test_unpack_refuses_a_buffer_that_does_not_match_its_layout():
     buffer, layout = pack(_mixed_tensors(2), version=5, bucket=2, device="cpu")
     with pytest.raises(ValueError, match="v5 bucket 2"):
         unpack(buffer[:-1], layout)
+
+
+def test_pack_into_casts_in_one_pass_and_refuses_a_wrong_shape():
+    masters = [("a", torch.randn(3, 5)), ("b", torch.randn(4))]  # fp32, as a learner holds them
+    layout = BucketLayout.plan([("a", torch.bfloat16, (3, 5)), ("b", torch.bfloat16, (4,))],
+                               version=7, bucket=1)
+    assert layout == BucketLayout.of(masters, 7, 1, torch.bfloat16)
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)  # [nbytes]
+    pack_into(buffer, layout, (t for _, t in masters))
+    _assert_identical(unpack(buffer, layout), [(n, t.bfloat16()) for n, t in masters])
+    with pytest.raises(ValueError, match=r"v7 bucket 1: 'b' has shape \(1, 4\)"):
+        pack_into(buffer, layout, [masters[0][1], masters[1][1][None]])  # would broadcast
+
+
+def test_ipc_ends_refuse_a_cpu_device_naming_the_cpu_transport():
+    with pytest.raises(TransportError, match="cuda_ipc needs the learner on a CUDA device.*"
+                                             "weight_transport=cpu"):
+        IpcSender("cpu")
+    with pytest.raises(TransportError, match="the engine worker"):
+        IpcReceiver("cpu")
 
 
 def test_pack_refuses_a_name_twice():
@@ -252,6 +272,53 @@ def test_cuda_ipc_delivers_buckets_bit_identical_and_frees_them_after_release():
             assert sender.held_bytes > 0
             sender.release(version, bucket)
         assert sender.held_bytes == 0
+    finally:
+        inbox.put(None)
+        child.join(timeout=WAIT)
+        if child.is_alive():
+            child.kill()
+
+
+def _ipc_cast_receiver(inbox, results):
+    """Child process on the same GPU: stage every bucket of each push as the engine worker does
+    (views into its own copies), then hand the whole push back as CPU tensors."""
+    try:
+        end = IpcReceiver("cuda:0")
+        while (push := inbox.get(timeout=WAIT)) is not None:
+            staged = []
+            for data in push:
+                staged += end.receive([IpcBucket.from_bytes(data)])
+            results.put(("ok", _to_wire(staged)))
+    except Exception as error:  # reported to the test, which fails on it
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+@pytest.mark.gpu
+def test_cuda_ipc_push_casts_fp32_masters_into_bf16_buckets_as_the_learner_does():
+    """The learner's path (`export_cast` from fp32 masters, one layout per bucket) into a
+    receiver staging the whole push: bf16 of the masters, bit for bit, and nothing held after
+    the release."""
+    masters = [(f"layer{i}.weight", torch.randn(64 + i, 48, device="cuda:0"))  # [64 + i, 48]
+               for i in range(5)] + [("norm.weight", torch.randn(48, device="cuda:0"))]  # [48]
+    buckets = [masters[:2], masters[2:5], masters[5:]]
+    context = mp.get_context("spawn")
+    inbox, results = context.Queue(), context.Queue()
+    child = _spawn(_ipc_cast_receiver, inbox, results)
+    sender = IpcSender("cuda:0")
+    try:
+        for version in (1, 2):
+            exports = []
+            for index, named in enumerate(buckets):
+                layout = BucketLayout.of(named, version, index, torch.bfloat16)
+                exports.append(sender.export_cast(layout, (t for _, t in named)).to_bytes())
+            inbox.put(exports)
+            status, got = results.get(timeout=WAIT)
+            assert status == "ok", got
+            sender.release(version)
+            assert sender.held_bytes == 0
+            _assert_identical(_from_wire(got), [(n, t.bfloat16()) for n, t in masters])
+            masters = [(n, t + 1) for n, t in masters]  # the next push carries new weights
+            buckets = [masters[:2], masters[2:5], masters[5:]]
     finally:
         inbox.put(None)
         child.join(timeout=WAIT)

@@ -14,6 +14,7 @@ from tandem.learner import fan_out, spawn_learners
 from tandem.weight_sync import (
     BroadcastTransport,
     CpuTransport,
+    CudaIpcTransport,
     WeightPushError,
     make_transport,
     plan_buckets,
@@ -31,10 +32,18 @@ def test_buckets_respect_the_size_and_keep_order():
 
 
 def test_transport_follows_the_cluster_config():
-    assert make_transport(compose(["cluster=local_cpu"]).cluster, "float32").name == "cpu"
-    assert make_transport(compose(["cluster=multi_node"]).cluster, "bfloat16").name == "nccl"
-    with pytest.raises(NotImplementedError, match="cuda_ipc"):
-        make_transport(compose(["cluster=single_gpu"]).cluster, "bfloat16")
+    assert isinstance(make_transport(compose(["cluster=local_cpu"]).cluster, "float32"),
+                      CpuTransport)
+    nccl = make_transport(compose(["cluster=multi_node"]).cluster, "bfloat16")
+    assert isinstance(nccl, BroadcastTransport) and nccl.name == "nccl"
+    ipc = make_transport(compose(["cluster=single_gpu"]).cluster, "bfloat16")
+    assert isinstance(ipc, CudaIpcTransport) and ipc.dtype == "bfloat16"
+    auto = compose(["cluster=single_gpu", "cluster.weight_transport=auto"]).cluster
+    assert isinstance(make_transport(auto, "bfloat16"), CudaIpcTransport)  # colocated
+    cluster = compose(["cluster=local_cpu"]).cluster
+    cluster.weight_transport = "carrier_pigeon"  # past the schema's own check
+    with pytest.raises(ValueError, match="unknown weight transport: 'carrier_pigeon'"):
+        make_transport(cluster, "float32")
 
 
 def _config(model_dir):
@@ -109,6 +118,50 @@ def test_push_makes_the_senior_serve_the_learners_weights(setup):
     assert _max_diff(_scores(senior), learner_scores) < 1e-3
     assert _max_diff(_scores(junior), junior_before) == 0.0
     assert ray.get(junior.weight_version.remote()) == 0
+
+
+def test_push_reports_where_its_time_went(setup):
+    import ray
+
+    _, learners, engines = setup
+    senior = engines["senior"][0]
+    version = ray.get(senior.weight_version.remote()) + 1
+    stats = CpuTransport(2**18, 120.0, "float32").push(learners, engines["senior"], version)
+    assert stats["push/bytes"] > 0 and stats["push/buckets"] > 2
+    parts = [stats[f"time/push_{part}"] for part in ("write", "stage", "apply")]
+    assert all(part > 0 for part in parts) and sum(parts) <= stats["time/push"]
+
+
+def test_bfloat16_pushes_through_shared_memory_and_the_object_store_serve_alike(setup):
+    """The shared-memory path casts fp32 masters straight into its buffer; the object-store
+    path casts tensors. Both must hand the engine the same bf16 weights, bit for bit."""
+    import ray
+
+    _, learners, engines = setup
+    senior = engines["senior"][0]
+    _train(learners)
+    version = ray.get(senior.weight_version.remote())
+    CpuTransport(2**18, 120.0, "bfloat16").push(learners, engines["senior"], version + 1)
+    shared = _scores(senior)
+    CpuTransport(2**18, 120.0, "bfloat16", shared_memory=False).push(
+        learners, engines["senior"], version + 2)
+    assert _max_diff(_scores(senior), shared) == 0.0
+    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    assert 0.0 < _max_diff(shared, learner_scores) < 0.1  # bf16-rounded fp32 weights
+
+
+def test_cuda_ipc_from_a_cpu_learner_fails_cleanly(setup):
+    import ray
+
+    _, learners, engines = setup
+    senior = engines["senior"][0]
+    version, served = ray.get(senior.weight_version.remote()), _scores(senior)
+    with pytest.raises(WeightPushError,
+                       match=r"(?s)cuda_ipc failed at bucket 1/.*cluster.device=cuda"):
+        CudaIpcTransport(2**18, 120.0, "bfloat16").push(learners, engines["senior"],
+                                                        version + 1)
+    assert ray.get(senior.weight_version.remote()) == version
+    assert _max_diff(_scores(senior), served) == 0.0
 
 
 def test_push_through_the_object_store_matches_shared_memory(setup):

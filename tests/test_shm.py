@@ -1,0 +1,133 @@
+"""Shared-memory push buffers (`tandem.shm`): cast on write, map once, reuse, never a torn read."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tandem.packing import BucketLayout
+from tandem.shm import ShmBucket, ShmReader, ShmWriter
+
+WAIT = 120  # seconds for a spawned child (it imports torch)
+
+
+def _masters(seed: int) -> list[tuple[str, torch.Tensor]]:
+    """fp32 "master weights" as a learner holds them, one of them not contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    return [("model.embed_tokens.weight", torch.randn(50, 8, generator=gen)),  # [50, 8]
+            ("model.norm.weight", torch.randn(8, generator=gen)),  # [8]
+            ("model.layers.0.mlp.down_proj.weight", torch.randn(8, 6, generator=gen).t())]  # [6, 8]
+
+
+def _write(writer, masters, version, readers, dtype=torch.bfloat16, bucket=0) -> ShmBucket:
+    layout = BucketLayout.of(masters, version, bucket, dtype)
+    return writer.write(layout, (tensor for _, tensor in masters), readers)
+
+
+@pytest.fixture
+def writer(tmp_path):
+    writer = ShmWriter(str(tmp_path))  # a tmpfs-like folder the test owns
+    yield writer
+    writer.close()
+
+
+def test_the_reader_gets_the_masters_cast_to_the_engine_dtype(writer):
+    masters = _masters(0)
+    got = ShmReader().read(_write(writer, masters, version=1, readers=["engine"]))
+    assert [name for name, _ in got] == [name for name, _ in masters]
+    for (_, received), (name, master) in zip(got, masters, strict=True):
+        assert received.dtype == torch.bfloat16, name
+        assert torch.equal(received, master.to(torch.bfloat16)), name
+
+
+def test_once_mapped_the_file_goes_and_the_next_push_rewrites_the_same_buffer(writer, tmp_path):
+    reader = ShmReader()
+    first = _write(writer, _masters(0), version=1, readers=["engine"])
+    views = reader.read(first)
+    assert writer.files == [first.path]
+    writer.mapped(0, ["engine"])
+    assert writer.files == [] and os.listdir(tmp_path) == []  # nothing left behind
+
+    second = _write(writer, _masters(1), version=2, readers=["engine"])
+    assert second.path == first.path  # no new file: the engine's mapping is reused
+    again = reader.read(second)
+    for (_, old_view), (_, new_view), (name, master) in zip(views, again, _masters(1),
+                                                            strict=True):
+        assert torch.equal(new_view, master.to(torch.bfloat16)), name
+        assert torch.equal(old_view, new_view), name  # the same pages, seen through one map
+
+
+def test_an_engine_that_never_mapped_the_buffer_gets_a_new_file(writer):
+    first = _write(writer, _masters(0), version=1, readers=["a"])
+    ShmReader().read(first)
+    writer.mapped(0, ["a"])
+    second = _write(writer, _masters(1), version=2, readers=["a", "b"])
+    assert second.path != first.path and writer.files == [second.path]
+    for _, view in ShmReader().read(second):  # "b" can map it, "a" remaps it
+        assert view.numel() > 0
+
+
+def test_after_a_drop_a_late_reader_keeps_the_old_bytes(writer):
+    """A push call that did not come back cleanly: an engine may still load from the buffers,
+    so the next push must write elsewhere, never under its feet."""
+    reader = ShmReader()
+    first = _write(writer, _masters(0), version=1, readers=["engine"])
+    late = reader.read(first)
+    writer.mapped(0, ["engine"])
+    writer.drop()
+    second = _write(writer, _masters(1), version=2, readers=["engine"])
+    assert second.path != first.path
+    for (_, view), (name, master) in zip(late, _masters(0), strict=True):
+        assert torch.equal(view, master.to(torch.bfloat16)), name
+
+
+def test_a_reader_refuses_a_buffer_it_cannot_map(writer):
+    bucket = _write(writer, _masters(0), version=3, readers=["engine"])
+    writer.mapped(0, ["other"])  # unlinked before this reader ever mapped it
+    with pytest.raises(FileNotFoundError, match="v3 bucket 0.*never mapped.*push again"):
+        ShmReader().read(bucket)
+
+
+def test_a_changed_bucket_size_gets_a_new_buffer(writer):
+    reader = ShmReader()
+    first = _write(writer, _masters(0), version=1, readers=["engine"], dtype=torch.bfloat16)
+    reader.read(first)
+    writer.mapped(0, ["engine"])
+    second = _write(writer, _masters(0), version=2, readers=["engine"], dtype=torch.float32)
+    assert second.path != first.path
+    got = reader.read(second)
+    assert all(view.dtype == torch.float32 for _, view in got)
+
+
+def _child_reader(inbox, outbox):
+    """Child process: map each bucket it is sent, answer with what it read (as bytes)."""
+    reader = ShmReader()
+    while (bucket := inbox.get(timeout=WAIT)) is not None:
+        outbox.put([(name, view.float().tolist()) for name, view in reader.read(bucket)])
+
+
+def test_an_engine_process_sees_the_second_push_through_the_mapping_it_kept():
+    context = mp.get_context("spawn")
+    inbox, outbox = context.Queue(), context.Queue()
+    child = context.Process(target=_child_reader, args=(inbox, outbox), daemon=True)
+    child.start()
+    writer = ShmWriter()  # the real /dev/shm
+    try:
+        for version in (1, 2):
+            masters = _masters(version)
+            bucket = _write(writer, masters, version=version, readers=["child"])
+            inbox.put(bucket)
+            got = outbox.get(timeout=WAIT)
+            writer.mapped(0, ["child"])  # unlinked: the child must read through its mapping
+            assert not os.path.exists(bucket.path)
+            for (name, values), (_, master) in zip(got, masters, strict=True):
+                assert values == master.to(torch.bfloat16).float().tolist(), name
+    finally:
+        inbox.put(None)
+        child.join(timeout=WAIT)
+        if child.is_alive():
+            child.kill()
+        writer.close()

@@ -52,7 +52,7 @@ def _config(model_dir):
         "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=64",
         "eval.max_response_tokens=64", "rollout.temperature=1.0", "algorithm.group_size=2",
         "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2", "optim.lr=3e-3",
-        "cluster.learner.world_size=2", "cluster.push_bucket_mb=1",
+        "cluster.learner.world_size=2", "cluster.push_bucket_mb=1", "cluster.enforce_eager=true",
     ])
 
 

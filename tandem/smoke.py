@@ -9,21 +9,18 @@ each phase per step (the first step, which includes warm-up, is shown separately
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
+
+from tandem.tracking import read_metrics
 
 PHASES = ("time/rollout", "time/reward", "time/train", "time/push", "time/step")
 
 
 def read_steps(run_dir: Path) -> list[dict]:
     """The training rows of metrics.jsonl (step >= 1), in order."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a tandem run directory?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row for row in rows if row.get("step", 0) >= 1]
+    return [row for row in read_metrics(run_dir) if row["step"] >= 1]
 
 
 def check(rows: list[dict], expected_steps: int) -> list[str]:

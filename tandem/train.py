@@ -189,18 +189,18 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         elif trainer.val_every and trainer.val_before_train and prompts.holdout:
             logger.log(0, run_validation(0))
 
-        stream_before = {start: stream.state_dict()}  # stream position before each batch
-
-        def roll(step: int) -> tuple[list[Any], dict[str, float], list[str]]:
-            stream_before[step] = stream.state_dict()
-            batch = stream.next_batch()
+        def roll(step: int, batch: list[Any]) -> tuple[list[Any], dict[str, float], list[str]]:
             ids, junior_ids = prompts.ids(batch)
             episodes, metrics = rollout.generate(ids, step, junior_ids)
             return episodes, metrics, [p.answer for p in batch]
 
+        # Batches are drawn here, never in the rollout thread, so a checkpoint reads a stream
+        # nobody is advancing. Off-policy: where the stream stood before the batch in flight.
         pending: Future | None = None  # off-policy: the next step's rollout, in flight
+        in_flight_from: dict | None = None
         if trainer.off_policy and start < total:
-            pending = background.submit(roll, start)
+            in_flight_from = stream.state_dict()
+            pending = background.submit(roll, start, stream.next_batch())
         unpushed = False  # off-policy: trained weights wait until no rollout is in flight
         done = start
         for step in range(start, total):
@@ -210,10 +210,12 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                 if unpushed:
                     metrics.update(_push(transport, team, rollout, step, timeout))
                     unpushed = False
-                more = step + 1 < total and stop.signal is None
-                pending = background.submit(roll, step + 1) if more else None
+                pending = None
+                if step + 1 < total and stop.signal is None:
+                    in_flight_from = stream.state_dict()
+                    pending = background.submit(roll, step + 1, stream.next_batch())
             else:
-                episodes, metrics, answers = roll(step)
+                episodes, metrics, answers = roll(step, stream.next_batch())
 
             reward_started = time.perf_counter()
             verdicts = rewards.score([e.response_text for e in episodes],
@@ -255,8 +257,9 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             if last or (trainer.save_every and done % trainer.save_every == 0):
                 if pending is not None and last:
                     pending.result()  # a rollout in flight ends before the engines stop
-                _save(run_dir, done, team, stream_before.get(done, stream.state_dict()),
-                      config, timeout)
+                _save(run_dir, done, team,
+                      in_flight_from if pending is not None else stream.state_dict(), config,
+                      timeout)
                 logger.stage(f"checkpoint: step {done} saved")
             if stop.signal is not None:
                 logger.stage(f"stopped by {stop.signal} after step {done}; resume with "

@@ -44,7 +44,7 @@ DEMO_DIR := runs/demo/$(shell date +%Y%m%d-%H%M%S)
 demo: install
 	$(PY) -m tandem.train experiment=demo_cpu hydra.run.dir=$(DEMO_DIR) \
 		$$(nvidia-smi -L >/dev/null 2>&1 && echo cluster=single_gpu) $(ARGS)
-	$(PY) -m tandem.plots $(DEMO_DIR)
+	$(PY) -m tandem.output.plots $(DEMO_DIR)
 
 # One GPU: a handful of colocated tandem steps with Qwen3-0.6B (or MODEL=<local dir>), then
 # pass/fail and the seconds of each phase.
@@ -54,7 +54,7 @@ smoke: install
 	@nvidia-smi -L >/dev/null 2>&1 || { echo "make smoke needs a GPU; on CPU run make demo"; exit 2; }
 	$(PY) -m tandem.train experiment=smoke_gpu hydra.run.dir=$(SMOKE_DIR) \
 		trainer.total_steps=$(SMOKE_STEPS) $(if $(MODEL),model.senior.path=$(MODEL)) $(ARGS)
-	$(PY) -m tandem.smoke $(SMOKE_DIR) --steps $(SMOKE_STEPS)
+	$(PY) -m tandem.output.smoke $(SMOKE_DIR) --steps $(SMOKE_STEPS)
 
 lint: install
 	$(VENV)/bin/ruff check tandem tests bench

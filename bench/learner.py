@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from tandem import batching
 from tandem.config import compose
 from tandem.episode import Episode
+from tandem.learner import batching
 
 MODELS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
 
@@ -61,7 +61,7 @@ def _free_port() -> int:
 
 
 def _run_learner(config, path, batch, steps, queue):
-    from tandem.learner import Learner
+    from tandem.learner.rank import Learner
 
     learner = Learner(config, path, rank=0, world_size=1, master_addr="127.0.0.1",
                       master_port=_free_port())
@@ -77,7 +77,7 @@ def _run_learner(config, path, batch, steps, queue):
 def _run_plain(config, path, batch, steps, queue):
     from transformers import AutoModelForCausalLM
 
-    from tandem.learner import token_logprobs
+    from tandem.learner.rank import token_logprobs
     from tandem.loss import grpo_loss
 
     torch.manual_seed(config.seed)

@@ -66,9 +66,9 @@ def bench_model(name: str, args) -> dict[str, float]:
 
     from tandem.alternation import Boundaries
     from tandem.config import CONF_DIR
-    from tandem.engine import shutdown_engines, start_engines
     from tandem.models import load_tokenizer, resolve_model
     from tandem.rollout import engine_settings
+    from tandem.runtime.engines import shutdown_engines, start_engines
 
     preset = MODELS[name]
     path = str(resolve_model(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml").path))

@@ -24,11 +24,11 @@ def bench_model(name: str, args) -> float:
 
     from tandem.alternation import Boundaries
     from tandem.config import CONF_DIR, compose
-    from tandem.engine import shutdown_engines, start_engines
-    from tandem.learner import fan_out, spawn_learners
     from tandem.models import resolve_model
     from tandem.rollout import engine_settings
-    from tandem.weight_sync import CpuTransport
+    from tandem.runtime.engines import shutdown_engines, start_engines
+    from tandem.runtime.learners import fan_out, spawn_learners
+    from tandem.transport.push import CpuTransport
 
     preset = MODELS[name]
     path = str(resolve_model(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml").path))

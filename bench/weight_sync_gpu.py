@@ -26,8 +26,8 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from tandem.gpu_transport import IpcBucket, IpcReceiver, IpcSender, NcclReceiver, NcclSender
-from tandem.packing import BucketLayout, plan_buckets
+from tandem.transport.buckets import BucketLayout, plan_buckets
+from tandem.transport.gpu import IpcBucket, IpcReceiver, IpcSender, NcclReceiver, NcclSender
 
 # Shapes from the models' config.json (no download): Qwen3 ties lm_head to the embedding, so
 # the learner's parameters hold it once and a push never carries lm_head.

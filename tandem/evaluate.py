@@ -55,7 +55,7 @@ def protocol_config(config: TandemConfig, protocol: str) -> TandemConfig:
 def validation_rollouts(config: TandemConfig, senior: list[Any], junior: list[Any],
                         senior_tokenizer: Any, junior_tokenizer: Any | None) -> dict[str, Any]:
     """One `Rollout` per validation protocol (solo, and hand-off when eval.val_handoff)."""
-    from tandem.engine import Sampling
+    from tandem.engine.api import Sampling
     from tandem.rollout import Rollout
 
     protocols = ["solo"] + (["handoff"] if config.eval.val_handoff else [])

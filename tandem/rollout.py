@@ -75,7 +75,7 @@ class Rollout:
 
     def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
                  senior_tokenizer: Any, junior_tokenizer: Any | None = None) -> None:
-        from tandem.engine import Sampling
+        from tandem.engine.api import Sampling
 
         self.config = config
         self.senior, self.junior = senior, junior
@@ -157,7 +157,7 @@ class Rollout:
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
                        activity: _Activity) -> Episode:
-        from tandem.engine import SegmentStop
+        from tandem.engine.api import SegmentStop
 
         budget = self.config.rollout.max_response_tokens
         alternation = Alternation(self.config.algorithm, episode_rng(self.config.seed, step,
@@ -255,7 +255,7 @@ class Rollout:
         actor (its address asked once per engine) if `cluster.turn_channel`, else the engine
         itself (Ray calls, or direct calls for a plain object); and the new channels, to close
         when the batch is done."""
-        from tandem.engine import TurnChannel
+        from tandem.engine.channel import TurnChannel
 
         callers: dict[int, Any] = {}
         channels = []
@@ -305,7 +305,7 @@ def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries:
     """
     import os
 
-    from tandem.engine import EngineSettings
+    from tandem.engine.api import EngineSettings
 
     cluster = config.cluster
     resources = getattr(cluster, role)

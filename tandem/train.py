@@ -42,9 +42,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from tandem import actors as run_actors
 from tandem import checkpoint as ckpt
 from tandem.config import CONF_DIR, ConfigError, TandemConfig, to_config
+from tandem.runtime import actors as run_actors
 
 log = logging.getLogger("tandem")
 
@@ -131,11 +131,11 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.alternation import Boundaries
     from tandem.data import PromptStream
     from tandem.evaluate import validate, validation_rollouts
-    from tandem.learner import fan_out
+    from tandem.output.tracking import RunLogger
     from tandem.reward import RewardPool, reward_metrics
     from tandem.rollout import Rollout
-    from tandem.tracking import RunLogger
-    from tandem.weight_sync import make_transport
+    from tandem.runtime.learners import fan_out
+    from tandem.transport.push import make_transport
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +301,7 @@ def _ray_shutdown() -> None:
 
 def _save(run_dir: Path, step: int, team: run_actors.Actors, stream_state: dict,
           config: TandemConfig, timeout: float) -> None:
-    from tandem.learner import fan_out
+    from tandem.runtime.learners import fan_out
 
     directory = ckpt.checkpoint_dir(run_dir, step)
     directory.mkdir(parents=True, exist_ok=True)
@@ -314,7 +314,7 @@ def _restore(directory: Path, team: run_actors.Actors, stream: Any, transport: A
              rollout: Any, timeout: float) -> None:
     """Learner (weights, optimizer, schedule, RNG), data position, and the senior engines
     serving the saved weights."""
-    from tandem.learner import fan_out
+    from tandem.runtime.learners import fan_out
 
     state = ckpt.read_state(directory)
     fan_out(team.learners, "load_checkpoint", str(directory), timeout=timeout)

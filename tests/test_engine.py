@@ -14,16 +14,10 @@ import psutil
 import pytest
 import torch
 
-from tandem.engine import (
-    EngineSettings,
-    RolloutEngine,
-    Sampling,
-    SegmentStop,
-    TurnChannel,
-    assign_episodes,
-    shutdown_engines,
-    start_engines,
-)
+from tandem.engine.api import EngineSettings, Sampling, SegmentStop
+from tandem.engine.channel import TurnChannel
+from tandem.engine.rollout_engine import RolloutEngine
+from tandem.runtime.engines import assign_episodes, shutdown_engines, start_engines
 from tandem.testkit import build_tiny_model
 
 GREEDY = Sampling(temperature=0.0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tandem.gpu_transport import (
+from tandem.transport.buckets import ALIGN, BucketLayout, pack, pack_into, unpack
+from tandem.transport.gpu import (
     IpcBucket,
     IpcReceiver,
     IpcSender,
@@ -20,7 +21,6 @@ from tandem.gpu_transport import (
     bucket_for_gpu,
     check_distinct_gpus,
 )
-from tandem.packing import ALIGN, BucketLayout, pack, pack_into, unpack
 
 WAIT = 120  # seconds a test waits for a child process (spawning imports torch)
 

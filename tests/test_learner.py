@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from tandem import batching
 from tandem.config import compose
 from tandem.episode import Episode
-from tandem.learner import fan_out, spawn_learners
+from tandem.learner import batching
+from tandem.runtime.learners import fan_out, spawn_learners
 
 TIMEOUT = 600
 

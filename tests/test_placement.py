@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tandem.config import compose
-from tandem.placement import PlacementError, check_fits, colocated_shares, demand
+from tandem.runtime.placement import PlacementError, check_fits, colocated_shares, demand
 
 
 def test_presets_ask_for_what_their_yaml_says():

@@ -1,4 +1,5 @@
-"""The run plot, the end-of-run table and `python -m tandem.report` over a real Hydra multirun."""
+"""The run plot, the end-of-run table and `python -m tandem.output.report` over a real Hydra
+multirun."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tandem import plots, report
-from tandem.plots import pick_rows, plot_run, summary_table
-from tandem.tracking import MetricsError
+from tandem.output import plots, report
+from tandem.output.plots import pick_rows, plot_run, summary_table
+from tandem.output.tracking import MetricsError
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -24,7 +25,7 @@ APP = """
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from tandem.config import CONF_DIR, to_config
-from tandem.tracking import RunLogger
+from tandem.output.tracking import RunLogger
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg):
@@ -162,7 +163,7 @@ def test_no_runs_says_where_it_looked_and_what_a_run_holds(tmp_path, capsys):
 
 
 def test_the_cli_runs_as_a_module(multirun, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "tandem.report", str(multirun), "--out",
+    done = subprocess.run([sys.executable, "-m", "tandem.output.report", str(multirun), "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr

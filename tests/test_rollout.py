@@ -55,8 +55,8 @@ def tokenizers(models):
 @pytest.fixture(scope="module")
 def engines(models, tokenizers, ray_cluster):
     """One senior, one junior and one cross-tokenizer junior engine, each on its own core."""
-    from tandem.engine import shutdown_engines, start_engines
     from tandem.rollout import engine_settings
+    from tandem.runtime.engines import shutdown_engines, start_engines
 
     config = _config(models["senior"], models["junior"])
     cores = os.cpu_count() or 1
@@ -217,8 +217,8 @@ def test_junior_with_another_tokenizer_hands_off_by_text(models, engines, tokeni
 def test_reproducible_sampling_ignores_batch_composition(models, tokenizers, ray_cluster):
     # Sampled (T = 1) episodes under rollout.reproducible_sampling: the first two groups come out
     # the same whether the batch holds two or four groups, i.e. whatever shares an engine step.
-    from tandem.engine import shutdown_engines, start_engines
     from tandem.rollout import Rollout, engine_settings
+    from tandem.runtime.engines import shutdown_engines, start_engines
 
     config = _config(models["senior"], models["junior"], "rollout.reproducible_sampling=true")
     engines = {}

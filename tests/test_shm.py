@@ -1,4 +1,5 @@
-"""Shared-memory push buffers (`tandem.shm`): cast on write, map once, reuse, never a torn read."""
+"""Shared-memory push buffers (`tandem.transport.shm`): cast on write, map once, reuse, never
+a torn read."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tandem.packing import BucketLayout
-from tandem.shm import ShmBucket, ShmReader, ShmWriter
+from tandem.transport.buckets import BucketLayout
+from tandem.transport.shm import ShmBucket, ShmReader, ShmWriter
 
 WAIT = 120  # seconds for a spawned child (it imports torch)
 

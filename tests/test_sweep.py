@@ -35,7 +35,7 @@ def test_two_value_sweep_makes_two_runs_and_one_report(tmp_path):
     assert "algorithm.handoff_p=0.25" in swept[0] and "algorithm.handoff_p=0.75" in swept[1]
     assert all(len(run.name) <= 100 for run in runs)  # a long command line still fits a name
 
-    report = subprocess.run([sys.executable, "-m", "tandem.report", str(sweep)], env=env,
+    report = subprocess.run([sys.executable, "-m", "tandem.output.report", str(sweep)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-4000:]
     table = (sweep / "report.md").read_text()

@@ -11,9 +11,9 @@ import types
 
 import pytest
 
-from tandem import tracking
 from tandem.config import compose
-from tandem.tracking import MetricsError, RunLogger, metric_row, read_metrics
+from tandem.output import tracking
+from tandem.output.tracking import MetricsError, RunLogger, metric_row, read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 from tandem.alternation import Boundaries
 from tandem.config import compose
 from tandem.episode import Episode
-from tandem.learner import fan_out, spawn_learners
-from tandem.weight_sync import (
+from tandem.runtime.learners import fan_out, spawn_learners
+from tandem.transport.push import (
     BroadcastTransport,
     CpuTransport,
     CudaIpcTransport,
@@ -61,8 +61,8 @@ def setup(tiny_model_dir, ray_cluster):
     """A world-size-2 learner, a senior and a junior engine, all on the tiny model."""
     from transformers import AutoTokenizer
 
-    from tandem.engine import shutdown_engines, start_engines
     from tandem.rollout import engine_settings
+    from tandem.runtime.engines import shutdown_engines, start_engines
 
     config = _config(tiny_model_dir)
     boundaries = Boundaries.from_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))

@@ -2,8 +2,8 @@
 
 `weight_sync.py` drives them; the engine's worker extension and the learner hold the two ends.
 
-Both move one packed buffer per bucket (`tandem.packing`) and hand the receiver named views of
-it, ready for vLLM's `reload_weights`.
+Both move one packed buffer per bucket (`tandem.transport.buckets`) and hand the receiver
+named views of it, ready for vLLM's `reload_weights`.
 
 - **NCCL broadcast** (`NcclSender` at learner rank 0, one `NcclReceiver` per engine GPU worker:
   with tensor parallelism every TP rank receives the whole bucket and vLLM's loader shards it).
@@ -34,7 +34,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from tandem.packing import BucketLayout, pack, pack_into, unpack
+from tandem.transport.buckets import BucketLayout, pack, pack_into, unpack
 
 _PG_GRACE_S = 60.0  # the process group's own timeout trails ours, so our watchdog fires first
 

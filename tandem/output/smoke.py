@@ -1,4 +1,4 @@
-"""`python -m tandem.smoke <run dir>`: did a short run work, and where did its time go?
+"""`python -m tandem.output.smoke <run dir>`: did a short run work, and where did its time go?
 
 `make smoke` runs a few tandem steps on one GPU and then this check. PASS needs every planned
 step logged with a finite loss, a weight push after each step, and both writers in the
@@ -13,7 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from tandem.tracking import read_metrics
+from tandem.output.tracking import read_metrics
 
 PHASES = ("time/rollout", "time/reward", "time/train", "time/push", "time/step")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from tandem.alternation import Boundaries
 from tandem.config import TandemConfig
-from tandem.placement import Placement, demand, reserve
+from tandem.runtime.placement import Placement, demand, reserve
 
 log = logging.getLogger("tandem")
 
@@ -82,7 +82,7 @@ class Actors:
     def close(self, timeout_s: float = 60.0) -> None:
         import ray
 
-        from tandem.engine import shutdown_engines
+        from tandem.runtime.engines import shutdown_engines
 
         for engines in (self.senior, self.junior):
             try:
@@ -106,9 +106,9 @@ def start(config: TandemConfig, senior_dir: str, junior_dir: str,
     """Reserve the topology and start engines and learner ranks in it (each stage logged)."""
     import dataclasses
 
-    from tandem.engine import start_engines
-    from tandem.learner import spawn_learners
     from tandem.rollout import engine_settings
+    from tandem.runtime.engines import start_engines
+    from tandem.runtime.learners import spawn_learners
 
     cluster = config.cluster
     timeout = cluster.call_timeout_s

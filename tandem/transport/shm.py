@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.packing import BucketLayout, pack_into, unpack
+from tandem.transport.buckets import BucketLayout, pack_into, unpack
 
 SHM_DIR = "/dev/shm"
 

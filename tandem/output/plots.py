@@ -1,6 +1,6 @@
 """A run's progress plot and its end-of-run console table, both from metrics.jsonl.
 
-`python -m tandem.plots <run dir>` prints the table and writes <run dir>/progress.png.
+`python -m tandem.output.plots <run dir>` prints the table and writes <run dir>/progress.png.
 
 Figures are drawn on matplotlib's Agg canvas (no display, no pyplot global state), so this
 works on a headless node and in a Ray job.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tandem.tracking import VAL_METRICS, MetricsError, Row, metrics_path, read_metrics
+from tandem.output.tracking import VAL_METRICS, MetricsError, Row, metrics_path, read_metrics
 
 TABLE_METRICS = ("reward/mean", "reward/accuracy", "tandem/senior_token_frac",
                  "tandem/handoffs_per_episode", "train/loss", "time/step") + VAL_METRICS
@@ -121,14 +121,14 @@ def summary_table(run_dir: str | Path, max_rows: int = 20) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m tandem.plots <run dir>  (prints the table, writes "
+        print("usage: python -m tandem.output.plots <run dir>  (prints the table, writes "
               "<run dir>/progress.png)", file=sys.stderr)
         return 2
     try:
         print(summary_table(args[0]))
         print(f"wrote {plot_run(args[0])}")
     except MetricsError as error:
-        print(f"tandem.plots: {error}", file=sys.stderr)
+        print(f"tandem.output.plots: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,4 +1,4 @@
-"""`python -m tandem.report <multirun dir> [--out DIR]`: one table and a few plots for a sweep.
+"""`python -m tandem.output.report <multirun dir> [--out DIR]`: a table and plots for a sweep.
 
 A Hydra multirun (`python -m tandem.train -m algorithm.handoff_p=0.25,0.5,0.75`) writes one run
 directory per value; this finds every directory under the given one (any depth) holding a
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from tandem.plots import fmt, last_value, markdown_table, read_rows, series, tail_mean
-from tandem.tracking import METRICS_FILE, MetricsError, Row
+from tandem.output.plots import fmt, last_value, markdown_table, read_rows, series, tail_mean
+from tandem.output.tracking import METRICS_FILE, MetricsError, Row
 
 FINAL_METRICS = ("reward/mean", "tandem/senior_token_frac")
 LAST_METRICS = ("val/solo_accuracy", "val/handoff_accuracy")
@@ -206,7 +206,7 @@ def _markdown(report: Report, root: Path, out: Path, last: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tandem.report", description=__doc__
+    parser = argparse.ArgumentParser(prog="python -m tandem.output.report", description=__doc__
                                      .split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a multirun directory (searched at any depth)")
     parser.add_argument("--out", type=Path, default=None,
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = build_report(args.root, args.out, args.last)
     except ReportError as error:
-        print(f"tandem.report: {error}", file=sys.stderr)
+        print(f"tandem.output.report: {error}", file=sys.stderr)
         return 2
     print(report.table)
     for directory, why in report.skipped:

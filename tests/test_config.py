@@ -10,7 +10,8 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from tandem.config import CONF_DIR, ConfigError, compose
+from tandem.compose import CONF_DIR, compose, short_dirname
+from tandem.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -197,8 +198,6 @@ def test_cli_accepts_a_good_config_and_names_a_bad_resume_path_before_ray(tmp_pa
 
 
 def test_multirun_directory_names_stay_short_and_distinct():
-    from tandem.config import short_dirname
-
     assert short_dirname("algorithm.handoff_p=0.25") == "algorithm.handoff_p=0.25"
     long_a = ",".join(f"trainer.key{i}=value{i}" for i in range(30)) + ",algorithm.handoff_p=0.25"
     long_b = long_a.replace("0.25", "0.75")

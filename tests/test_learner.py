@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tandem.config import compose
+from tandem.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
 from tandem.runtime.learners import fan_out, spawn_learners

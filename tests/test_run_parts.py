@@ -8,7 +8,7 @@ import math
 import pytest
 
 from tandem import checkpoint as ckpt
-from tandem.config import compose
+from tandem.compose import compose
 from tandem.evaluate import pass_at_k, protocol_config
 from tandem.output.smoke import check, timing_table
 from tandem.train import total_steps

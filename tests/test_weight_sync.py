@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tandem.alternation import Boundaries
-from tandem.config import compose
+from tandem.compose import compose
 from tandem.episode import Episode
 from tandem.runtime.learners import fan_out, spawn_learners
 from tandem.transport.push import (

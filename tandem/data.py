@@ -27,6 +27,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from tandem.arithmetic import generate_arithmetic
 from tandem.config import DataConfig
 
@@ -159,12 +161,6 @@ def _read_jsonl(path: Path) -> list[tuple[int, object]]:
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> list[tuple[int, object]]:
-    # pandas.read_parquet needs pyarrow too, so pyarrow is the one dependency to name
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"reading data.source={cfg.source!r} needs pyarrow: pip install pyarrow "
-                        "(or convert the file to .jsonl)") from None
     table = pq.read_table(path)
     _check_columns(cfg, table.column_names)
     return list(enumerate(table.to_pylist()))
@@ -172,7 +168,7 @@ def _read_parquet(path: Path, cfg: DataConfig) -> list[tuple[int, object]]:
 
 def _read_hub(cfg: DataConfig) -> list[tuple[int, object]]:
     try:
-        import datasets
+        import datasets  # why: ~1.5 s (pandas, fsspec) on every import, for dataset ids only
     except ImportError:
         raise DataError(f"data.source={cfg.source!r} is not a local file, so it is read as a "
                         "Hugging Face dataset id, which needs the datasets library: pip install "

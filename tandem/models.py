@@ -31,6 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tandem import testkit
+
 # Written last into every directory this module builds; a directory without it is garbage.
 _MARKER = "tandem_build.json"
 
@@ -89,8 +96,6 @@ def resolve_model(path: str | Path) -> Path:
 
 def load_tokenizer(path: str | Path):
     """The Hugging Face tokenizer of a model spec (see ``resolve_model``)."""
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(resolve_model(path))
 
 
@@ -100,9 +105,6 @@ def load_causal_lm(path: str | Path, dtype="float32"):
     Uses flash-attention 2 when it is installed, CUDA is present and the dtype is 16-bit
     (it has no float32 kernels), else PyTorch SDPA.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"unknown dtype: {dtype!r}; use float32, bfloat16 or float16")
@@ -168,8 +170,6 @@ def _build_once(final: Path, build: Callable[[Path], None], source: dict) -> Pat
 
 
 def _resolve_kit(variant: str) -> Path:
-    from tandem import testkit
-
     if variant not in testkit.VARIANTS:
         raise ModelNotFoundError(
             f"unknown kit model: kit:{variant}; choose one of "
@@ -215,9 +215,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     and float32 keeps the converted model's logits equal to the GGUF model's. vLLM loads it
     in any engine dtype (bfloat16 is faster on CPU); the config says float32.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, name = gguf_file.parent, gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not tokenizer.chat_template:
@@ -237,9 +234,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
 
 
 def _resolve_hub(repo_id: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     try:
         return _checked_snapshot(snapshot_download(repo_id, local_files_only=True), repo_id)
     except LocalEntryNotFoundError:

@@ -23,6 +23,17 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
+
 # Bump when a build's output changes, so cached kit models (models.resolve_model) rebuild.
 KIT_VERSION = 1
 
@@ -163,8 +174,6 @@ def math_corpus(num_lines: int = 6000, seed: int = 0) -> list[str]:
 
 def _train_tokenizer(variant: TinyVariant):
     """A byte-level BPE tokenizer of exactly ``variant.vocab_size`` tokens, special tokens first."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tokenizer = Tokenizer(models.BPE())
     if variant.pretokenizer == "qwen2":
         split = pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False)
@@ -193,8 +202,6 @@ def _train_tokenizer(variant: TinyVariant):
 
 
 def _model_config(variant: TinyVariant, eos_id: int, pad_id: int):
-    from transformers import LlamaConfig, Qwen3Config
-
     shape = dict(
         vocab_size=variant.vocab_size,
         hidden_size=variant.hidden_size,
@@ -224,9 +231,6 @@ def build_tiny_model(out_dir: Path | str, variant: str = "tiny") -> Path:
     ``variant`` is a key of ``VARIANTS``. ``out_dir`` is created (it must not hold another
     model). The same variant always produces the same bytes.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny model variant: {variant!r}; choose one of {list(VARIANTS)}")
     spec = VARIANTS[variant]
@@ -262,9 +266,6 @@ def build_tiny_model(out_dir: Path | str, variant: str = "tiny") -> Path:
 def build_reweighted_copy(model_dir: Path | str, out_dir: Path | str, seed: int) -> Path:
     """The same architecture and tokenizer with other random weights (N(0, 0.1), seeded): a
     junior whose tokens are told apart from the senior's by their log-probs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     out_dir = Path(out_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)

@@ -217,15 +217,6 @@ def test_parquet_loads(tmp_path):
         load_problems(DataConfig(source=str(path), holdout_size=0), seed=0)
 
 
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    path = tmp_path / "train.parquet"
-    path.write_bytes(b"PAR1")
-    with pytest.raises(DataError, match="pip install pyarrow"):
-        load_problems(DataConfig(source=str(path)), seed=0)
-
-
 def test_dataset_id_without_the_datasets_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match="pip install datasets"):

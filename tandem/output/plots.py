@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from tandem.output.tracking import VAL_METRICS, MetricsError, Row, metrics_path, read_metrics
 
 TABLE_METRICS = ("reward/mean", "reward/accuracy", "tandem/senior_token_frac",
@@ -50,8 +52,6 @@ def read_rows(run_dir: str | Path) -> list[Row]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """PNG (default <run_dir>/progress.png) of reward/mean and tandem/senior_token_frac per step
     (two panels; val/solo_accuracy and val/handoff_accuracy as markers where present)."""
-    from matplotlib.figure import Figure
-
     rows = read_rows(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "progress.png"
     reward, senior = series(rows, "reward/mean"), series(rows, "tandem/senior_token_frac")

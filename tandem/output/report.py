@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from matplotlib.figure import Figure
 
 from tandem.output.plots import fmt, last_value, markdown_table, read_rows, series, tail_mean
 from tandem.output.tracking import METRICS_FILE, MetricsError, Row
@@ -119,8 +120,6 @@ def results_table(runs: Sequence[Run], swept: Sequence[str], root: Path, last: i
 
 
 def plot_rewards(runs: Sequence[Run], swept: Sequence[str], root: Path, out: Path) -> Path:
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(8, 5), constrained_layout=True)
     axes = figure.subplots()
     for run in runs:
@@ -136,8 +135,6 @@ def plot_rewards(runs: Sequence[Run], swept: Sequence[str], root: Path, out: Pat
 
 def plot_against(runs: Sequence[Run], key: str, last: int, out: Path) -> Path:
     """Final reward and the last validation accuracies against one numeric swept value."""
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(7, 5), constrained_layout=True)
     axes = figure.subplots()
     curves = [(f"final reward/mean (last {last})", "o",

@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from tandem.config import TandemConfig
 
 log = logging.getLogger("tandem")
@@ -242,9 +245,6 @@ class RunLogger:
         return eta_seconds(step, self.total_steps, (now - first_time) / (step - first))
 
     def _open_bar(self) -> None:
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         self._bar = tqdm(total=self.total_steps, initial=self.start_step, file=self._stream,
                          unit="step", dynamic_ncols=True,
                          bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
@@ -297,6 +297,7 @@ def _reaches_console(logger: logging.Logger) -> bool:
 
 def _open_tensorboard(run_dir: Path, start_step: int) -> Any:
     try:
+        # why: torch + tensorboard take ~3 s; plots, report and smoke only read metrics.jsonl
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:
         raise ImportError(f"trainer.tensorboard=true needs the tensorboard package ({error}); "
@@ -309,7 +310,7 @@ def _open_tensorboard(run_dir: Path, start_step: int) -> Any:
 
 def _open_wandb(run_dir: Path, config: TandemConfig) -> Any:
     try:
-        import wandb
+        import wandb  # why: optional, not a dependency; trainer.wandb=false never needs it
     except ImportError:
         log.warning("trainer.wandb=true but the wandb package is not installed: logging to "
                     "metrics.jsonl%s only; pip install wandb, or set trainer.wandb=false",

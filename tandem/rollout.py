@@ -157,8 +157,6 @@ class Rollout:
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
                        activity: _Activity) -> Episode:
-        from tandem.engine.api import SegmentStop
-
         budget = self.config.rollout.max_response_tokens
         alternation = Alternation(self.config.algorithm, episode_rng(self.config.seed, step,
                                                                      index),
@@ -182,9 +180,7 @@ class Rollout:
         try:
             while written < budget:
                 writer = alternation.writer
-                rule = alternation.stop_rule(budget - written)
-                stop = SegmentStop(max_tokens=rule.max_tokens, boundary_set=rule.boundary_set,
-                                   boundaries=rule.boundaries, pair=rule.pair)
+                stop = alternation.stop_rule(budget - written)
                 new_ids = context[writer][sent[writer]:]
                 activity.change(writer, +1)
                 try:

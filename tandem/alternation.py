@@ -124,13 +124,22 @@ class StopRule:
     `boundary_set` and completions of `pair` (a token of set B right after one of set A, the
     previous token possibly written by the other writer). An engine that stops at every pair
     completion stops early, which is allowed. No boundary rule (k = inf, chunk): `max_tokens`.
+    The engine takes the rule as it is (`RolloutEngine.generate`, `turn`); every rule that is
+    set applies, and whichever fires first ends the request.
     """
 
     max_tokens: int
     """min(shared budget left, the chunk's end, the forced re-draw K - gap)."""
+    stop_ids: tuple[int, ...] = ()
+    """Stop after any of these tokens (kept). Keep it short: it is a linear scan per token."""
     boundary_set: str | None = None
+    """Name of a token set registered with the engine (`Boundaries.token_sets`)."""
     boundaries: int = 0
+    """Stop at the k-th token of `boundary_set` sampled in this request (0 = rule off)."""
+    keep_boundary: bool = True
+    """False: the k-th boundary token is sampled but left out (the hand-off comes before it)."""
     pair: tuple[str, str] | None = None
+    """(set A, set B): stop after a token of B that follows a token of A in the context."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 SENIOR = 1
 JUNIOR = 0
+ROLE_NAMES = {SENIOR: "senior", JUNIOR: "junior"}
+"""The one author convention: ids in masks and dicts, these names in metrics, config and logs."""
 
 
 @dataclass

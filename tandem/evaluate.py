@@ -18,7 +18,9 @@ import time
 from typing import Any
 
 from tandem.config import TandemConfig
+from tandem.engine.api import Sampling
 from tandem.reward import RewardPool
+from tandem.rollout import Rollout
 
 VAL_STEP_OFFSET = 1_000_000
 """Validation rollouts use step numbers past any training step, so their episode seeds and
@@ -53,33 +55,28 @@ def protocol_config(config: TandemConfig, protocol: str) -> TandemConfig:
 
 
 def validation_rollouts(config: TandemConfig, senior: list[Any], junior: list[Any],
-                        senior_tokenizer: Any, junior_tokenizer: Any | None) -> dict[str, Any]:
+                        senior_tokenizer: Any, junior_tokenizer: Any | None
+                        ) -> dict[str, Rollout]:
     """One `Rollout` per validation protocol (solo, and hand-off when eval.val_handoff)."""
-    from tandem.engine.api import Sampling
-    from tandem.rollout import Rollout
-
     protocols = ["solo"] + (["handoff"] if config.eval.val_handoff else [])
-    rollouts = {}
-    for protocol in protocols:
-        rollout = Rollout(protocol_config(config, protocol), senior, junior, senior_tokenizer,
-                          junior_tokenizer)
-        rollout.sampling = Sampling(temperature=config.eval.temperature, top_p=config.eval.top_p,
-                                    top_k=config.eval.top_k)
-        rollouts[protocol] = rollout
-    return rollouts
+    sampling = Sampling(temperature=config.eval.temperature, top_p=config.eval.top_p,
+                        top_k=config.eval.top_k)
+    return {protocol: Rollout(protocol_config(config, protocol), senior, junior,
+                              senior_tokenizer, junior_tokenizer, sampling=sampling)
+            for protocol in protocols}
 
 
-def validate(rollouts: dict[str, Any], prompts: list[list[int]],
+def validate(rollouts: dict[str, Rollout], prompts: list[list[int]],
              junior_prompts: list[list[int]] | None, answers: list[str], rewards: RewardPool,
              step: int, samples: int, pass_k: list[int], weight_version: int
              ) -> dict[str, float]:
-    """`val/<protocol>_accuracy` (mean reward), `val/<protocol>_pass@k` and response lengths."""
+    """`val/<protocol>_accuracy` (mean reward), `val/<protocol>_pass@k` and response lengths.
+    `weight_version`: the version the senior engines serve now."""
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     for protocol, rollout in rollouts.items():
-        rollout.weight_version = weight_version
         episodes, stats = rollout.generate(prompts, VAL_STEP_OFFSET + step, junior_prompts,
-                                           samples=samples)
+                                           samples=samples, weight_version=weight_version)
         verdicts = rewards.score([e.response_text for e in episodes],
                                  [answers[e.group] for e in episodes])
         correct = [0] * len(prompts)

@@ -27,6 +27,7 @@ the junior's text as senior ids with author 0 and log-prob 0 (it is never traine
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -34,9 +35,9 @@ from typing import Any
 
 from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
 from tandem.config import TandemConfig
-from tandem.episode import JUNIOR, SENIOR, Episode
-
-ROLES = {SENIOR: "senior", JUNIOR: "junior"}
+from tandem.engine.api import EngineSettings, Sampling
+from tandem.engine.channel import TurnChannel
+from tandem.episode import JUNIOR, ROLE_NAMES, SENIOR, Episode
 
 
 @dataclass
@@ -71,12 +72,12 @@ class Rollout:
 
     `senior` / `junior` are lists of engine replicas: Ray actor handles of `RolloutEngine`
     (or the plain objects, for in-process use). Whole groups go to one replica of each role.
+    `sampling` defaults to the config's rollout sampling (validation passes the eval one).
     """
 
     def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
-                 senior_tokenizer: Any, junior_tokenizer: Any | None = None) -> None:
-        from tandem.engine.api import Sampling
-
+                 senior_tokenizer: Any, junior_tokenizer: Any | None = None,
+                 sampling: Sampling | None = None) -> None:
         self.config = config
         self.senior, self.junior = senior, junior
         self.tokenizers = {SENIOR: senior_tokenizer, JUNIOR: junior_tokenizer or senior_tokenizer}
@@ -89,22 +90,22 @@ class Rollout:
         self.boundaries[JUNIOR] = (Boundaries.from_tokenizer(junior_tokenizer)
                                    if self.cross_tokenizer else self.boundaries[SENIOR])
         rollout = config.rollout
-        self.sampling = Sampling(temperature=rollout.temperature, top_p=rollout.top_p,
-                                 top_k=rollout.top_k)
-        self.weight_version = 0
+        self.sampling = sampling or Sampling(temperature=rollout.temperature,
+                                             top_p=rollout.top_p, top_k=rollout.top_k)
         self._addresses: dict[int, str] = {}  # id(engine actor) -> its TurnChannel address
 
     def generate(self, prompts: list[list[int]], step: int,
-                 junior_prompts: list[list[int]] | None = None, samples: int | None = None
-                 ) -> tuple[list[Episode], dict[str, float]]:
+                 junior_prompts: list[list[int]] | None = None, samples: int | None = None,
+                 weight_version: int = 0) -> tuple[list[Episode], dict[str, float]]:
         """`samples` (default `algorithm.group_size`) episodes per prompt (senior token ids; for
         a junior with another tokenizer also the same prompts in its ids). Returns episodes
-        grouped by prompt."""
-        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples))
+        grouped by prompt. `weight_version`: the version the senior engines serve, recorded on
+        episodes the senior wrote nothing of (the others carry their senior segments')."""
+        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples, weight_version))
 
     async def agenerate(self, prompts: list[list[int]], step: int,
                         junior_prompts: list[list[int]] | None = None,
-                        samples: int | None = None
+                        samples: int | None = None, weight_version: int = 0
                         ) -> tuple[list[Episode], dict[str, float]]:
         if self.cross_tokenizer and (junior_prompts is None
                                      or len(junior_prompts) != len(prompts)):
@@ -123,7 +124,8 @@ class Rollout:
                 for member in range(group_size):
                     index = group * group_size + member
                     tasks.append(self._episode(prompt, junior_prompt, group, index, step,
-                                               {SENIOR: senior, JUNIOR: junior}, activity))
+                                               {SENIOR: senior, JUNIOR: junior}, activity,
+                                               weight_version))
             episodes = await asyncio.gather(*tasks)
             wall = time.perf_counter() - activity.started
         finally:
@@ -141,7 +143,7 @@ class Rollout:
             "time/rollout": wall,
         })
         spent = {key: after[key] - before[key] for key in after}
-        for role, name in ROLES.items():
+        for role, name in ROLE_NAMES.items():
             seconds = wall * len(self.senior if role == SENIOR else self.junior)
             metrics[f"rollout/{name}_engine_busy_frac"] = spent[role, "busy_s"] / seconds
             metrics[f"rollout/{name}_engine_cpu_frac"] = spent[role, "core_cpu_s"] / seconds
@@ -156,9 +158,7 @@ class Rollout:
 
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
-                       activity: _Activity) -> Episode:
-        from tandem.engine.api import SegmentStop
-
+                       activity: _Activity, weight_version: int) -> Episode:
         budget = self.config.rollout.max_response_tokens
         alternation = Alternation(self.config.algorithm, episode_rng(self.config.seed, step,
                                                                      index),
@@ -173,18 +173,16 @@ class Rollout:
         logprobs: list[float] = []
         starts: list[int] = []
         written = 0  # budget used, counted in each writer's own tokens
-        finish, version = "length", self.weight_version
+        finish, version = "length", weight_version
         # one session per role: in solo benchmarks one engine may serve both roles
-        sessions = {role: f"{step}-{index}-{name}" for role, name in ROLES.items()}
+        sessions = {role: f"{step}-{index}-{name}" for role, name in ROLE_NAMES.items()}
         # reproducible sampling: one seeded request per segment, seeds drawn apart from hand-offs
         seeds = random.Random(f"tandem/sampling/{self.config.seed}/{step}/{index}")
         seeded = self.config.rollout.reproducible_sampling
         try:
             while written < budget:
                 writer = alternation.writer
-                rule = alternation.stop_rule(budget - written)
-                stop = SegmentStop(max_tokens=rule.max_tokens, boundary_set=rule.boundary_set,
-                                   boundaries=rule.boundaries, pair=rule.pair)
+                stop = alternation.stop_rule(budget - written)
                 new_ids = context[writer][sent[writer]:]
                 activity.change(writer, +1)
                 try:
@@ -255,8 +253,6 @@ class Rollout:
         actor (its address asked once per engine) if `cluster.turn_channel`, else the engine
         itself (Ray calls, or direct calls for a plain object); and the new channels, to close
         when the batch is done."""
-        from tandem.engine.channel import TurnChannel
-
         callers: dict[int, Any] = {}
         channels = []
         for engine in (*self.senior, *self.junior):
@@ -297,16 +293,12 @@ class Rollout:
 
 
 def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries: Boundaries,
-                    first_core: int = 0) -> list:
+                    first_core: int = 0) -> list[EngineSettings]:
     """One EngineSettings per replica of `role`, from the config schema.
 
     On CPU each replica is pinned to its own `cluster.<role>.cpus` cores, counted from
     `first_core` (wrapping around the machine): two engines sharing cores run 3-4x slower.
     """
-    import os
-
-    from tandem.engine.api import EngineSettings
-
     cluster = config.cluster
     resources = getattr(cluster, role)
     spec = getattr(config.model, role)

@@ -13,11 +13,15 @@ import time
 import psutil
 import pytest
 import torch
+from vllm import SamplingParams
+from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
-from tandem.engine.api import EngineSettings, Sampling, SegmentStop
-from tandem.engine.channel import TurnChannel
+from tandem.alternation import StopRule
+from tandem.engine.api import EngineSettings, Sampling, Segment
+from tandem.engine.channel import ChannelServer, TurnChannel
 from tandem.engine.rollout_engine import RolloutEngine
-from tandem.runtime.engines import assign_episodes, shutdown_engines, start_engines
+from tandem.engine.scheduler import read_stop_args, stop_args
+from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.testkit import build_tiny_model
 
 GREEDY = Sampling(temperature=0.0)
@@ -154,8 +158,8 @@ def test_greedy_matches_transformers_and_logprobs_match_score(run, engine, hf_mo
                                                               reference):
     n = len(reference)
     first, again = run(
-        engine.generate(prompt, SegmentStop(max_tokens=n), GREEDY),
-        engine.generate(prompt, SegmentStop(max_tokens=n), GREEDY))
+        engine.generate(prompt, StopRule(max_tokens=n), GREEDY),
+        engine.generate(prompt, StopRule(max_tokens=n), GREEDY))
     assert first.token_ids == reference == again.token_ids
     assert len(first.logprobs) == n and first.num_sampled == n
     assert first.finish_reason == "length" and first.weight_version == 0
@@ -169,7 +173,7 @@ def test_sampled_logprobs_are_those_of_the_tempered_distribution(run, engine, hf
     """The learner computes log_softmax(logits / T): the engine must report the same numbers."""
     for temperature in (1.0, 0.7):
         segment = run(
-            engine.generate(prompt, SegmentStop(max_tokens=24), Sampling(temperature)))
+            engine.generate(prompt, StopRule(max_tokens=24), Sampling(temperature)))
         assert len(segment.token_ids) == len(segment.logprobs) == 24
         ids = prompt + segment.token_ids
         with torch.no_grad():
@@ -185,7 +189,7 @@ def test_sampled_logprobs_are_those_of_the_tempered_distribution(run, engine, hf
 @pytest.mark.parametrize("k, keep", [(1, True), (2, True), (2, False)])
 def test_stop_at_kth_boundary(run, engine, prompt, reference, token_sets, k, keep):
     at = expected_stop(reference, prompt[-1], boundary=set(token_sets["marks"]), k=k)
-    stop = SegmentStop(max_tokens=30, boundary_set="marks", boundaries=k, keep_boundary=keep)
+    stop = StopRule(max_tokens=30, boundary_set="marks", boundaries=k, keep_boundary=keep)
     segment = run(engine.generate(prompt, stop, GREEDY))
     assert segment.finish_reason == "stop"
     assert segment.num_sampled == at + 1
@@ -200,32 +204,32 @@ def test_pair_rule_fires_inside_a_segment_and_across_the_hand_off(run, engine, p
     sets = (set(token_sets["first"]), set(token_sets["second"]))
     at = expected_stop(reference, prompt[-1], pair=sets)
     inside = run(
-        engine.generate(prompt, SegmentStop(max_tokens=30, pair=pair), GREEDY))
+        engine.generate(prompt, StopRule(max_tokens=30, pair=pair), GREEDY))
     assert inside.finish_reason == "stop" and inside.token_ids == reference[:at + 1]
     # the other writer ended on the pair's first token: the first sampled token completes it
     handed = prompt + reference[:5]
     across = run(
-        engine.generate(handed, SegmentStop(max_tokens=30, pair=pair), GREEDY))
+        engine.generate(handed, StopRule(max_tokens=30, pair=pair), GREEDY))
     assert across.finish_reason == "stop" and across.token_ids == reference[5:6]
 
 
 def test_max_tokens_stop_ids_and_eos_are_told_apart(run, engine, prompt, reference):
-    capped = run(engine.generate(prompt, SegmentStop(max_tokens=3), GREEDY))
+    capped = run(engine.generate(prompt, StopRule(max_tokens=3), GREEDY))
     assert capped.finish_reason == "length" and capped.token_ids == reference[:3]
     stopped = run(
-        engine.generate(prompt, SegmentStop(max_tokens=30, stop_ids=(reference[2],)), GREEDY))
+        engine.generate(prompt, StopRule(max_tokens=30, stop_ids=(reference[2],)), GREEDY))
     at = reference.index(reference[2])
     assert stopped.finish_reason == "stop" and stopped.token_ids == reference[:at + 1]
     # find one-token prompts after which the random model's argmax is an EOS token
     vocab = 1024
     firsts = run(*(
-        engine.generate([token], SegmentStop(max_tokens=1), GREEDY) for token in range(vocab)))
+        engine.generate([token], StopRule(max_tokens=1), GREEDY) for token in range(vocab)))
     ends = [token for token, seg in zip(range(vocab), firsts, strict=True)
             if seg.finish_reason == "eos"]
     assert ends, "no one-token prompt leads the tiny model to EOS"
     for token in ends:
         segment = run(
-            engine.generate([token], SegmentStop(max_tokens=8), GREEDY))
+            engine.generate([token], StopRule(max_tokens=8), GREEDY))
         assert segment.finish_reason == "eos"
         assert len(segment.token_ids) == 1 and segment.token_ids[0] in engine.eos_ids
 
@@ -233,14 +237,14 @@ def test_max_tokens_stop_ids_and_eos_are_told_apart(run, engine, prompt, referen
 def test_bad_calls_are_refused_with_what_to_change(run, engine, prompt):
     with pytest.raises(ValueError, match="not registered"):
         run(engine.generate(
-            prompt, SegmentStop(max_tokens=4, boundary_set="words", boundaries=1), GREEDY))
+            prompt, StopRule(max_tokens=4, boundary_set="words", boundaries=1), GREEDY))
     with pytest.raises(ValueError, match="adds no tokens"):
-        run(engine.turn("empty", [], SegmentStop(max_tokens=4), GREEDY))
+        run(engine.turn("empty", [], StopRule(max_tokens=4), GREEDY))
     # per-request seeds: never on streaming turns, and on CPU not with chunked prefill
     with pytest.raises(ValueError, match="cannot be seeded"):
-        run(engine.turn("seeded", prompt, SegmentStop(max_tokens=4), Sampling(1.0, seed=3)))
+        run(engine.turn("seeded", prompt, StopRule(max_tokens=4), Sampling(1.0, seed=3)))
     with pytest.raises(ValueError, match="enable_chunked_prefill"):
-        run(engine.generate(prompt, SegmentStop(max_tokens=4), Sampling(1.0, seed=3)))
+        run(engine.generate(prompt, StopRule(max_tokens=4), Sampling(1.0, seed=3)))
     assert run(engine.stats())["engine/sessions"] == 0
 
 
@@ -252,9 +256,9 @@ def test_session_turns_equal_one_shot_requests_and_save_prefill(run, engine, pro
     tokens and log-probs equal one request over the same prefix, for less prefill."""
     long_prompt = prompt * 4  # > one 128-token block, so prefix caching has something to reuse
     others = [[101, 102, 103, 104], [205, 206], [307, 308, 309, 310, 311, 312]]
-    stops = [SegmentStop(max_tokens=12), SegmentStop(max_tokens=12, boundary_set="all",
+    stops = [StopRule(max_tokens=12), StopRule(max_tokens=12, boundary_set="all",
                                                      boundaries=3, keep_boundary=False),
-             SegmentStop(max_tokens=12), SegmentStop(max_tokens=12)]
+             StopRule(max_tokens=12), StopRule(max_tokens=12)]
 
     async def with_session():
         segments, new = [], long_prompt
@@ -298,7 +302,7 @@ def test_sessions_beyond_the_kv_cache_are_evicted_and_reopened(run, engine, prom
     sessions = capacity // 700 + 2
     assert sessions <= 20, "the module engine's KV cache is larger than this test expects"
     long_prompts = [[(7 * i + j) % 1000 + 3 for j in range(700)] for i in range(sessions)]
-    stop = SegmentStop(max_tokens=6)
+    stop = StopRule(max_tokens=6)
 
     async def fill_then_return():
         for i, ids in enumerate(long_prompts):
@@ -327,7 +331,7 @@ def test_concurrent_requests_are_batched_not_serialized(run, engine):
     before = run(engine.stats())
     start = time.perf_counter()
     segments = run(*(
-        engine.generate([5, 6, 7 + i], SegmentStop(max_tokens=length), Sampling(1.0))
+        engine.generate([5, 6, 7 + i], StopRule(max_tokens=length), Sampling(1.0))
         for i in range(requests)))
     seconds = time.perf_counter() - start
     after = run(engine.stats())
@@ -353,10 +357,10 @@ def test_load_weights_changes_scores_to_the_new_weights_and_back(run, engine, ti
                  for name, w in original.items()}
     sequence = prompt + reference
     before = run(engine.score([sequence], [1]))[0]
-    segment = run(engine.turn("across-push", prompt, SegmentStop(4), GREEDY))
+    segment = run(engine.turn("across-push", prompt, StopRule(4), GREEDY))
 
     async def push_during_a_request():
-        running = asyncio.ensure_future(engine.generate(prompt, SegmentStop(200), Sampling(1.0)))
+        running = asyncio.ensure_future(engine.generate(prompt, StopRule(200), Sampling(1.0)))
         await asyncio.sleep(0)
         try:
             await engine.load_weights(list(perturbed.items()), version=1)
@@ -375,9 +379,9 @@ def test_load_weights_changes_scores_to_the_new_weights_and_back(run, engine, ti
     assert after == pytest.approx(token_logprobs(new_model, sequence, 1), abs=1e-3)
     assert max(abs(a - b) for a, b in zip(after, before, strict=True)) > 0.1
     # the session opened under the old weights continues under the new ones
-    resumed = run(engine.turn("across-push", [9], SegmentStop(4), GREEDY))
+    resumed = run(engine.turn("across-push", [9], StopRule(4), GREEDY))
     fresh = run(
-        engine.generate(prompt + segment.token_ids + [9], SegmentStop(4), GREEDY))
+        engine.generate(prompt + segment.token_ids + [9], StopRule(4), GREEDY))
     assert resumed.token_ids == fresh.token_ids and resumed.weight_version == 1
     run(engine.close_session("across-push"))
 
@@ -387,17 +391,10 @@ def test_load_weights_changes_scores_to_the_new_weights_and_back(run, engine, ti
     run(engine.load_weights(items[5:], version=2, bucket=1, num_buckets=2))
     restored = run(engine.score([sequence], [1]))[0]
     assert restored == pytest.approx(before, abs=1e-5)
-    assert run(engine.generate(prompt, SegmentStop(4), GREEDY)).weight_version == 2
+    assert run(engine.generate(prompt, StopRule(4), GREEDY)).weight_version == 2
 
 
 # ----------------------------------------------------------------------------- replicas and Ray
-
-
-def test_assign_episodes_keeps_groups_together_and_spreads_them():
-    engines = ["a", "b"]
-    assert assign_episodes([0, 0, 1, 1, 2, 2], engines) == ["a", "a", "b", "b", "a", "a"]
-    with pytest.raises(ValueError):
-        assign_episodes([0], [])
 
 
 def test_settings_and_stop_rules_validate():
@@ -405,7 +402,39 @@ def test_settings_and_stop_rules_validate():
         EngineSettings(model="m", dtype="float32", max_model_len=64, seed=0,
                        enable_prefix_caching=True, device="tpu")
     with pytest.raises(ValueError, match="boundary_set"):
-        SegmentStop(max_tokens=4, boundary_set="words")
+        StopRule(max_tokens=4, boundary_set="words")
+
+
+def test_a_stop_rule_reaches_the_engine_core_and_the_channel_unchanged():
+    """The one StopRule form travels as it is: in `extra_args` through vLLM's msgpack to the
+    EngineCore's scheduler, and through the turn channel to the engine actor."""
+    rule = StopRule(max_tokens=7, stop_ids=(3, 4), boundary_set="word", boundaries=2,
+                    keep_boundary=False, pair=("line_end", "line_start"))
+    params = SamplingParams(max_tokens=7, extra_args=stop_args(rule))
+    arrived = MsgpackDecoder(SamplingParams).decode(MsgpackEncoder().encode(params))
+    assert read_stop_args(arrived.extra_args) == rule
+    # no set rule: vLLM's own checks suffice and the scheduler's fast path skips the request
+    assert stop_args(StopRule(max_tokens=7, stop_ids=(3,))) is None
+
+    received = []
+
+    class Echo:  # the engine's end of the channel: records what arrives
+        async def turn(self, session_id, new_ids, stop, sampling):
+            received.append((session_id, new_ids, stop, sampling))
+            return Segment([1], [-0.5], "stop", 1, 0)
+
+    async def round_trip():
+        server = ChannelServer(Echo(), "127.0.0.1")
+        channel = TurnChannel(server.address)
+        try:
+            return await asyncio.wait_for(channel.turn("s", [5, 6], rule, GREEDY), 30)
+        finally:
+            channel.close()
+            server.close()
+
+    assert asyncio.run(round_trip()) == Segment([1], [-0.5], "stop", 1, 0)
+    assert received == [("s", [5, 6], rule, GREEDY)]
+    assert type(received[0][2].pair) is tuple and type(received[0][2].stop_ids) is tuple
 
 
 def _engine_cores() -> list[psutil.Process]:
@@ -423,9 +452,9 @@ def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):
     cores = [p for p in _engine_cores() if p not in before]
     engine = engines[0]
     try:
-        segment = ray.get(engine.generate.remote(prompt, SegmentStop(max_tokens=8), GREEDY))
+        segment = ray.get(engine.generate.remote(prompt, StopRule(max_tokens=8), GREEDY))
         assert segment.token_ids == reference[:8]
-        turns = ray.get([engine.turn.remote(f"e{i}", prompt, SegmentStop(max_tokens=8), GREEDY)
+        turns = ray.get([engine.turn.remote(f"e{i}", prompt, StopRule(max_tokens=8), GREEDY)
                          for i in range(6)])
         assert all(t.token_ids == reference[:8] for t in turns)
         stats = ray.get(engine.stats.remote())
@@ -439,14 +468,14 @@ def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):
         async def through_channel():
             channel = TurnChannel(address)
             segments = await asyncio.gather(*(
-                channel.turn(f"c{i}", prompt, SegmentStop(max_tokens=8), GREEDY)
+                channel.turn(f"c{i}", prompt, StopRule(max_tokens=8), GREEDY)
                 for i in range(4)))
             with pytest.raises(RuntimeError, match="not registered"):
-                await channel.turn("c0", [9], SegmentStop(max_tokens=4, boundary_set="words",
+                await channel.turn("c0", [9], StopRule(max_tokens=4, boundary_set="words",
                                                           boundaries=1), GREEDY)
             await channel.close_session("c1")
             pending = asyncio.ensure_future(
-                channel.turn("c2", [9], SegmentStop(max_tokens=400), Sampling(1.0)))
+                channel.turn("c2", [9], StopRule(max_tokens=400), Sampling(1.0)))
             await asyncio.sleep(0)
             engine.shutdown.remote()
             with pytest.raises(RuntimeError, match="lost the connection"):

@@ -1,19 +1,13 @@
 """What the driver and the engine exchange: vLLM-free value types.
 
-The rollout builds `EngineSettings` from the config, describes each segment with a stop rule
-and `Sampling`, and gets `Segment`s back. Importing this module imports no vLLM.
+The rollout builds `EngineSettings` from the config, describes each segment with a
+`tandem.alternation.StopRule` and a `Sampling`, and gets `Segment`s back. Importing this module
+imports no vLLM.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
-TOKEN_SETS_KEY = "tandem_token_sets"  # VllmConfig.additional_config: {set name: [token ids]}
-STOP_KEY = "tandem_stop"  # SamplingParams.extra_args: [boundary set, k, keep, pair A, pair B]
-REASON_BOUNDARY = "tandem:boundary"
-REASON_BOUNDARY_DROPPED = "tandem:boundary_dropped"
-REASON_PAIR = "tandem:pair"
 
 
 @dataclass(frozen=True)
@@ -74,39 +68,6 @@ class Sampling:
     seed: int | None = None
     """Per-request seed: the sampled tokens then depend on nothing else (not the batch). `generate`
     only, and on CPU only with `EngineSettings.enable_chunked_prefill=False`."""
-
-
-@dataclass(frozen=True)
-class SegmentStop:
-    """When a segment ends; every rule that is set applies, whichever fires first wins."""
-
-    max_tokens: int
-    stop_ids: tuple[int, ...] = ()
-    """Stop after any of these tokens (kept). Keep it short: it is a linear scan per token."""
-    boundary_set: str | None = None
-    """Name of a registered token set for the k-th boundary rule."""
-    boundaries: int = 0
-    """Stop at the k-th token of `boundary_set` sampled in this segment (0 = rule off)."""
-    keep_boundary: bool = True
-    """False: the k-th boundary token is sampled but left out (the hand-off comes before it)."""
-    pair: tuple[str, str] | None = None
-    """(set A, set B): stop after a token of B that follows a token of A in the context."""
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"SegmentStop.max_tokens must be >= 1, got {self.max_tokens}")
-        if (self.boundary_set is None) != (self.boundaries == 0):
-            raise ValueError("SegmentStop.boundary_set and boundaries (>= 1) go together, got "
-                             f"{self.boundary_set!r} and {self.boundaries}")
-        if self.boundaries < 0:
-            raise ValueError(f"SegmentStop.boundaries must be >= 0, got {self.boundaries}")
-
-    def rule(self) -> list[Any] | None:
-        """The compact form carried in `SamplingParams.extra_args` (None: no custom rule)."""
-        if self.boundary_set is None and self.pair is None:
-            return None
-        first, second = self.pair or (None, None)
-        return [self.boundary_set, self.boundaries, self.keep_boundary, first, second]
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""The turn channel: rollout driver <-> engine actor over a ZMQ socket (msgpack)."""
+"""The turn channel: rollout driver <-> engine actor over a ZMQ socket (msgpack).
+
+Both ends live here: `TurnChannel` runs in the driver, `ChannelServer` on the engine actor's
+event loop. The driver imports this module, so it imports no vLLM."""
 
 from __future__ import annotations
 
@@ -8,30 +11,32 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tandem.engine.api import Sampling, Segment, SegmentStop
+import msgspec
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from tandem.alternation import StopRule
+from tandem.engine.api import Sampling, Segment
 
 if TYPE_CHECKING:  # the engine imports this module
     from tandem.engine.rollout_engine import RolloutEngine
 
 # msgpack on the wire. A call: (call id, method, session id, new ids, stop, sampling), a reply:
 # (call id, segment, error). Each message is a list of them.
-_Call = tuple[int, str, str, list[int], SegmentStop | None, Sampling | None]
+_Call = tuple[int, str, str, list[int], StopRule | None, Sampling | None]
 _Reply = tuple[int, Segment | None, str | None]
 
 
 class ChannelServer:
     """The engine's end of `TurnChannel`s: runs each call as a task on the engine's event loop
     and sends the replies ready in one loop iteration (the turns one engine step finished) to
-    each driver as one message."""
+    each driver as one message. It listens on `host` (the engine's node IP, for drivers on
+    other nodes; loopback for one process) without authentication, like Ray's own ports."""
 
-    def __init__(self, engine: RolloutEngine) -> None:
-        import msgspec
-        import zmq
-        import zmq.asyncio
-
+    def __init__(self, engine: RolloutEngine, host: str) -> None:
         self._engine = engine
         self._socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        host = _node_ip()
         self.address = f"tcp://{host}:{self._socket.bind_to_random_port(f'tcp://{host}')}"
         self._decoder = msgspec.msgpack.Decoder(list[_Call])
         self._encoder = msgspec.msgpack.Encoder()
@@ -40,8 +45,6 @@ class ChannelServer:
         self._serving = asyncio.ensure_future(self._serve())
 
     async def _serve(self) -> None:
-        import msgspec
-
         while True:
             driver, message = await self._socket.recv_multipart()
             try:
@@ -56,7 +59,7 @@ class ChannelServer:
                 task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, driver: bytes, call_id: int, method: str, session_id: str,
-                      new_ids: list[int], stop: SegmentStop | None,
+                      new_ids: list[int], stop: StopRule | None,
                       sampling: Sampling | None) -> None:
         segment, error = None, None
         try:
@@ -98,10 +101,6 @@ class TurnChannel:
     """
 
     def __init__(self, address: str) -> None:
-        import msgspec
-        import zmq
-        import zmq.asyncio
-
         self.address = address
         self._socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
@@ -114,14 +113,14 @@ class TurnChannel:
         self._broken: Exception | None = None
         self._tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self._watch())]
 
-    async def turn(self, session_id: str, new_ids: Sequence[int], stop: SegmentStop,
+    async def turn(self, session_id: str, new_ids: Sequence[int], stop: StopRule,
                    sampling: Sampling) -> Segment:
         return await self._call("turn", session_id, list(new_ids), stop, sampling)
 
     async def close_session(self, session_id: str) -> None:
         await self._call("close_session", session_id, [], None, None)
 
-    async def generate(self, prompt_ids: Sequence[int], stop: SegmentStop,
+    async def generate(self, prompt_ids: Sequence[int], stop: StopRule,
                        sampling: Sampling) -> Segment:
         return await self._call("generate", "", list(prompt_ids), stop, sampling)
 
@@ -154,9 +153,6 @@ class TurnChannel:
                     future.set_exception(RuntimeError(f"engine at {self.address}: {error}"))
 
     async def _watch(self) -> None:
-        import zmq
-        from zmq.utils.monitor import parse_monitor_message
-
         while True:
             event = parse_monitor_message(await self._monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
@@ -178,12 +174,4 @@ class TurnChannel:
         self._socket.disable_monitor()
         self._monitor.close(linger=0)
         self._socket.close(linger=0)
-
-
-
-def _node_ip() -> str:
-    """This node's address as Ray knows it, for peers on other nodes; loopback outside Ray."""
-    import ray
-
-    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 

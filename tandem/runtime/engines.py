@@ -1,4 +1,7 @@
-"""Engine replicas as Ray actors: start them ready to serve, shut them down."""
+"""Engine replicas as Ray actors: start them ready to serve, shut them down.
+
+The engine itself (`tandem.engine.rollout_engine.RolloutEngine`) knows nothing of Ray; the actor
+class here adds what only Ray can tell it: its node, and the node's IP for its turn channel."""
 
 from __future__ import annotations
 
@@ -11,15 +14,27 @@ from tandem.engine.api import EngineSettings
 from tandem.engine.rollout_engine import RolloutEngine
 
 
+class RolloutEngineActor(RolloutEngine):
+    """A `RolloutEngine` in a Ray actor: its turn channel listens on the node's IP, for drivers
+    on other nodes, and it tells which node it runs on."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__(settings, channel_host=ray.util.get_node_ip_address())
+
+    async def node_id(self) -> str:
+        """The Ray node this engine runs on: a weight push from the same node can hand over a
+        file in shared memory instead of the tensors."""
+        return ray.get_runtime_context().get_node_id()
+
+
 def start_engines(settings: Sequence[EngineSettings],
                   options: Sequence[dict[str, Any]] | None = None,
                   timeout_s: float | None = None) -> list[Any]:
-    """The replicas of one role: a `RolloutEngine` Ray actor per settings entry, started and
+    """The replicas of one role: a `RolloutEngineActor` per settings entry, started and
     ready to serve within `timeout_s`. Give each replica its own `cpu_cores` on CPU; on CUDA it
     takes `tensor_parallel_size` GPUs. `options` (one dict per replica, e.g. from
     `placement.reserve`) replace the default resources and may name a placement group."""
-
-    actor = ray.remote(RolloutEngine)
+    actor = ray.remote(RolloutEngineActor)
     handles = []
     for index, replica in enumerate(settings):
         if options is None:
@@ -43,18 +58,8 @@ def start_engines(settings: Sequence[EngineSettings],
     return handles
 
 
-def assign_episodes(group_ids: Sequence[int], engines: Sequence[Any]) -> list[Any]:
-    """The replica of each episode: whole groups round-robin, so a group's shared prompt is
-    prefilled once and its KV reused from that replica's prefix cache."""
-    if not engines:
-        raise ValueError("assign_episodes needs at least one engine")
-    order = {group: i for i, group in enumerate(dict.fromkeys(group_ids))}
-    return [engines[order[group] % len(engines)] for group in group_ids]
-
-
 def shutdown_engines(engines: Sequence[Any], timeout_s: float = 60.0) -> None:
     """Shut every replica's engine down, then end its actor."""
-
     try:
         ray.get([engine.shutdown.remote() for engine in engines], timeout=timeout_s)
     finally:

@@ -77,9 +77,8 @@ def validate(rollouts: dict[str, Any], prompts: list[list[int]],
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     for protocol, rollout in rollouts.items():
-        rollout.weight_version = weight_version
         episodes, stats = rollout.generate(prompts, VAL_STEP_OFFSET + step, junior_prompts,
-                                           samples=samples)
+                                           samples=samples, weight_version=weight_version)
         verdicts = rewards.score([e.response_text for e in episodes],
                                  [answers[e.group] for e in episodes])
         correct = [0] * len(prompts)

@@ -91,20 +91,21 @@ class Rollout:
         rollout = config.rollout
         self.sampling = Sampling(temperature=rollout.temperature, top_p=rollout.top_p,
                                  top_k=rollout.top_k)
-        self.weight_version = 0
         self._addresses: dict[int, str] = {}  # id(engine actor) -> its TurnChannel address
 
     def generate(self, prompts: list[list[int]], step: int,
-                 junior_prompts: list[list[int]] | None = None, samples: int | None = None
-                 ) -> tuple[list[Episode], dict[str, float]]:
+                 junior_prompts: list[list[int]] | None = None, samples: int | None = None,
+                 weight_version: int = 0) -> tuple[list[Episode], dict[str, float]]:
         """`samples` (default `algorithm.group_size`) episodes per prompt (senior token ids; for
         a junior with another tokenizer also the same prompts in its ids). Returns episodes
-        grouped by prompt."""
-        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples))
+        grouped by prompt. `weight_version`: the version the senior engines serve, recorded on
+        episodes the senior wrote nothing of."""
+        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples,
+                                          weight_version))
 
     async def agenerate(self, prompts: list[list[int]], step: int,
                         junior_prompts: list[list[int]] | None = None,
-                        samples: int | None = None
+                        samples: int | None = None, weight_version: int = 0
                         ) -> tuple[list[Episode], dict[str, float]]:
         if self.cross_tokenizer and (junior_prompts is None
                                      or len(junior_prompts) != len(prompts)):
@@ -123,7 +124,8 @@ class Rollout:
                 for member in range(group_size):
                     index = group * group_size + member
                     tasks.append(self._episode(prompt, junior_prompt, group, index, step,
-                                               {SENIOR: senior, JUNIOR: junior}, activity))
+                                               {SENIOR: senior, JUNIOR: junior}, activity,
+                                               weight_version))
             episodes = await asyncio.gather(*tasks)
             wall = time.perf_counter() - activity.started
         finally:
@@ -156,7 +158,7 @@ class Rollout:
 
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
-                       activity: _Activity) -> Episode:
+                       activity: _Activity, weight_version: int) -> Episode:
         from tandem.engine.api import SegmentStop
 
         budget = self.config.rollout.max_response_tokens
@@ -173,7 +175,7 @@ class Rollout:
         logprobs: list[float] = []
         starts: list[int] = []
         written = 0  # budget used, counted in each writer's own tokens
-        finish, version = "length", self.weight_version
+        finish, version = "length", weight_version
         # one session per role: in solo benchmarks one engine may serve both roles
         sessions = {role: f"{step}-{index}-{name}" for role, name in ROLES.items()}
         # reproducible sampling: one seeded request per segment, seeds drawn apart from hand-offs

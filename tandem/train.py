@@ -29,7 +29,6 @@ same next batch, the same optimizer state, and the senior engines serving the sa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -300,12 +299,12 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             metrics.update(actors.learners.train_step(episodes, advantages.tolist()))
             metrics["time/train"] = time.perf_counter() - train_started
             done = step + 1
-            metrics.update(prefetch.trained(done))
+            metrics.update(prefetch.trained(done))  # pushed now, or once no rollout runs
             metrics["rollout/weight_lag"] = step - sum(
                 e.weight_version for e in episodes) / len(episodes)
 
             if trainer.val_every and done % trainer.val_every == 0 and prompts.holdout:
-                metrics.update(prefetch.flush())
+                metrics.update(prefetch.flush())  # validation needs the fresh weights
                 metrics.update(run_validation(done))
             if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
                 _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
@@ -335,7 +334,7 @@ def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: 
     directory.mkdir(exist_ok=True)
     with open(directory / f"step_{step:06d}.jsonl", "w") as out:
         for episode, verdict, advantage in zip(episodes, verdicts, advantages, strict=True):
-            row = {"step": step, **dataclasses.asdict(episode), "reward": verdict.reward,
+            row = {"step": step, **asdict(episode), "reward": verdict.reward,
                    "verdict": verdict.status, "advantage": advantage}
             out.write(json.dumps(row) + "\n")
 

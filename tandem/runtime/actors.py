@@ -31,13 +31,13 @@ class Actors:
     transport that carries the learners' weights to the senior engines. Every call waits at
     most `cluster.call_timeout_s`."""
 
-    def __init__(self, config: TandemConfig, placement: Placement | None) -> None:
+    def __init__(self, config: TandemConfig, placement: Placement | None,
+                 transport: WeightTransport) -> None:
         self.senior: list[Any] = []
         self.junior: list[Any] = []
         self.learners: Learners | None = None
         self.placement = placement
-        self.transport: WeightTransport = make_transport(config.cluster,
-                                                         config.model.senior.dtype)
+        self.transport = transport
         self.colocated = config.cluster.colocated
         self.timeout_s = config.cluster.call_timeout_s
 
@@ -47,10 +47,11 @@ class Actors:
         """Reserve the topology and start engines and learner ranks in it (each stage
         logged)."""
         cluster = config.cluster
+        transport = make_transport(cluster, config.model.senior.dtype)
         placement = reserve(cluster, cluster.call_timeout_s)
         stage(f"placement: reserved {demand(cluster)} for cluster={cluster.name}"
               f"{' (colocated)' if cluster.colocated else ''}")
-        actors = cls(config, placement)
+        actors = cls(config, placement, transport)
         try:
             first_core = 0
             for role, model_dir, options in (("senior", senior_dir, placement.senior),

@@ -27,7 +27,7 @@ def bench_model(name: str, args) -> float:
     from tandem.models import resolve_model
     from tandem.rollout import engine_settings
     from tandem.runtime.engines import shutdown_engines, start_engines
-    from tandem.runtime.learners import fan_out, spawn_learners
+    from tandem.runtime.learners import Learners
     from tandem.transport.push import CpuTransport
 
     preset = MODELS[name]
@@ -41,14 +41,15 @@ def bench_model(name: str, args) -> float:
     ])
     boundaries = Boundaries.from_tokenizer(AutoTokenizer.from_pretrained(path))
     engines = start_engines(engine_settings(config, path, "senior", boundaries))
-    learners = spawn_learners(config, path)
+    learners = Learners.start(config, path)
     dtype = config.model.senior.dtype
     try:
         transport = CpuTransport(args.bucket_mb * 2**20, config.cluster.push_timeout_s, dtype)
-        transport.push(learners, engines, version=1)  # warm-up
-        runs = [transport.push(learners, engines, version=2 + i) for i in range(args.pushes)]
+        transport.push(learners.ranks, engines, version=1)  # warm-up
+        runs = [transport.push(learners.ranks, engines, version=2 + i)
+                for i in range(args.pushes)]
     finally:
-        fan_out(learners, "close", timeout=300)
+        learners.close(timeout_s=300)
         shutdown_engines(engines)
     seconds = statistics.median(r["time/push"] for r in runs)
     rate = statistics.median(r["perf/push_gb_per_s"] for r in runs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import sys
@@ -29,6 +30,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, TypeVar
+
+import requests
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -185,8 +190,6 @@ def bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
 def cluster_auth_mode(address: str, source: str, timeout_s: float) -> str:
     """Ask the dashboard which auth mode the cluster runs in; doubles as the reachability
     check. This endpoint needs no token."""
-    import requests
-
     url = f"{address}/api/authentication_mode"
     try:
         response = requests.get(url, timeout=timeout_s)
@@ -229,8 +232,6 @@ def resolve_auth(requested: str, cluster_mode: str) -> tuple[str, dict[str, str]
 
 def connect(address: str, headers: dict[str, str], timeout_s: float):
     """A JobSubmissionClient for exactly `address`."""
-    from ray.job_submission import JobSubmissionClient
-
     saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
              if k in os.environ}
     try:  # Ray's client would let these variables override the address we resolved
@@ -298,8 +299,6 @@ def submit(spec: JobSpec, address: str | None = None, *, auth_mode: str = "auto"
     mode, headers = resolve_auth(auth_mode, cluster_mode)
     runtime_env = build_runtime_env(spec, mode)
     entrypoint = build_entrypoint(spec)
-    from ray.exceptions import AuthenticationError
-
     try:
         client = connect(url, headers, request_timeout_s)
     except AuthenticationError as exc:
@@ -361,8 +360,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                        env=parse_env(args.env), offline=args.offline, pip=args.pip,
                        uv=args.uv)
         if args.dry_run:
-            import json
-
             # auto: the real mode is asked from the cluster at submit time
             mode = "<the cluster's>" if args.auth_mode == "auto" else args.auth_mode
             print(f"entrypoint: {build_entrypoint(spec)}")

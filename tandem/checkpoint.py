@@ -2,9 +2,10 @@
 
 A checkpoint is `<run dir>/checkpoints/step_NNNNNN/` (N = optimizer steps done) with the
 learner's sharded model and optimizer (torch.distributed.checkpoint, written by every rank),
-each rank's scheduler/RNG state, and `trainer_state.json`: the step, the prompt stream's
-position and the senior weight version. `trainer_state.json` is written last, so a directory
-without it (a save cut short by pre-emption) is never resumed from.
+each rank's scheduler/RNG state, and `trainer_state.json`: the step (also the weight version
+the senior engines serve once resumed), the prompt stream's position and the seed.
+`trainer_state.json` is written last, so a directory without it (a save cut short by
+pre-emption) is never resumed from.
 """
 
 from __future__ import annotations

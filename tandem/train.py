@@ -7,8 +7,8 @@ Each step (`train` below, top to bottom):
    turns (rollout.py; both engines busy at once, no barrier between episodes);
 3. reward: math-verify on the team's last \\boxed{} answer, in a killable process pool;
 4. group-relative advantages (advantage.py);
-5. the learner's GRPO update over senior-written tokens only (learner.py, FSDP2);
-6. push the new weights to the senior engines only (weight_sync.py); the junior never changes;
+5. the learner's GRPO update over senior-written tokens only (learner/, FSDP2);
+6. push the new weights to the senior engines only (transport/); the junior never changes;
 7. log one row of metrics.jsonl (+ TensorBoard); validate and checkpoint when due.
 
 What waits for what. Synchronous mode (default): every phase waits for the previous one, so
@@ -16,6 +16,7 @@ the episodes of step k are sampled under the weights after step k-1 (on-policy).
 `trainer.off_policy=true` the rollout of step k+1 runs in a background thread while the
 learner trains on step k; the push of step k's weights waits for that rollout to end (a push
 never lands mid-episode), so episodes are one step stale and say so in `weight_version`.
+`Prefetch` below holds all of that state; the loop reads the same in both modes.
 
 Colocated topologies (`cluster.colocated`, one GPU shared) put the engines to sleep while the
 learner trains and wake the senior's weights just for the push.
@@ -33,21 +34,35 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from tandem import checkpoint as ckpt
+from tandem.alternation import Boundaries
 from tandem.compose import CONF_DIR, to_config
 from tandem.config import ConfigError, TandemConfig
-from tandem.runtime import actors as run_actors
+from tandem.data import PromptStream, drop_long_prompts, format_prompt, load_problems
+from tandem.episode import Episode
+from tandem.models import load_tokenizer, resolve_model
+from tandem.output.tracking import RunLogger
+from tandem.rollout import Rollout
+
+if TYPE_CHECKING:  # for annotations: runtime/ loads Ray, which `train` imports late
+    from tandem.runtime.learners import Learners
 
 log = logging.getLogger("tandem")
+
+Rolled = tuple[list[Episode], dict[str, float], list[str]]
+"""One step's rollout: its episodes, rollout metrics and the answers of its problems."""
 
 
 @dataclass
@@ -61,8 +76,6 @@ class Prompts:
     instruction: str
 
     def ids(self, problems: list[Any]) -> tuple[list[list[int]], list[list[int]] | None]:
-        from tandem.data import format_prompt
-
         senior = [format_prompt(self.senior_tokenizer, p.problem, self.instruction)
                   for p in problems]
         if self.junior_tokenizer is None:
@@ -79,8 +92,6 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGTERM, signal.SIGINT):
                 self._previous[number] = signal.signal(number, self._handle)
@@ -98,6 +109,83 @@ class StopRequest:
             signal.signal(number, handler)
 
 
+class Prefetch:
+    """The rollouts the loop trains on, and every piece of off-policy state, in one place.
+
+    Synchronous (`background=None`): `take` draws a batch and rolls it out now; `trained`
+    pushes the new weights at once. Off-policy: `take` waits for this step's rollout (started
+    during the previous step), pushes the weights owed, then starts the next step's rollout in
+    the background thread unless this is the last step or a stop was requested.
+
+    What waits for what: a push never lands while a rollout is in flight (owed weights wait for
+    `take` or `flush`). Batches are drawn only here, in the driver thread, so `position` reads
+    a stream nobody is advancing: off-policy, where it stood before the batch in flight.
+    """
+
+    def __init__(self, roll: Callable[[int, list[Any], int], Rolled],
+                 push: Callable[[int], dict[str, float]], stream: PromptStream,
+                 background: ThreadPoolExecutor | None, total: int, stop: StopRequest) -> None:
+        self._roll, self._push, self._stream = roll, push, stream
+        self._background, self._total, self._stop = background, total, stop
+        self._in_flight: Future | None = None  # off-policy: the next step's rollout
+        self._in_flight_from: dict | None = None  # the stream's position before its batch
+        self._owed: int | None = None  # the version of trained weights not yet pushed
+        self.served = 0  # the weight version the senior engines serve
+
+    def take(self, step: int) -> Rolled:
+        """Step `step`'s rollout; its metrics include those of a push it waited for."""
+        if self._background is None:
+            return self._roll(step, self._stream.next_batch(), self.served)
+        if self._in_flight is None:  # the first step of this invocation
+            self._start(step)
+        episodes, metrics, answers = self._in_flight.result()
+        self._in_flight = None
+        metrics.update(self._push_owed())
+        if step + 1 < self._total and self._stop.signal is None:
+            self._start(step + 1)
+        return episodes, metrics, answers
+
+    def trained(self, version: int) -> dict[str, float]:
+        """The learners hold weights `version` now: push them at once (synchronous) or when no
+        rollout is in flight (off-policy); the metrics of a push made now."""
+        self._owed = version
+        return self._push_owed() if self._background is None else {}
+
+    def flush(self) -> dict[str, float]:
+        """Wait for the rollout in flight, then push the weights owed (validation needs the
+        engines and the fresh weights)."""
+        self.wait()
+        return self._push_owed()
+
+    def wait(self) -> None:
+        """Wait for the rollout in flight, if any."""
+        if self._in_flight is not None:
+            self._in_flight.result()
+
+    def position(self) -> dict:
+        """Where a resumed run continues: the stream before the batch in flight, if any."""
+        return self._stream.state_dict() if self._in_flight is None else self._in_flight_from
+
+    def resume(self, position: dict, version: int) -> None:
+        """Continue from a checkpoint: the stream at `position`, the senior engines serving the
+        learners' restored weights as `version`."""
+        self._stream.load_state_dict(position)
+        self._owed = version
+        self.flush()
+
+    def _start(self, step: int) -> None:
+        self._in_flight_from = self._stream.state_dict()
+        self._in_flight = self._background.submit(self._roll, step, self._stream.next_batch(),
+                                                  self.served)
+
+    def _push_owed(self) -> dict[str, float]:
+        if self._owed is None:
+            return {}
+        metrics = self._push(self._owed)
+        self.served, self._owed = self._owed, None
+        return metrics
+
+
 def total_steps(config: TandemConfig, num_train: int) -> int:
     """`trainer.total_steps`, or `trainer.epochs` passes over the training problems."""
     if config.trainer.total_steps is not None:
@@ -107,9 +195,6 @@ def total_steps(config: TandemConfig, num_train: int) -> int:
 
 def load_prompts(config: TandemConfig) -> tuple[Prompts, str, str]:
     """Problems, tokenizers and the two resolved model directories."""
-    from tandem.data import drop_long_prompts, load_problems
-    from tandem.models import load_tokenizer, resolve_model
-
     senior_dir = str(resolve_model(config.model.senior.path))
     junior_dir = str(resolve_model(config.model.junior.path))
     senior_tok = load_tokenizer(senior_dir)
@@ -128,25 +213,20 @@ def load_prompts(config: TandemConfig) -> tuple[Prompts, str, str]:
 
 def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     """Run tandem GRPO; returns the metrics logged for each step of this invocation."""
+    # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
     from tandem.advantage import group_advantages
-    from tandem.alternation import Boundaries
-    from tandem.data import PromptStream
     from tandem.evaluate import validate, validation_rollouts
-    from tandem.output.tracking import RunLogger
     from tandem.reward import RewardPool, reward_metrics
-    from tandem.rollout import Rollout
-    from tandem.runtime.learners import fan_out
-    from tandem.transport.push import make_transport
+    from tandem.runtime.actors import Actors
+    from tandem.runtime.cluster import connect
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer, cluster = config.trainer, config.cluster
-    timeout = cluster.call_timeout_s
+    trainer = config.trainer
     resume_from = ckpt.find_resume(trainer.resume, run_dir)
     start = ckpt.read_state(resume_from)["step"] if resume_from else 0
     prompts, senior_dir, junior_dir = load_prompts(config)
     total = total_steps(config, len(prompts.train))
-    stream = PromptStream(prompts.train, trainer.prompts_per_step, config.seed)
     history: list[dict[str, float]] = []
 
     with contextlib.ExitStack() as cleanup:
@@ -158,22 +238,28 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         logger.stage(f"data: {len(prompts.train)} training problems, {len(prompts.holdout)} for "
                      f"validation; {total} steps of {trainer.prompts_per_step} prompts x "
                      f"{config.algorithm.group_size}")
-        started_ray, where = run_actors.connect(config)
-        if started_ray:
-            cleanup.callback(_ray_shutdown)
+        logger.stage(cleanup.enter_context(connect(config)))
         # after ray.init, which installs its own SIGTERM handler (exit at once)
         stop = cleanup.enter_context(StopRequest())
-        logger.stage(where)
         boundaries = {"senior": Boundaries.from_tokenizer(prompts.senior_tokenizer),
                       "junior": Boundaries.from_tokenizer(prompts.junior_tokenizer
                                                           or prompts.senior_tokenizer)}
-        team = run_actors.start(config, senior_dir, junior_dir, boundaries, logger.stage)
-        cleanup.callback(team.close)
-        (run_dir / "topology.json").write_text(json.dumps(team.nodes(timeout), indent=2))
-        transport = make_transport(cluster, config.model.senior.dtype)
-        rollout = Rollout(config, team.senior, team.junior, prompts.senior_tokenizer,
+        actors = Actors.start(config, senior_dir, junior_dir, boundaries, logger.stage)
+        cleanup.callback(actors.close)
+        (run_dir / "topology.json").write_text(json.dumps(actors.nodes(), indent=2))
+        rollout = Rollout(config, actors.senior, actors.junior, prompts.senior_tokenizer,
                           prompts.junior_tokenizer)
-        val_rollouts = validation_rollouts(config, team.senior, team.junior,
+
+        def roll(step: int, batch: list[Any], weight_version: int) -> Rolled:
+            ids, junior_ids = prompts.ids(batch)
+            episodes, metrics = rollout.generate(ids, step, junior_ids,
+                                                 weight_version=weight_version)
+            return episodes, metrics, [p.answer for p in batch]
+
+        prefetch = Prefetch(roll, actors.push_weights,
+                            PromptStream(prompts.train, trainer.prompts_per_step, config.seed),
+                            background if trainer.off_policy else None, total, stop)
+        val_rollouts = validation_rollouts(config, actors.senior, actors.junior,
                                            prompts.senior_tokenizer, prompts.junior_tokenizer)
         val_prompts, val_junior_prompts = prompts.ids(prompts.holdout)
         val_answers = [p.answer for p in prompts.holdout]
@@ -181,42 +267,23 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         def run_validation(step: int) -> dict[str, float]:
             return validate(val_rollouts, val_prompts, val_junior_prompts, val_answers,
                             rewards, step, config.eval.val_samples, config.eval.pass_k,
-                            rollout.weight_version)
+                            prefetch.served)
 
         if resume_from is not None:
-            _restore(resume_from, team, stream, transport, rollout, timeout)
+            # the learners' weights, optimizer, schedule and RNG; the data position; the
+            # senior engines serving the saved weights
+            state = ckpt.read_state(resume_from)
+            actors.learners.load_checkpoint(str(resume_from))
+            prefetch.resume(state["stream"], state["step"])
             logger.stage(f"resumed from {resume_from}: step {start}, the senior engines serve "
                          "the saved weights")
         elif trainer.val_every and trainer.val_before_train and prompts.holdout:
             logger.log(0, run_validation(0))
 
-        def roll(step: int, batch: list[Any]) -> tuple[list[Any], dict[str, float], list[str]]:
-            ids, junior_ids = prompts.ids(batch)
-            episodes, metrics = rollout.generate(ids, step, junior_ids)
-            return episodes, metrics, [p.answer for p in batch]
-
-        # Batches are drawn here, never in the rollout thread, so a checkpoint reads a stream
-        # nobody is advancing. Off-policy: where the stream stood before the batch in flight.
-        pending: Future | None = None  # off-policy: the next step's rollout, in flight
-        in_flight_from: dict | None = None
-        if trainer.off_policy and start < total:
-            in_flight_from = stream.state_dict()
-            pending = background.submit(roll, start, stream.next_batch())
-        unpushed = False  # off-policy: trained weights wait until no rollout is in flight
         done = start
         for step in range(start, total):
             step_started = time.perf_counter()
-            if pending is not None:
-                episodes, metrics, answers = pending.result()
-                if unpushed:
-                    metrics.update(_push(transport, team, rollout, step, timeout))
-                    unpushed = False
-                pending = None
-                if step + 1 < total and stop.signal is None:
-                    in_flight_from = stream.state_dict()
-                    pending = background.submit(roll, step + 1, stream.next_batch())
-            else:
-                episodes, metrics, answers = roll(step, stream.next_batch())
+            episodes, metrics, answers = prefetch.take(step)
 
             reward_started = time.perf_counter()
             verdicts = rewards.score([e.response_text for e in episodes],
@@ -228,25 +295,17 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                                                            config.algorithm)
             metrics.update(advantage_stats)
 
-            team.sleep_engines(timeout)
+            actors.sleep_engines()
             train_started = time.perf_counter()
-            metrics.update(fan_out(team.learners, "train_step", episodes, advantages.tolist(),
-                                   timeout=timeout)[0])
+            metrics.update(actors.learners.train_step(episodes, advantages.tolist()))
             metrics["time/train"] = time.perf_counter() - train_started
             done = step + 1
-            if trainer.off_policy:
-                unpushed = True
-            else:
-                metrics.update(_push(transport, team, rollout, done, timeout))
+            metrics.update(prefetch.trained(done))  # pushed now, or once no rollout runs
             metrics["rollout/weight_lag"] = step - sum(
                 e.weight_version for e in episodes) / len(episodes)
 
             if trainer.val_every and done % trainer.val_every == 0 and prompts.holdout:
-                if pending is not None:
-                    pending.result()  # validation needs the engines and the fresh weights
-                if unpushed:
-                    metrics.update(_push(transport, team, rollout, done, timeout))
-                    unpushed = False
+                metrics.update(prefetch.flush())  # validation needs the fresh weights
                 metrics.update(run_validation(done))
             if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
                 _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
@@ -256,77 +315,42 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
 
             last = done == total or stop.signal is not None
             if last or (trainer.save_every and done % trainer.save_every == 0):
-                if pending is not None and last:
-                    pending.result()  # a rollout in flight ends before the engines stop
-                _save(run_dir, done, team,
-                      in_flight_from if pending is not None else stream.state_dict(), config,
-                      timeout)
+                if last:
+                    prefetch.wait()  # a rollout in flight ends before the engines stop
+                _save(run_dir, done, actors.learners, prefetch.position(), config)
                 logger.stage(f"checkpoint: step {done} saved")
             if stop.signal is not None:
                 logger.stage(f"stopped by {stop.signal} after step {done}; resume with "
                              f"trainer.resume=auto hydra.run.dir={run_dir}")
                 break
         if trainer.export_final and done == total and stop.signal is None:
-            fan_out(team.learners, "export_hf", str(run_dir / "senior"), timeout=timeout)
+            actors.learners.export_hf(str(run_dir / "senior"))
             logger.stage(f"export: the trained senior is in {run_dir / 'senior'}")
     return history
 
 
-def _push(transport: Any, team: run_actors.Actors, rollout: Any, version: int,
-          timeout: float) -> dict[str, float]:
-    team.wake_for_push(timeout)
-    metrics = transport.push(team.learners, team.senior, version)
-    team.wake_engines(timeout)
-    rollout.weight_version = version
-    return metrics
-
-
-def _save_episodes(run_dir: Path, step: int, episodes: list[Any], verdicts: list[Any],
+def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: list[Any],
                    advantages: list[float]) -> None:
-    import dataclasses
-
     directory = run_dir / "episodes"
     directory.mkdir(exist_ok=True)
     with open(directory / f"step_{step:06d}.jsonl", "w") as out:
         for episode, verdict, advantage in zip(episodes, verdicts, advantages, strict=True):
-            row = {"step": step, **dataclasses.asdict(episode), "reward": verdict.reward,
+            row = {"step": step, **asdict(episode), "reward": verdict.reward,
                    "verdict": verdict.status, "advantage": advantage}
             out.write(json.dumps(row) + "\n")
 
 
-def _ray_shutdown() -> None:
-    import ray
-
-    ray.shutdown()
-
-
-def _save(run_dir: Path, step: int, team: run_actors.Actors, stream_state: dict,
-          config: TandemConfig, timeout: float) -> None:
-    from tandem.runtime.learners import fan_out
-
+def _save(run_dir: Path, step: int, learners: Learners, stream_state: dict,
+          config: TandemConfig) -> None:
     directory = ckpt.checkpoint_dir(run_dir, step)
     directory.mkdir(parents=True, exist_ok=True)
-    fan_out(team.learners, "save_checkpoint", str(directory), timeout=timeout)
+    learners.save_checkpoint(str(directory))
     ckpt.write_state(directory, {"step": step, "stream": stream_state, "seed": config.seed})
     ckpt.prune(run_dir, config.trainer.keep_checkpoints)
 
 
-def _restore(directory: Path, team: run_actors.Actors, stream: Any, transport: Any,
-             rollout: Any, timeout: float) -> None:
-    """Learner (weights, optimizer, schedule, RNG), data position, and the senior engines
-    serving the saved weights."""
-    from tandem.runtime.learners import fan_out
-
-    state = ckpt.read_state(directory)
-    fan_out(team.learners, "load_checkpoint", str(directory), timeout=timeout)
-    stream.load_state_dict(state["stream"])
-    _push(transport, team, rollout, state["step"], timeout)
-
-
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         config = to_config(cfg)
     except ConfigError as error:

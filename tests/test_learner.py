@@ -10,7 +10,7 @@ import torch
 from tandem.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
-from tandem.runtime.learners import fan_out, spawn_learners
+from tandem.runtime.learners import Learners
 
 TIMEOUT = 600
 
@@ -22,7 +22,7 @@ def _config(world_size: int, model_dir, **extra):
         "eval.max_response_tokens=64", "algorithm.group_size=2",
         "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=2",
         "trainer.micro_batch_tokens=160", "optim.lr=1e-3", "optim.warmup_steps=2",
-        f"cluster.learner.world_size={world_size}",
+        f"cluster.learner.world_size={world_size}", f"cluster.call_timeout_s={TIMEOUT}",
     ]
     return compose(overrides + [f"{k}={v}" for k, v in extra.items()])
 
@@ -48,23 +48,16 @@ def _episodes(seed: int, groups: int = 4, group_size: int = 2) -> tuple[list[Epi
     return episodes, advantages
 
 
-def _close(learners, ray):
-    fan_out(learners, "close", timeout=TIMEOUT)
-    for actor in learners:
-        ray.kill(actor)
-
-
 def _trained_state(world_size, model_dir, ray, steps=1):
-    learners = spawn_learners(_config(world_size, model_dir), str(model_dir))
+    learners = Learners.start(_config(world_size, model_dir), str(model_dir))
     try:
         metrics = []
         for step in range(steps):
             episodes, advantages = _episodes(seed=step)
-            metrics.append(fan_out(learners, "train_step", episodes, advantages,
-                                   timeout=TIMEOUT)[0])
-        state = fan_out(learners, "full_state_dict", timeout=TIMEOUT)[0]
+            metrics.append(learners.train_step(episodes, advantages))
+        state = learners.full_state_dict()
     finally:
-        _close(learners, ray)
+        learners.close()
     return state, metrics
 
 
@@ -119,23 +112,22 @@ def _load_initial(model_dir):
 @pytest.mark.slow
 def test_checkpoint_round_trip_restores_parameters_and_optimizer(
         tiny_model_dir, ray_cluster, tmp_path):
-    learners = spawn_learners(_config(2, tiny_model_dir), str(tiny_model_dir))
+    learners = Learners.start(_config(2, tiny_model_dir), str(tiny_model_dir))
     try:
         batch_one, batch_two = _episodes(seed=1), _episodes(seed=2)
-        fan_out(learners, "train_step", *batch_one, timeout=TIMEOUT)
-        saved = fan_out(learners, "full_state_dict", timeout=TIMEOUT)[0]
-        fan_out(learners, "save_checkpoint", str(tmp_path / "ckpt"), {"data": 7},
-                timeout=TIMEOUT)
-        fan_out(learners, "train_step", *batch_two, timeout=TIMEOUT)
-        uninterrupted = fan_out(learners, "full_state_dict", timeout=TIMEOUT)[0]
+        learners.train_step(*batch_one)
+        saved = learners.full_state_dict()
+        learners.save_checkpoint(str(tmp_path / "ckpt"), {"data": 7})
+        learners.train_step(*batch_two)
+        uninterrupted = learners.full_state_dict()
 
-        extra = fan_out(learners, "load_checkpoint", str(tmp_path / "ckpt"), timeout=TIMEOUT)
-        restored = fan_out(learners, "full_state_dict", timeout=TIMEOUT)[0]
-        fan_out(learners, "train_step", *batch_two, timeout=TIMEOUT)
-        replayed = fan_out(learners, "full_state_dict", timeout=TIMEOUT)[0]
+        extra = learners.load_checkpoint(str(tmp_path / "ckpt"))
+        restored = learners.full_state_dict()
+        learners.train_step(*batch_two)
+        replayed = learners.full_state_dict()
     finally:
-        _close(learners, ray_cluster)
-    assert extra == [{"data": 7}, {"data": 7}]
+        learners.close()
+    assert extra == {"data": 7}
     for name in saved:
         assert torch.equal(restored[name], saved[name]), name
         # Same params, Adam moments, step count and LR schedule -> the same next update.
@@ -148,13 +140,13 @@ def test_exported_directory_loads_in_transformers_with_the_trained_weights(
         tiny_model_dir, ray_cluster, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    learners = spawn_learners(_config(2, tiny_model_dir), str(tiny_model_dir))
+    learners = Learners.start(_config(2, tiny_model_dir), str(tiny_model_dir))
     try:
-        fan_out(learners, "train_step", *_episodes(seed=3), timeout=TIMEOUT)
-        trained = fan_out(learners, "full_state_dict", timeout=TIMEOUT)[0]
-        fan_out(learners, "export_hf", str(tmp_path / "hf"), timeout=TIMEOUT)
+        learners.train_step(*_episodes(seed=3))
+        trained = learners.full_state_dict()
+        learners.export_hf(str(tmp_path / "hf"))
     finally:
-        _close(learners, ray_cluster)
+        learners.close()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     reference.load_state_dict(trained)
@@ -172,12 +164,12 @@ def test_kl_entropy_and_junior_options_train_with_a_frozen_reference(tiny_model_
     config = _config(2, tiny_model_dir, **{
         "algorithm.kl_coef": 0.1, "algorithm.entropy_coef": 0.01,
         "algorithm.junior_kl_coef": 0.05, "trainer.activation_checkpointing": "true"})
-    learners = spawn_learners(config, str(tiny_model_dir))
+    learners = Learners.start(config, str(tiny_model_dir))
     try:
-        metrics = fan_out(learners, "train_step", *_episodes(seed=4), timeout=TIMEOUT)[0]
-        second = fan_out(learners, "train_step", *_episodes(seed=5), timeout=TIMEOUT)[0]
+        metrics = learners.train_step(*_episodes(seed=4))
+        second = learners.train_step(*_episodes(seed=5))
     finally:
-        _close(learners, ray_cluster)
+        learners.close()
     # The reference stays at the initial weights while the senior moves away from it.
     assert 0 <= metrics["train/kl_loss"] < second["train/kl_loss"]
     assert metrics["train/junior_kl"] != 0.0

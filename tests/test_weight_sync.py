@@ -10,7 +10,7 @@ import pytest
 from tandem.alternation import Boundaries
 from tandem.compose import compose
 from tandem.episode import Episode
-from tandem.runtime.learners import fan_out, spawn_learners
+from tandem.runtime.learners import Learners
 from tandem.transport.push import (
     BroadcastTransport,
     CpuTransport,
@@ -53,6 +53,7 @@ def _config(model_dir):
         "eval.max_response_tokens=64", "rollout.temperature=1.0", "algorithm.group_size=2",
         "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2", "optim.lr=3e-3",
         "cluster.learner.world_size=2", "cluster.push_bucket_mb=1", "cluster.enforce_eager=true",
+        f"cluster.call_timeout_s={TIMEOUT}",
     ])
 
 
@@ -69,11 +70,9 @@ def setup(tiny_model_dir, ray_cluster):
     engines = {role: start_engines(engine_settings(config, str(tiny_model_dir), role,
                                                    boundaries, first_core=index))
                for index, role in enumerate(("senior", "junior"))}
-    learners = spawn_learners(config, str(tiny_model_dir))
+    learners = Learners.start(config, str(tiny_model_dir))
     yield config, learners, engines
-    fan_out(learners, "close", timeout=TIMEOUT)
-    for actor in learners:
-        ray_cluster.kill(actor)
+    learners.close()
     for group in engines.values():
         shutdown_engines(group)
 
@@ -94,7 +93,7 @@ def _train(learners):
                                                              for _ in range(12)],
                         author_mask=[1] * 12, logprobs=[-5.0] * 12, group=g // 2)
                 for g in range(4)]
-    fan_out(learners, "train_step", episodes, [1.0, -1.0, 0.5, -0.5], timeout=TIMEOUT)
+    learners.train_step(episodes, [1.0, -1.0, 0.5, -0.5])
 
 
 def _max_diff(a, b):
@@ -109,10 +108,10 @@ def test_push_makes_the_senior_serve_the_learners_weights(setup):
     senior, junior = engines["senior"][0], engines["junior"][0]
     before, junior_before = _scores(senior), _scores(junior)
     _train(learners)
-    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    learner_scores = learners.score(SEQUENCES, STARTS)
     assert _max_diff(learner_scores, before) > 1e-2, "the step should move the weights"
 
-    stats = CpuTransport(2**20, 120.0, "float32").push(learners, engines["senior"], version=1)
+    stats = CpuTransport(2**20, 120.0, "float32").push(learners.ranks, engines["senior"], version=1)
     assert stats["push/buckets"] > 1
     assert ray.get(senior.weight_version.remote()) == 1
     assert _max_diff(_scores(senior), learner_scores) < 1e-3
@@ -126,7 +125,7 @@ def test_push_reports_where_its_time_went(setup):
     _, learners, engines = setup
     senior = engines["senior"][0]
     version = ray.get(senior.weight_version.remote()) + 1
-    stats = CpuTransport(2**18, 120.0, "float32").push(learners, engines["senior"], version)
+    stats = CpuTransport(2**18, 120.0, "float32").push(learners.ranks, engines["senior"], version)
     assert stats["push/bytes"] > 0 and stats["push/buckets"] > 2
     parts = [stats[f"time/push_{part}"] for part in ("write", "stage", "apply")]
     assert all(part > 0 for part in parts) and sum(parts) <= stats["time/push"]
@@ -141,12 +140,12 @@ def test_bfloat16_pushes_through_shared_memory_and_the_object_store_serve_alike(
     senior = engines["senior"][0]
     _train(learners)
     version = ray.get(senior.weight_version.remote())
-    CpuTransport(2**18, 120.0, "bfloat16").push(learners, engines["senior"], version + 1)
+    CpuTransport(2**18, 120.0, "bfloat16").push(learners.ranks, engines["senior"], version + 1)
     shared = _scores(senior)
     CpuTransport(2**18, 120.0, "bfloat16", shared_memory=False).push(
-        learners, engines["senior"], version + 2)
+        learners.ranks, engines["senior"], version + 2)
     assert _max_diff(_scores(senior), shared) == 0.0
-    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    learner_scores = learners.score(SEQUENCES, STARTS)
     assert 0.0 < _max_diff(shared, learner_scores) < 0.1  # bf16-rounded fp32 weights
 
 
@@ -158,7 +157,7 @@ def test_cuda_ipc_from_a_cpu_learner_fails_cleanly(setup):
     version, served = ray.get(senior.weight_version.remote()), _scores(senior)
     with pytest.raises(WeightPushError,
                        match=r"(?s)cuda_ipc failed at bucket 1/.*cluster.device=cuda"):
-        CudaIpcTransport(2**18, 120.0, "bfloat16").push(learners, engines["senior"],
+        CudaIpcTransport(2**18, 120.0, "bfloat16").push(learners.ranks, engines["senior"],
                                                         version + 1)
     assert ray.get(senior.weight_version.remote()) == version
     assert _max_diff(_scores(senior), served) == 0.0
@@ -173,8 +172,8 @@ def test_push_through_the_object_store_matches_shared_memory(setup):
     _train(learners)
     version = ray.get(senior.weight_version.remote()) + 1
     CpuTransport(2**20, 120.0, "float32", shared_memory=False).push(
-        learners, engines["senior"], version=version)
-    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+        learners.ranks, engines["senior"], version=version)
+    learner_scores = learners.score(SEQUENCES, STARTS)
     assert ray.get(senior.weight_version.remote()) == version
     assert _max_diff(_scores(senior), learner_scores) < 1e-3
 
@@ -188,7 +187,7 @@ def test_interrupted_push_leaves_the_previous_version(setup):
     _train(learners)
     with pytest.raises(WeightPushError, match="bucket 3/"):
         CpuTransport(2**18, 120.0, "float32", fail_after_buckets=2).push(
-            learners, engines["senior"], version=version + 1)
+            learners.ranks, engines["senior"], version=version + 1)
     assert ray.get(senior.weight_version.remote()) == version
     assert _max_diff(_scores(senior), served) == 0.0
 
@@ -201,7 +200,7 @@ def test_stalled_push_raises_within_its_timeout(setup):
     version, served = ray.get(senior.weight_version.remote()), _scores(senior)
     started = time.perf_counter()
     with pytest.raises(WeightPushError, match="timed out"):
-        CpuTransport(2**18, 0.05, "float32").push(learners, engines["senior"],
+        CpuTransport(2**18, 0.05, "float32").push(learners.ranks, engines["senior"],
                                                    version=version + 1)
     assert time.perf_counter() - started < 60  # a hang guard, not a benchmark
     time.sleep(2)  # let a late, timed-out call land; it must not change what is served
@@ -222,18 +221,18 @@ def test_broadcast_transport_over_gloo_pushes_all_or_nothing(setup):
     served = _scores(senior)
     broken = BroadcastTransport(2**18, 120.0, "float32", backend="gloo", fail_after_buckets=2)
     with pytest.raises(WeightPushError, match="gloo failed at bucket 3/"):
-        broken.push(learners, engines["senior"], version=version + 1)
+        broken.push(learners.ranks, engines["senior"], version=version + 1)
     assert ray.get(senior.weight_version.remote()) == version
     assert _max_diff(_scores(senior), served) == 0.0
 
     transport = BroadcastTransport(2**18, 120.0, "float32", backend="gloo")
-    stats = transport.push(learners, engines["senior"], version=version + 1)
-    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    stats = transport.push(learners.ranks, engines["senior"], version=version + 1)
+    learner_scores = learners.score(SEQUENCES, STARTS)
     assert stats["push/buckets"] > 2
     assert ray.get(senior.weight_version.remote()) == version + 1
     assert _max_diff(_scores(senior), learner_scores) < 1e-3
     _train(learners)  # the group stays up between pushes
-    transport.push(learners, engines["senior"], version=version + 2)
-    learner_scores = fan_out(learners, "score", SEQUENCES, STARTS, timeout=TIMEOUT)[0]
+    transport.push(learners.ranks, engines["senior"], version=version + 2)
+    learner_scores = learners.score(SEQUENCES, STARTS)
     assert _max_diff(_scores(senior), learner_scores) < 1e-3
-    transport.close(learners, engines["senior"])
+    transport.close(learners.ranks, engines["senior"])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
+from typing import Any
 
 import ray
 import torch
@@ -18,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class LearnerActor:
-    """Ray actor around one Learner rank (ray.remote is applied in `spawn_learners`)."""
+    """Ray actor around one Learner rank (ray.remote is applied in `Learners.start`)."""
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
@@ -29,16 +31,12 @@ class LearnerActor:
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
-        import socket
-
-
         with socket.socket() as probe:
             probe.bind(("", 0))
             port = probe.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
     def node_id(self) -> str:
-
         return ray.get_runtime_context().get_node_id()
 
     def setup(self, config: TandemConfig, model_path: str, master_addr: str,
@@ -189,29 +187,76 @@ class LearnerActor:
             self.learner.close()
 
 
-def spawn_learners(config: TandemConfig, model_path: str,
-                   options: list[dict] | None = None) -> list:
-    """Start `cluster.learner.world_size` rank actors and join them into one process group.
-    `options` (one dict per rank, e.g. from `placement.reserve`) replace the default
-    resources and may name a placement group."""
+class Learners:
+    """The learner ranks as one group. Each method calls every rank at once (FSDP2's
+    collectives need all of them) and waits at most `cluster.call_timeout_s`; where ranks
+    answer alike, rank 0's answer is returned. `ranks` are the Ray handles, for transports."""
 
-    resources = config.cluster.learner
-    default = {"num_cpus": resources.cpus_per_rank,
-               "num_gpus": 1 if config.cluster.device == "cuda" else 0}
-    actor_cls = ray.remote(LearnerActor)
-    actors = [actor_cls.options(**(options[rank] if options else default)).remote(
-        rank, resources.world_size) for rank in range(resources.world_size)]
-    timeout = config.cluster.call_timeout_s
-    master_addr, master_port = ray.get(actors[0].address.remote(), timeout=timeout)
-    ray.get([a.setup.remote(config, model_path, master_addr, master_port) for a in actors],
-            timeout=timeout)
-    log.info("learner group ready: %d ranks, rendezvous %s:%d", len(actors), master_addr,
-             master_port)
-    return actors
+    def __init__(self, ranks: list[Any], timeout_s: float) -> None:
+        self.ranks = ranks
+        self.timeout_s = timeout_s
 
+    @classmethod
+    def start(cls, config: TandemConfig, model_path: str,
+              options: list[dict] | None = None) -> Learners:
+        """Start `cluster.learner.world_size` rank actors and join them into one process
+        group. `options` (one dict per rank, e.g. from `placement.reserve`) replace the
+        default resources and may name a placement group."""
+        resources = config.cluster.learner
+        default = {"num_cpus": resources.cpus_per_rank,
+                   "num_gpus": 1 if config.cluster.device == "cuda" else 0}
+        actor_cls = ray.remote(LearnerActor)
+        ranks = [actor_cls.options(**(options[rank] if options else default)).remote(
+            rank, resources.world_size) for rank in range(resources.world_size)]
+        learners = cls(ranks, config.cluster.call_timeout_s)
+        try:
+            master_addr, master_port = learners._wait([ranks[0].address.remote()])[0]
+            learners._wait([rank.setup.remote(config, model_path, master_addr, master_port)
+                            for rank in ranks])
+        except BaseException:
+            for rank in ranks:
+                ray.kill(rank)
+            raise
+        log.info("learner group ready: %d ranks, rendezvous %s:%d", len(ranks), master_addr,
+                 master_port)
+        return learners
 
-def fan_out(learners: list, method: str, *args, timeout: float) -> list:
-    """Call `method` on every rank at once (collectives need all ranks) and wait, bounded."""
+    def train_step(self, episodes: list[Episode], advantages: list[float]) -> dict[str, float]:
+        """One GRPO update; rank 0's metrics."""
+        return self._wait([rank.train_step.remote(episodes, advantages)
+                           for rank in self.ranks])[0]
 
-    return ray.get([getattr(actor, method).remote(*args) for actor in learners],
-                   timeout=timeout)
+    def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
+        self._wait([rank.save_checkpoint.remote(directory, extra) for rank in self.ranks])
+
+    def load_checkpoint(self, directory: str) -> dict:
+        """Restore every rank; the `extra` dict saved with the checkpoint."""
+        return self._wait([rank.load_checkpoint.remote(directory) for rank in self.ranks])[0]
+
+    def export_hf(self, directory: str) -> None:
+        self._wait([rank.export_hf.remote(directory) for rank in self.ranks])
+
+    def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:
+        return self._wait([rank.score.remote(sequences, from_positions)
+                           for rank in self.ranks])[0]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._wait([rank.full_state_dict.remote() for rank in self.ranks])[0]
+
+    def node_ids(self) -> list[str]:
+        """The Ray node of each rank."""
+        return self._wait([rank.node_id.remote() for rank in self.ranks])
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Release each rank's resources (waiting at most `timeout_s`, default the group's),
+        then end the actors, also when that failed."""
+        try:
+            ray.get([rank.close.remote() for rank in self.ranks],
+                    timeout=self.timeout_s if timeout_s is None else timeout_s)
+        finally:
+            for rank in self.ranks:
+                ray.kill(rank)
+            self.ranks = []
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        return ray.get(refs, timeout=self.timeout_s)

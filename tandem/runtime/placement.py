@@ -21,6 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from tandem.config import ClusterConfig
 
 # Ray accounting of a shared GPU in colocated mode (memory is governed by the engines'
@@ -39,12 +43,10 @@ class Placement:
     senior: list[dict[str, Any]]
     junior: list[dict[str, Any]]
     learner: list[dict[str, Any]]
-    groups: list[Any]
+    groups: list[PlacementGroup]
 
     def remove(self) -> None:
         """Release the reservations (after the actors are gone)."""
-        from ray.util.placement_group import remove_placement_group
-
         for group in self.groups:
             remove_placement_group(group)
         self.groups = []
@@ -105,15 +107,11 @@ def colocated_shares(cluster: ClusterConfig) -> None:
 
 def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
     """Reserve placement groups for the topology; bounded by `timeout_s`."""
-    import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_fits(cluster, ray.cluster_resources(), nodes)
     cuda = cluster.device == "cuda"
 
-    def strategy(group, index: int) -> PlacementGroupSchedulingStrategy:
+    def strategy(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=group,
                                                 placement_group_bundle_index=index)
 

@@ -262,13 +262,14 @@ def _problem_counts(res: Results) -> str:
 def _markdown(res: Results, results: Sequence[dict[str, Any]], base: Checkpoint,
               plots: Sequence[Path]) -> str:
     juniors = sorted({cp.junior for cp in res.checkpoints})
-    sampling = {" ".join(f"{k}={(r.get('config') or {}).get('eval', {}).get(k)}"
-                         for k in ("temperature", "top_p", "top_k", "n")) for r in results}
+    configs = [((r.get("config") or {}).get("eval") or {}) for r in results]
+    sampling = {" ".join(f"{k}={c[k]}" for k in ("temperature", "top_p", "top_k", "n") if k in c)
+                for c in configs} - {""}
     lines = ["# Evaluation report", "",
              f"{len(res.checkpoints)} checkpoints from {len(results)} eval result(s): "
              + ", ".join(f"`{cp.label}` ({cp.entry.get('path', '?')})" for cp in res.checkpoints)
              + ".", f"Junior: {', '.join(f'`{j}`' for j in juniors)}.",
-             "Eval sampling: " + "; ".join(sorted(sampling)) + ".",
+             *(["Eval sampling: " + "; ".join(sorted(sampling)) + "."] if sampling else []),
              f"Benchmarks: {_problem_counts(res)}.", "",
              results_table(res), "",
              TABLE_NOTE, ""]

@@ -181,6 +181,14 @@ def test_paired_difference_interval_is_narrower_than_the_two_intervals(grpo_and_
     assert delta.value == pytest.approx(mine.value - theirs.value)
     assert not delta.approximate and delta.ci[0] > 0
     assert delta.ci[0] <= delta.value <= delta.ci[1]
+    # a benchmark the baseline lacks is left out of both sides
+    partial = copy.deepcopy(grpo_and_tandem[0])
+    del partial["checkpoints"][1]["benchmarks"]["gsm8k"]["handoff"]
+    _, short_grpo = collect([partial]).checkpoints
+    delta = difference(tandem, short_grpo, metric, res.benchmarks)
+    arithmetic = [cp.entry["benchmarks"]["arithmetic"]["handoff"]["pass@1"]
+                  for cp in (tandem, short_grpo)]
+    assert delta.value == pytest.approx(arithmetic[0] - arithmetic[1])
 
 
 def test_all_four_plots_are_written_and_linked(grpo_and_tandem, tmp_path):
@@ -247,3 +255,12 @@ def test_bad_input_is_one_clear_line(grpo_and_tandem, tmp_path, capsys):
     assert 'no "checkpoints" list' in capsys.readouterr().err
     with pytest.raises(EvalReportError, match="baseline 'sft' is none of the checkpoints"):
         eval_report.write_report(grpo_and_tandem, tmp_path, baseline="sft")
+    wrong = copy.deepcopy(grpo_and_tandem[1])
+    wrong["checkpoints"][0]["benchmarks"]["gsm8k"]["handoff"]["pass@2"] = "0.5"
+    with pytest.raises(EvalReportError, match="checkpoint 'tandem': handoff pass@2 must be a "
+                                              "number, got '0.5'"):
+        eval_report.write_report([wrong], tmp_path)
+    wrong["checkpoints"][0]["benchmarks"]["gsm8k"]["handoff"]["pass@2"] = 0.5
+    wrong["checkpoints"][0]["benchmarks"]["gsm8k"]["dose"]["half"] = {"pass@1": 0.1}
+    with pytest.raises(EvalReportError, match=r"dose keys must be probabilities p in \[0, 1\]"):
+        eval_report.write_report([wrong], tmp_path)

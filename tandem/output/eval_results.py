@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,9 @@ def problem_values(bench: dict[str, Any], metric: Metric) -> list[float] | None:
 def _value(bench: dict[str, Any], metric: Metric) -> float | None:
     block = _block(bench, metric.section)
     value = None if block is None else block.get(metric.key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise EvalReportError(f"{'/'.join(metric.section)} {metric.key} must be a number, "
+                              f"got {value!r}")
     return None if value is None else float(value)
 
 
@@ -132,7 +136,10 @@ def estimate(bench: dict[str, Any], metric: Metric) -> Estimate | None:
     ci = block.get(f"{metric.key}_ci")
     if ci is None and (values := problem_values(bench, metric)) is not None:
         ci = bootstrap_ci(values)
-    return Estimate(value, tuple(ci) if ci is not None else None)
+    if ci is not None and (len(ci) != 2 or not all(isinstance(x, int | float) for x in ci)):
+        raise EvalReportError(f"{'/'.join(metric.section)} {metric.key}_ci must be [low, high], "
+                              f"got {ci!r}")
+    return Estimate(value, (float(ci[0]), float(ci[1])) if ci is not None else None)
 
 
 def _normal_ci(center: float, intervals: Sequence[tuple[float, float]], scale: float
@@ -168,14 +175,15 @@ def estimates(cp: Checkpoint, metric: Metric, benchmarks: Sequence[str]
 
 def difference(cp: Checkpoint, base: Checkpoint, metric: Metric, benchmarks: Sequence[str]
                ) -> Estimate | None:
-    """Macro value of cp minus base: a paired bootstrap over the same problems when both hold
-    per-problem values, else a normal approximation from the two intervals."""
-    mine, theirs = macro_estimate(cp, metric, benchmarks), macro_estimate(base, metric,
-                                                                          benchmarks)
+    """Macro value of cp minus base over the benchmarks both have: a paired bootstrap over the
+    same problems when both hold per-problem values, else a normal approximation from the two
+    intervals."""
+    have = [b for b in benchmarks if _value(cp.benchmark(b), metric) is not None
+            and _value(base.benchmark(b), metric) is not None]
+    mine, theirs = macro_estimate(cp, metric, have), macro_estimate(base, metric, have)
     if mine is None or theirs is None:
         return None
     delta = mine.value - theirs.value
-    have = [b for b in benchmarks if _value(cp.benchmark(b), metric) is not None]
     pairs = {b: (problem_values(cp.benchmark(b), metric),
                  problem_values(base.benchmark(b), metric)) for b in have}
     if pairs and all(a is not None and c is not None and len(a) == len(c)
@@ -216,15 +224,16 @@ def metrics_of(cps: Sequence[Checkpoint], benchmarks: Sequence[str]) -> list[Met
     found: list[Metric] = []
     for protocol in PROTOCOLS:
         keys = {key for bench in benches for key in (bench.get(protocol) or {})
-                if key.startswith("pass@") and not key.endswith("_ci")}
+                if re.fullmatch(r"pass@\d+", key)}
         found += [Metric((protocol,), key) for key in
                   sorted(keys, key=lambda key: int(key.removeprefix("pass@")))]
     doses = {p for bench in benches for p in (bench.get("dose") or {})}
+    if bad := [p for p in doses if not re.fullmatch(r"[01](\.\d+)?", p) or float(p) > 1]:
+        raise EvalReportError(f"dose keys must be probabilities p in [0, 1], got {bad}")
     found += [Metric(("dose", p), "pass@1") for p in sorted(doses, key=float, reverse=True)]
     found += [Metric(("legibility",), "junior_ce"), Metric(("drift",), "logprob_gap"),
               Metric(("drift",), "start_logprob_gap")]
     return [m for m in found if any(_value(bench, m) is not None for bench in benches)]
-
 
 
 @dataclass
@@ -244,8 +253,15 @@ class Results:
 
 
 def collect(results: Sequence[dict[str, Any]]) -> Results:
+    """Parsed eval.json results -> every checkpoint's estimates. EvalReportError names the
+    checkpoint of a value that is not in the schema."""
     cps = checkpoints(results)
     benchmarks = benchmark_names(cps)
-    metrics = metrics_of(cps, benchmarks)
-    return Results(cps, benchmarks, metrics, {(cp.label, m): estimates(cp, m, benchmarks)
-                                              for cp in cps for m in metrics})
+    values: dict[tuple[str, Metric], dict[str, Estimate | None]] = {}
+    for cp in cps:
+        try:
+            values.update({(cp.label, m): estimates(cp, m, benchmarks)
+                           for m in metrics_of([cp], benchmarks)})
+        except EvalReportError as error:
+            raise EvalReportError(f"checkpoint {cp.label!r}: {error}") from None
+    return Results(cps, benchmarks, metrics_of(cps, benchmarks), values)

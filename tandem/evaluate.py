@@ -13,29 +13,18 @@ k in `eval.pass_k` that is <= n.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
 from tandem.config import TandemConfig
 from tandem.engine.api import Sampling
+from tandem.estimators import mean_pass_at_k
 from tandem.reward import RewardPool
 from tandem.rollout import Rollout
 
 VAL_STEP_OFFSET = 1_000_000
 """Validation rollouts use step numbers past any training step, so their episode seeds and
 engine session ids never collide with a training step's."""
-
-
-def pass_at_k(n: int, correct: int, k: int) -> float:
-    """Unbiased pass@k from n samples with `correct` right: 1 - C(n-c, k) / C(n, k)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
-    if not 0 <= correct <= n:
-        raise ValueError(f"correct must be in [0, n={n}], got {correct}")
-    if n - correct < k:
-        return 1.0
-    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
 def protocol_config(config: TandemConfig, protocol: str) -> TandemConfig:
@@ -85,8 +74,7 @@ def validate(rollouts: dict[str, Rollout], prompts: list[list[int]],
         metrics[f"val/{protocol}_accuracy"] = sum(correct) / (samples * len(prompts))
         for k in pass_k:
             if k <= samples and k > 1:
-                metrics[f"val/{protocol}_pass@{k}"] = sum(
-                    pass_at_k(samples, c, k) for c in correct) / len(prompts)
+                metrics[f"val/{protocol}_pass@{k}"] = mean_pass_at_k(correct, samples, k)
         metrics[f"val/{protocol}_response_tokens"] = stats["rollout/response_tokens_mean"]
         if protocol == "handoff":
             metrics["val/handoff_senior_token_frac"] = stats["tandem/senior_token_frac"]

@@ -3,6 +3,7 @@ multirun."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tandem.estimators import macro_bootstrap_ci, pass_at_k, pass_at_k_summary
 from tandem.output import plots, report
 from tandem.output.plots import pick_rows, plot_run, summary_table
 from tandem.output.tracking import MetricsError
@@ -211,3 +213,68 @@ def test_a_long_run_shows_first_last_and_every_kth_step():
     assert shown[0] == 0 and shown[-1] == 100 and len(shown) <= 21
     assert len({b - a for a, b in zip(shown[:-2], shown[1:-1], strict=True)}) == 1
     assert pick_rows(5, 20) == [0, 1, 2, 3, 4]
+
+
+def evaluation(steps_and_counts: dict) -> dict:
+    """An eval.json in the evaluate schema: per checkpoint step, {benchmark: (solo correct
+    counts, hand-off correct counts)} out of n = 4."""
+    checkpoints = []
+    for step, benchmarks in steps_and_counts.items():
+        entry = {"name": "base" if step is None else f"step_{step}", "path": "/x", "step": step,
+                 "benchmarks": {}}
+        for name, (solo, handoff) in benchmarks.items():
+            entry["benchmarks"][name] = {
+                "problems": len(solo), "n": 4,
+                "solo": {**pass_at_k_summary(solo, 4, [1, 2, 4]), "correct": solo},
+                "handoff": {**pass_at_k_summary(handoff, 4, [1, 2, 4]), "correct": handoff},
+                "legibility": {"junior_ce": 1.25, "junior_ce_ci": [1.0, 1.5], "tokens": 99}}
+        checkpoints.append(entry)
+    return {"config": {}, "junior": "kit:tiny", "checkpoints": checkpoints}
+
+
+def test_sweep_report_shows_each_runs_final_eval_and_puts_them_side_by_side(
+        multirun, tmp_path, capsys):
+    root = copy_of(multirun, tmp_path)
+    low = {"a": ([4, 0, 2, 1], [0, 0, 1, 1]), "b": ([1, 1, 0], [0, 1, 0])}
+    (run_dir(root, 0.25) / "eval.json").write_text(json.dumps(evaluation(
+        {None: {"a": ([0] * 4, [0] * 4), "b": ([0] * 3, [0] * 3)}, 4: low})))
+    (run_dir(root, 0.75) / "eval").mkdir()
+    (run_dir(root, 0.75) / "eval" / "eval.json").write_text(json.dumps(evaluation(
+        {4: {"a": ([4, 4, 3, 2], [4, 3, 3, 2]), "b": ([4, 2, 4], [3, 3, 4])}})))
+    assert report.main([str(root)]) == 0
+    text = (root / "report.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ")]
+    assert rows[0][5:10] == ["eval solo/pass@1", "eval handoff/pass@1",
+                             "eval legibility/junior_ce", "eval drift/logprob_gap", "steps"]
+    by_p = {row[0]: row for row in rows[1:]}
+    # the final checkpoint (step 4), not the base model: the macro over both benchmarks
+    value, interval = by_p["0.25"][5].split(" ", 1)
+    solo = {b: [pass_at_k(4, c, 1) for c in counts[0]] for b, counts in low.items()}
+    assert float(value) == pytest.approx((sum(solo["a"]) / 4 + sum(solo["b"]) / 3) / 2,
+                                         abs=5e-4)
+    assert [float(x) for x in interval.strip("[]").split(", ")] == pytest.approx(
+        macro_bootstrap_ci(solo), abs=5e-4)
+    assert by_p["0.5"][5:9] == ["-"] * 4 and by_p["0.75"][8] == "-"  # no drift measured
+    assert by_p["0.75"][7].startswith("1.250 ≈[")
+    # the evaluated runs side by side, named after the run
+    side = (root / "eval" / "report.md").read_text()
+    assert "| benchmark | metric | paper expects | handoff_p=0.25 | handoff_p=0.75 |" in side
+    assert sorted(p.name for p in (root / "eval").glob("*.png")) == [
+        "handoff_vs_solo.png", "legibility.png", "pass_at_k.png"]
+    assert "[eval/report.md](eval/report.md)" in text
+    assert "Unreadable eval results" not in text
+    assert f"wrote {root / 'report.md'}" in capsys.readouterr().out
+
+
+def test_an_unreadable_eval_json_is_listed_and_its_run_still_reported(multirun, tmp_path,
+                                                                       capsys):
+    root = copy_of(multirun, tmp_path)
+    (run_dir(root, 0.5) / "eval.json").write_text('{"checkpoints": [{"name": "x"}]}')
+    assert report.main([str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "3 runs, 0 skipped" in captured.out
+    assert "eval results of" in captured.err and 'without a "benchmarks" object' in captured.err
+    text = (root / "report.md").read_text()
+    assert "## Unreadable eval results" in text and "eval solo/pass@1" not in text
+    assert not (root / "eval").exists()

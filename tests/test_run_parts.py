@@ -1,5 +1,5 @@
-"""The driver's pure parts: checkpoint discovery, the off-policy prefetch, pass@k, validation
-protocols, smoke check."""
+"""The driver's pure parts: checkpoint discovery, the off-policy prefetch, validation protocols,
+smoke check."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from tandem import checkpoint as ckpt
 from tandem.compose import compose
 from tandem.data import Problem, PromptStream
-from tandem.evaluate import pass_at_k, protocol_config
+from tandem.evaluate import protocol_config
 from tandem.output.smoke import check, timing_table
 from tandem.train import Prefetch, StopRequest, total_steps
 
@@ -155,20 +155,6 @@ def _stream_after(batches: int) -> dict:
     for _ in range(batches):
         stream.next_batch()
     return stream.state_dict()
-
-
-def test_pass_at_k_matches_counting_subsets():
-    from itertools import combinations
-
-    n, correct = 6, 2
-    samples = [1] * correct + [0] * (n - correct)
-    for k in range(1, n + 1):
-        subsets = list(combinations(samples, k))
-        assert pass_at_k(n, correct, k) == pytest.approx(
-            sum(any(s) for s in subsets) / len(subsets))
-    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
-    with pytest.raises(ValueError, match="1 <= k <= n"):
-        pass_at_k(4, 1, 5)
 
 
 def test_validation_protocols_are_solo_senior_and_strict_alternation():

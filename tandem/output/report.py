@@ -5,6 +5,10 @@ directory per value; this finds every directory under the given one (any depth) 
 metrics.jsonl, reads its `.hydra/overrides.yaml`, and writes `report.md` (one row per run, the
 overrides that differ between runs as columns) and PNG plots next to it. A run whose metrics
 are empty or corrupt is reported and skipped, never fatal.
+
+A run evaluated with `python -m tandem.evaluate` into `<run>/eval.json` or `<run>/eval/eval.json`
+also gets its final checkpoint's macro eval results as columns, and the evaluated runs side by
+side in `eval/report.md` (tandem.output.eval_report).
 """
 
 from __future__ import annotations
@@ -15,15 +19,31 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from matplotlib.figure import Figure
 
+from tandem.output.eval_report import write_report
+from tandem.output.eval_results import (
+    EvalReportError,
+    Metric,
+    benchmark_names,
+    cell,
+    checkpoints,
+    load_results,
+    macro_estimate,
+)
 from tandem.output.plots import fmt, last_value, markdown_table, read_rows, series, tail_mean
 from tandem.output.tracking import METRICS_FILE, MetricsError, Row
 
 FINAL_METRICS = ("reward/mean", "tandem/senior_token_frac")
 LAST_METRICS = ("val/solo_accuracy", "val/handoff_accuracy")
+EVAL_FILES = ("eval.json", "eval/eval.json")
+"""Where a run's evaluation is looked for, relative to the run directory."""
+EVAL_METRICS = (Metric(("solo",), "pass@1"), Metric(("handoff",), "pass@1"),
+                Metric(("legibility",), "junior_ce"), Metric(("drift",), "logprob_gap"))
+"""The eval results a sweep row shows: macro averages over the evaluated benchmarks."""
 
 
 class ReportError(RuntimeError):
@@ -35,6 +55,8 @@ class Run:
     directory: Path
     overrides: dict[str, str]
     rows: list[Row]
+    evaluation: dict[str, Any] | None = None
+    """The run's eval.json, holding only its final checkpoint (the highest step)."""
 
 
 @dataclass
@@ -43,6 +65,8 @@ class Report:
     swept: list[str]
     """Override keys whose value differs between runs: the table's leading columns."""
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    eval_errors: list[tuple[Path, str]] = field(default_factory=list)
+    """eval.json files that could not be read; their runs are reported without eval results."""
     table: str = ""
     files: list[Path] = field(default_factory=list)
 
@@ -67,15 +91,37 @@ def read_overrides(run_dir: Path) -> dict[str, str]:
     return overrides
 
 
-def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """Every run under root, and the (run dir, reason) of each one that could not be read."""
-    runs, skipped = [], []
+def read_evaluation(run_dir: Path) -> dict[str, Any] | None:
+    """The run's eval.json (None without one) reduced to its final checkpoint, the one with the
+    highest step (the last listed among equals; a step of null, e.g. the base model, is lowest).
+    Raises EvalReportError when the file is unreadable or not in the eval.json schema."""
+    paths = [run_dir / name for name in EVAL_FILES if (run_dir / name).is_file()]
+    if not paths:
+        return None
+    (result,) = load_results(paths[:1])
+    checkpoints([result])  # the schema check
+    entries = result["checkpoints"]
+    steps = [-1 if e.get("step") is None else int(e["step"]) for e in entries]
+    final = max(range(len(entries)), key=lambda i: (steps[i], i))
+    return {**result, "checkpoints": [entries[final]]}
+
+
+def find_runs(root: Path) -> tuple[list[Run], list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Every run under root, the (run dir, reason) of each one that could not be read, and the
+    (eval.json, reason) of each evaluation that could not be read."""
+    runs, skipped, eval_errors = [], [], []
     for path in sorted(root.rglob(METRICS_FILE)):
         try:
-            runs.append(Run(path.parent, read_overrides(path.parent), read_rows(path.parent)))
+            run = Run(path.parent, read_overrides(path.parent), read_rows(path.parent))
         except MetricsError as error:
             skipped.append((path.parent, str(error)))
-    return runs, skipped
+            continue
+        try:
+            run.evaluation = read_evaluation(run.directory)
+        except EvalReportError as error:
+            eval_errors.append((run.directory, str(error)))
+        runs.append(run)
+    return runs, skipped, eval_errors
 
 
 def number(value: str | None) -> float | None:
@@ -105,15 +151,36 @@ def run_label(run: Run, swept: Sequence[str], root: Path) -> str:
     return ", ".join(parts) if parts else str(run.directory.relative_to(root))
 
 
+def eval_cells(run: Run) -> list[str]:
+    """The run's macro eval results with their 95% intervals ("-" where not evaluated)."""
+    if run.evaluation is None:
+        return ["-"] * len(EVAL_METRICS)
+    (final,) = checkpoints([run.evaluation])
+    benchmarks = benchmark_names([final])
+    return [cell(macro_estimate(final, metric, benchmarks)) for metric in EVAL_METRICS]
+
+
+def eval_value(run: Run, metric: Metric) -> float | None:
+    if run.evaluation is None:
+        return None
+    (final,) = checkpoints([run.evaluation])
+    value = macro_estimate(final, metric, benchmark_names([final]))
+    return None if value is None else value.value
+
+
 def results_table(runs: Sequence[Run], swept: Sequence[str], root: Path, last: int) -> str:
+    evaluated = any(run.evaluation is not None for run in runs)
     header = [*swept, *(f"final {k} (mean of last {last})" for k in FINAL_METRICS),
-              *(f"last {k}" for k in LAST_METRICS), "steps", "run"]
+              *(f"last {k}" for k in LAST_METRICS),
+              *(f"eval {m.section[0]}/{m.key}" for m in EVAL_METRICS if evaluated),
+              "steps", "run"]
     body = []
     for run in runs:
         relative = run.directory.relative_to(root)
         body.append([run.overrides.get(k, "-") for k in swept]
                     + [fmt(tail_mean(run.rows, k, last)) for k in FINAL_METRICS]
                     + [fmt(last_value(run.rows, k)) for k in LAST_METRICS]
+                    + (eval_cells(run) if evaluated else [])
                     + [str(run.rows[-1]["step"]), str(relative) if str(relative) != "." else
                        str(root)])
     return markdown_table(header, body)
@@ -141,7 +208,10 @@ def plot_against(runs: Sequence[Run], key: str, last: int, out: Path) -> Path:
                lambda run: tail_mean(run.rows, "reward/mean", last)),
               ("val solo accuracy", "s", lambda run: last_value(run.rows, "val/solo_accuracy")),
               ("val hand-off accuracy", "^",
-               lambda run: last_value(run.rows, "val/handoff_accuracy"))]
+               lambda run: last_value(run.rows, "val/handoff_accuracy")),
+              ("eval solo pass@1 (macro)", "D", lambda run: eval_value(run, EVAL_METRICS[0])),
+              ("eval hand-off pass@1 (macro)", "v",
+               lambda run: eval_value(run, EVAL_METRICS[1]))]
     for label, marker, value in curves:
         points = sorted((number(run.overrides[key]), value(run)) for run in runs
                         if value(run) is not None)
@@ -162,7 +232,7 @@ def build_report(root: str | Path, out: str | Path | None = None, last: int = 3)
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory")
     out = Path(out) if out is not None else root
-    runs, skipped = find_runs(root)
+    runs, skipped, eval_errors = find_runs(root)
     if not runs:
         reasons = "".join(f"\n  skipped {d}: {why}" for d, why in skipped)
         raise ReportError(
@@ -171,10 +241,17 @@ def build_report(root: str | Path, out: str | Path | None = None, last: int = 3)
             f"Hydra's .hydra/overrides.yaml{reasons}")
     swept = swept_keys(runs)
     runs.sort(key=lambda run: _sort_key(run, swept))
-    report = Report(runs, swept, skipped)
+    report = Report(runs, swept, skipped, eval_errors)
     report.table = results_table(runs, swept, root, last)
     out.mkdir(parents=True, exist_ok=True)
     report.files.append(plot_rewards(runs, swept, root, out / "reward.png"))
+    evaluated = [run for run in runs if run.evaluation is not None]
+    if evaluated:
+        # each run's final checkpoint, named after the run, side by side
+        results = [{**run.evaluation, "checkpoints": [{**run.evaluation["checkpoints"][0],
+                                                       "name": run_label(run, swept, root)}]}
+                   for run in evaluated]
+        report.files.append(write_report(results, out / "eval"))
     numeric = [k for k in swept if all(number(r.overrides.get(k)) is not None for r in runs)]
     if len(swept) == 1 and numeric:
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", swept[0])
@@ -195,10 +272,18 @@ def _markdown(report: Report, root: Path, out: Path, last: int) -> str:
              + ".", "", report.table, "",
              f"final = mean of the last {last} logged values of the metric; last = the value of "
              "the last validation step; steps = the last step logged.", ""]
+    if any(run.evaluation is not None for run in report.runs):
+        lines += ["eval = the macro average over the evaluated benchmarks of the run's final "
+                  "checkpoint (`python -m tandem.evaluate`), with its 95% bootstrap interval; "
+                  "the evaluated runs side by side: [eval/report.md](eval/report.md).", ""]
     if report.skipped:
         lines += ["## Skipped runs", ""] + [f"- `{d}`: {why}" for d, why in report.skipped]
         lines.append("")
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in report.files]
+    if report.eval_errors:
+        lines += ["## Unreadable eval results", ""]
+        lines += [f"- `{d}`: {why}" for d, why in report.eval_errors] + [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in report.files
+                                 if p.suffix == ".png"]
     return "\n".join(lines) + "\n"
 
 
@@ -221,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.table)
     for directory, why in report.skipped:
         print(f"skipped {directory}: {why}", file=sys.stderr)
+    for directory, why in report.eval_errors:
+        print(f"eval results of {directory} unreadable: {why}", file=sys.stderr)
     print(f"{len(report.runs)} runs, {len(report.skipped)} skipped; wrote "
           + ", ".join(str(p) for p in report.files))
     return 0

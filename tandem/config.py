@@ -29,6 +29,7 @@ TRANSPORTS = ("auto", "nccl", "cuda_ipc", "cpu")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+WORD_BOUNDARIES = ("paper", "wide")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
 
 
@@ -221,7 +222,11 @@ class DataConfig:
     num_generated: int = 2000
     """Rows in a `generated:` set."""
     holdout_size: int = 100
-    """Rows held out from training for validation, drawn by `seed`."""
+    """Rows held out from training for validation (see `holdout_seed`)."""
+    holdout_seed: int = 0
+    """Seed of the hold-out draw, which is pandas' `DataFrame.sample(n=holdout_size,
+    random_state=holdout_seed)` over the usable rows in file order: with 0, DeepScaleR's hold-out
+    is the authors' 1,000 rows. Not the run seed, so runs of any seed validate on the same rows."""
     instruction: str = PAPER_INSTRUCTION
     """Appended to each problem before the chat template (the paper's suffix)."""
     max_bad_row_frac: float = 0.01
@@ -234,6 +239,8 @@ class DataConfig:
         _check(bool(self.answer_field), "data.answer_field is empty")
         _check_min(self.num_generated, 1, "data.num_generated")
         _check_min(self.holdout_size, 0, "data.holdout_size")
+        _check(0 <= self.holdout_seed < 2**32,
+               f"data.holdout_seed must be in [0, 2**32) (a numpy seed), got {self.holdout_seed}")
         _check(0.0 <= self.max_bad_row_frac <= 1.0,
                f"data.max_bad_row_frac must be in [0, 1], got {self.max_bad_row_frac}")
         if _looks_local(self.source):
@@ -253,6 +260,10 @@ class AlgorithmConfig:
     """Probability that the senior writes the next segment (re-drawn at each boundary)."""
     max_gap_tokens: int = 32
     """Force a re-draw after this many tokens without a boundary (paper's K)."""
+    word_boundaries: str = "paper"
+    """Re-draw points of the word schedule: paper (tokens that start with a space, the
+    authors' set: byte-level BPE "Ġ" tokens) | wide (also tokens that start with a newline,
+    tab, \\r or another whitespace control character)."""
     chunk_tokens: int = 32
     """Segment length of the chunk schedule."""
     first_writer: str = "random"
@@ -263,6 +274,9 @@ class AlgorithmConfig:
     """PPO clip epsilon (lower side; also upper unless clip_ratio_high is set)."""
     clip_ratio_high: float | None = None
     """Upper clip (DAPO's clip-higher); None = symmetric."""
+    dual_clip_c: float | None = None
+    """Dual-clip PPO (Ye et al. 2020): a token with a negative advantage loses at most -A * c,
+    however large its ratio; None = off (the paper's verl trainer uses 3.0)."""
     scale_by_std: bool = True
     """Divide advantages by the group std (GRPO); false = Dr. GRPO."""
     baseline: str = "mean"
@@ -287,6 +301,7 @@ class AlgorithmConfig:
         _check_choice(self.baseline, BASELINES, "algorithm.baseline")
         _check_choice(self.loss_agg, LOSS_AGGREGATIONS, "algorithm.loss_agg")
         _check_choice(self.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
+        _check_choice(self.word_boundaries, WORD_BOUNDARIES, "algorithm.word_boundaries")
         _check(0.0 <= self.handoff_p <= 1.0,
                f"algorithm.handoff_p must be in [0, 1], got {self.handoff_p}")
         _check_min(self.max_gap_tokens, 1, "algorithm.max_gap_tokens")
@@ -298,6 +313,9 @@ class AlgorithmConfig:
                f"algorithm.clip_ratio must be in (0, 1), got {self.clip_ratio}")
         if self.clip_ratio_high is not None:
             _check_positive(self.clip_ratio_high, "algorithm.clip_ratio_high")
+        if self.dual_clip_c is not None:
+            _check(self.dual_clip_c > 1.0,
+                   f"algorithm.dual_clip_c must be > 1 (or null = off), got {self.dual_clip_c}")
         for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
                      "tis_cap"):
             _check_min(getattr(self, name), 0, f"algorithm.{name}")

@@ -5,12 +5,16 @@
 - Each row maps to a `Problem` through `data.problem_field` / `data.answer_field`; the answer
   is normalised by `data.answer_format` (plain | gsm8k | boxed). Malformed rows are skipped,
   counted and listed in a warning; more than `data.max_bad_row_frac` of them is a `DataError`.
-- `data.holdout_size` rows are drawn by the run seed alone: the split never depends on where
-  the training stream stands, so a resumed run validates on the same rows.
+- `data.holdout_size` rows are held out as pandas' `DataFrame.sample(n=holdout_size,
+  random_state=data.holdout_seed)` draws them from the usable rows in file order, the authors'
+  split (CSSLab/Tandem-RLVR, `data/build_deepscaler.py`: seed 0), in the order drawn. Neither
+  the run seed nor the stream's position moves it, so every run validates on the same rows.
 - `PromptStream` yields endless batches, one seeded permutation per epoch; its `state_dict`
   goes into checkpoints so a resumed run neither replays nor skips prompts.
 - Prompt = problem + " " + `data.instruction` (a space, as the authors' build_deepscaler.py
-  appends its suffix), as one user turn through the tokenizer's chat template.
+  appends its suffix; the problem text as the row has it, not stripped), as one user turn
+  through the tokenizer's chat template with `enable_thinking=False` (the authors' evaluation
+  route: Qwen3's hybrid templates then open no thinking block; other templates ignore it).
 
 Row numbers in reports and uids: 1-based line numbers for JSONL (what an editor shows),
 0-based row indices for everything else (what `table[i]` / `dataset[i]` takes).
@@ -27,6 +31,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from tandem.arithmetic import generate_arithmetic
@@ -70,8 +75,9 @@ class LoadReport:
     num_holdout: int
 
 
-def load_problems(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Problem], LoadReport]:
-    """Read `cfg.source` and return (train, holdout, report); holdout rows are drawn by `seed`.
+def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem], LoadReport]:
+    """Read `cfg.source` and return (train, holdout, report). Train keeps file order; the
+    hold-out is in the order `holdout_rows` draws it.
 
     Raises DataError when the source cannot be read, has too many malformed rows, or leaves
     no training rows after the hold-out.
@@ -93,13 +99,27 @@ def load_problems(cfg: DataConfig, seed: int) -> tuple[list[Problem], list[Probl
     if cfg.holdout_size >= len(problems):
         raise DataError(f"data.holdout_size={cfg.holdout_size} leaves no training rows: "
                         f"{cfg.source} has {len(problems)} usable rows; lower data.holdout_size")
-    held = set(_permutation(len(problems), f"tandem.data/holdout/{seed}")[:cfg.holdout_size])
+    drawn = holdout_rows(len(problems), cfg.holdout_size, cfg.holdout_seed)
+    held = set(drawn)
     train = [p for i, p in enumerate(problems) if i not in held]
-    holdout = [p for i, p in enumerate(problems) if i in held]
+    holdout = [problems[i] for i in drawn]
     report = LoadReport(cfg.source, unit, len(rows), tuple(bad), len(train), len(holdout))
-    log.info("data: %s (%s) %d rows, %d malformed, %d train / %d held out (seed %d)",
-             cfg.name, cfg.source, len(rows), len(bad), len(train), len(holdout), seed)
+    log.info("data: %s (%s) %d rows, %d malformed, %d train / %d held out (holdout_seed %d)",
+             cfg.name, cfg.source, len(rows), len(bad), len(train), len(holdout),
+             cfg.holdout_seed)
     return train, holdout, report
+
+
+def holdout_rows(num_rows: int, size: int, seed: int) -> list[int]:
+    """The positions pandas' `DataFrame.sample(n=size, random_state=seed)` picks out of
+    `num_rows` rows (a default index), in the order it returns them.
+
+    pandas turns an int `random_state` into numpy's legacy `RandomState(seed)` and samples
+    without replacement with `choice(num_rows, size, replace=False)`, which is the head of
+    `permutation(num_rows)`. numpy keeps that legacy stream fixed (NEP 19), so this needs no
+    pandas and gives the authors' split on any version; tests check it against pandas itself.
+    """
+    return np.random.RandomState(seed).permutation(num_rows)[:size].tolist()
 
 
 def _check_bad_rows(cfg: DataConfig, unit: str, total: int, bad: list[tuple[int, str]]) -> None:
@@ -205,7 +225,7 @@ def _parse_row(record: object, problem_field: str, answer_field: str,
     answer = _extract_answer(_answer_text(record.get(answer_field), answer_field), answer_format)
     if not answer:
         raise _BadRow(f"empty answer in {answer_field!r}")
-    return problem.strip(), answer
+    return problem, answer  # the text as written: the authors' prompts do not strip it
 
 
 def _answer_text(value: object, field: str) -> str:
@@ -265,7 +285,10 @@ def _render(tokenizer, problem: str, instruction: str) -> str:
         raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
                         "template; use an instruct/chat model for model.senior.path")
     messages = [{"role": "user", "content": prompt_text(problem, instruction)}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Qwen3's hybrid templates read enable_thinking (False: an empty thinking block, no
+    # thinking mode), as the authors' evaluation renders every prompt; others ignore it.
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
 
 
 def format_prompt(tokenizer, problem: str, instruction: str) -> list[int]:

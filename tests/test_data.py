@@ -19,6 +19,7 @@ from tandem.data import (
     PromptStream,
     drop_long_prompts,
     format_prompt,
+    holdout_rows,
     load_problems,
 )
 
@@ -107,7 +108,7 @@ def test_generated_answers_are_correct_integers_over_a_mix_of_kinds():
 
 def test_generated_source_loads_and_splits():
     cfg = DataConfig(source="generated:arithmetic", num_generated=300, holdout_size=30)
-    train, holdout, report = load_problems(cfg, seed=0)
+    train, holdout, report = load_problems(cfg)
     assert (len(train), len(holdout), report.total_rows, report.bad_rows) == (270, 30, 300, ())
     assert train[0].uid == "arithmetic/0" or holdout[0].uid == "arithmetic/0"
     assert all(p.answer.isdigit() for p in train + holdout)
@@ -115,7 +116,7 @@ def test_generated_source_loads_and_splits():
 
 def test_unknown_generator_lists_the_known_ones():
     with pytest.raises(DataError, match="generated:arithmetic"):
-        load_problems(DataConfig(source="generated:algebra"), seed=0)
+        load_problems(DataConfig(source="generated:algebra"))
 
 
 # ----------------------------------------------------------------------------- files
@@ -142,7 +143,7 @@ def test_jsonl_malformed_rows_under_the_threshold_are_skipped_and_reported(tmp_p
     source, bad_lines = _jsonl_with_bad_rows(tmp_path, good=200)
     cfg = DataConfig(name="mine", source=source, holdout_size=0, max_bad_row_frac=0.05)
     with caplog.at_level(logging.WARNING, logger="tandem.data"):
-        train, _, report = load_problems(cfg, seed=0)
+        train, _, report = load_problems(cfg)
     assert len(train) == 200 and report.total_rows == 207
     assert [n for n, _ in report.bad_rows] == bad_lines
     assert report.unit == "line"
@@ -159,7 +160,7 @@ def test_jsonl_malformed_rows_over_the_threshold_raise_naming_the_field(tmp_path
     source, bad_lines = _jsonl_with_bad_rows(tmp_path, good=200)
     cfg = DataConfig(source=source, holdout_size=0, max_bad_row_frac=0.01)
     with pytest.raises(DataError) as error:
-        load_problems(cfg, seed=0)
+        load_problems(cfg)
     message = str(error.value)
     assert "data.max_bad_row_frac" in message and "train.jsonl" in message
     assert "7 of 207" in message and "3 (not valid JSON)" in message
@@ -171,7 +172,7 @@ def test_gsm8k_answer_format_takes_the_text_after_the_marks(tmp_path):
     source = _write_jsonl(tmp_path / "gsm8k.jsonl", rows)
     cfg = DataConfig(source=source, problem_field="question", answer_format="gsm8k",
                      holdout_size=0, max_bad_row_frac=0.05)
-    train, _, report = load_problems(cfg, seed=0)
+    train, _, report = load_problems(cfg)
     assert train[3].answer == "1230"
     assert [n for n, _ in report.bad_rows] == [100]
 
@@ -186,7 +187,7 @@ def test_boxed_answer_format_takes_the_last_balanced_box(tmp_path):
     source = _write_jsonl(tmp_path / "math.jsonl", rows)
     cfg = DataConfig(source=source, answer_field="solution", answer_format="boxed",
                      holdout_size=0, max_bad_row_frac=0.5)
-    train, _, report = load_problems(cfg, seed=0)
+    train, _, report = load_problems(cfg)
     assert [p.answer for p in train] == ["\\frac{3}{\\sqrt{4}}", "42"]
     assert [n for n, _ in report.bad_rows] == [3, 4]
 
@@ -196,7 +197,7 @@ def test_numeric_answers_become_strings(tmp_path):
             {"problem": "C", "answer": 0.5}, {"problem": "D", "answer": True}]
     source = _write_jsonl(tmp_path / "n.jsonl", rows)
     cfg = DataConfig(source=source, holdout_size=0, max_bad_row_frac=0.5)
-    train, _, report = load_problems(cfg, seed=0)
+    train, _, report = load_problems(cfg)
     assert [p.answer for p in train] == ["70", "70", "0.5"]
     assert [n for n, _ in report.bad_rows] == [4]
 
@@ -210,40 +211,65 @@ def test_parquet_loads(tmp_path):
                              "answer": ["4", "9", "1"]}), path)
     cfg = DataConfig(name="pq", source=str(path), problem_field="question", holdout_size=0,
                      max_bad_row_frac=0.5)
-    train, _, report = load_problems(cfg, seed=0)
+    train, _, report = load_problems(cfg)
     assert [(p.uid, p.answer) for p in train] == [("pq/0", "4"), ("pq/1", "9")]
     assert [n for n, _ in report.bad_rows] == [2]
     with pytest.raises(DataError, match=r"data.problem_field='problem'.*columns"):
-        load_problems(DataConfig(source=str(path), holdout_size=0), seed=0)
+        load_problems(DataConfig(source=str(path), holdout_size=0))
 
 
 def test_dataset_id_without_the_datasets_library_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match="pip install datasets"):
-        load_problems(DataConfig(source="openai/gsm8k", subset="main"), seed=0)
+        load_problems(DataConfig(source="openai/gsm8k", subset="main"))
 
 
 def test_holdout_larger_than_the_data_names_the_field():
     cfg = DataConfig(source="generated:arithmetic", num_generated=50, holdout_size=50)
     with pytest.raises(DataError, match="data.holdout_size"):
-        load_problems(cfg, seed=0)
+        load_problems(cfg)
 
 
 # ----------------------------------------------------------------------------- hold-out
 
 
-def test_holdout_is_disjoint_seeded_and_independent_of_the_stream():
+def test_holdout_is_the_rows_pandas_sample_draws_from_the_usable_rows(tmp_path):
+    # The authors' split: DataFrame.sample(n=1000, random_state=0) over the rows left after
+    # their filter, in file order; here the usable rows (malformed ones are skipped first).
+    import pandas as pd
+
+    source, _ = _jsonl_with_bad_rows(tmp_path, good=300)
+    cfg = DataConfig(name="mine", source=source, holdout_size=40, max_bad_row_frac=0.05)
+    train, holdout, _ = load_problems(cfg)
+    usable = pd.DataFrame({"uid": [p.uid for p in sorted(
+        train + holdout, key=lambda p: int(p.uid.split("/")[1]))]})
+    assert len(usable) == 300
+    drawn = usable.sample(n=40, random_state=0)["uid"].tolist()
+    assert [p.uid for p in holdout] == drawn  # the same rows, in the order pandas draws them
+    assert [p.uid for p in train] == usable.drop(
+        usable.sample(n=40, random_state=0).index)["uid"].tolist()
+
+    other = DataConfig(name="mine", source=source, holdout_size=40, max_bad_row_frac=0.05,
+                       holdout_seed=7)
+    assert [p.uid for p in load_problems(other)[1]] == usable.sample(
+        n=40, random_state=7)["uid"].tolist()
+
+
+def test_holdout_rows_match_pandas_at_the_papers_size():
+    import pandas as pd
+
+    frame = pd.DataFrame({"row": range(40309)})  # DeepScaleR's usable rows
+    assert holdout_rows(40309, 1000, 0) == frame.sample(n=1000, random_state=0).index.tolist()
+
+
+def test_holdout_does_not_move_with_the_stream():
     cfg = DataConfig(source="generated:arithmetic", num_generated=400, holdout_size=40)
-    train, holdout, _ = load_problems(cfg, seed=3)
+    train, holdout, _ = load_problems(cfg)
     train_ids, holdout_ids = {p.uid for p in train}, {p.uid for p in holdout}
     assert not train_ids & holdout_ids and len(train_ids | holdout_ids) == 400
-
     stream = PromptStream(train, batch_size=16, seed=3)
     _take(stream, 30)  # past the first epoch
-    _, holdout_again, _ = load_problems(cfg, seed=3)
-    assert holdout_again == holdout
-    _, other_holdout, _ = load_problems(cfg, seed=4)
-    assert {p.uid for p in other_holdout} != holdout_ids
+    assert load_problems(cfg)[1] == holdout
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -301,6 +327,31 @@ def test_format_prompt_uses_the_chat_template_and_the_instruction(tokenizer):
     generation_prompt = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
     assert ids[-len(generation_prompt):] == generation_prompt
     assert tokenizer.decode(format_prompt(tokenizer, "Hi?", "")).count("Hi?<|im_end|>") == 1
+
+
+def test_format_prompt_keeps_the_problem_text_as_written(tokenizer, tmp_path):
+    # The authors' prompt is problem + " " + instruction with nothing stripped.
+    source = _write_jsonl(tmp_path / "p.jsonl", [{"problem": "What is 2 + 2?\n", "answer": "4"}])
+    (problem,), _, _ = load_problems(DataConfig(source=source, holdout_size=0))
+    text = tokenizer.decode(format_prompt(tokenizer, problem.problem, PAPER_INSTRUCTION))
+    assert f"What is 2 + 2?\n {PAPER_INSTRUCTION}<|im_end|>" in text
+
+
+def test_format_prompt_turns_thinking_off_where_the_template_reads_enable_thinking(tokenizer):
+    from copy import deepcopy
+
+    # Qwen3's hybrid template, reduced to its generation prompt: an empty thinking block when
+    # enable_thinking is false, thinking mode otherwise.
+    hybrid = deepcopy(tokenizer)
+    hybrid.chat_template = tokenizer.chat_template.replace(
+        "{{- '<|im_start|>assistant\\n' }}",
+        "{{- '<|im_start|>assistant\\n' }}{%- if enable_thinking is defined and "
+        "enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}")
+    assert hybrid.chat_template != tokenizer.chat_template
+    text = hybrid.decode(format_prompt(hybrid, "What is 1 + 1?", PAPER_INSTRUCTION))
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    plain = tokenizer.decode(format_prompt(tokenizer, "What is 1 + 1?", PAPER_INSTRUCTION))
+    assert plain.endswith("<|im_start|>assistant\n")  # a template without it: unchanged
 
 
 def test_format_prompt_without_a_chat_template_says_what_to_use(tokenizer):

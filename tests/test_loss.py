@@ -68,6 +68,8 @@ def _loop_loss(case: dict[str, torch.Tensor], config: AlgorithmConfig,
                 ratio = torch.exp(new[b, t] - old[b][t])
                 clipped_ratio = torch.clamp(ratio, 1 - low, 1 + high)
                 pg = torch.maximum(-a * ratio, -a * clipped_ratio)
+                if config.dual_clip_c is not None and a < 0:
+                    pg = torch.minimum(pg, torch.tensor(-a * config.dual_clip_c))
                 if config.tis_cap > 0:
                     pg = pg * min(math.exp(old[b][t] - rollout[b][t]), config.tis_cap)
             if is_senior:
@@ -135,9 +137,12 @@ OPTIONS = {
     "junior_token_weight": {"junior_token_weight": 0.5},
     "junior_kl": {"junior_kl_coef": 0.3},
     "tis": {"tis_cap": 1.1},
+    # c = 1.1 binds on the A < 0 token with ratio 1.35 (its loss 0.675 is capped at 0.55)
+    "dual_clip": {"dual_clip_c": 1.1},
+    "paper_dual_clip": {"dual_clip_c": 3.0},
     "everything": {"clip_ratio_high": 0.28, "loss_agg": "seq_mean_token_mean", "kl_coef": 0.05,
                    "entropy_coef": 0.01, "junior_token_weight": 0.25, "junior_kl_coef": 0.2,
-                   "tis_cap": 2.0},
+                   "tis_cap": 2.0, "dual_clip_c": 1.1},
 }
 
 
@@ -343,6 +348,30 @@ def test_asymmetric_clip_uses_the_high_bound() -> None:
     assert loss == pytest.approx((-1.25 - 1.28 + 0.8) / 3)  # low side still 1 - 0.2
     assert clip_frac == pytest.approx(2 / 3)
     assert grad == pytest.approx(-1.25 / 3)  # d(-A r)/d log r = -A r, over 3 tokens
+
+
+def test_dual_clip_caps_the_loss_of_negative_advantage_tokens_whatever_their_ratio() -> None:
+    # ratios 5 and e^100 (exp overflows fp32 without verl's clamp) under A = -1, 5 under A = +1
+    # (the PPO clip already holds it at 1.2), 2 under A = -1 (below c: untouched)
+    logprobs = torch.tensor([[math.log(5.0), 100.0, math.log(5.0), math.log(2.0)]],
+                            requires_grad=True)
+    advantages = torch.tensor([[-1.0, -1.0, 1.0, -1.0]])
+
+    def run(config: AlgorithmConfig) -> tuple[float, torch.Tensor, dict[str, float]]:
+        loss, metrics = grpo_loss(
+            logprobs, old_logprobs=torch.zeros(1, 4), advantages=advantages,
+            response_mask=torch.ones(1, 4), author_mask=torch.ones(1, 4), algorithm=config)
+        (grad,) = torch.autograd.grad(loss, logprobs)
+        return loss.item(), grad, metrics
+
+    loss, grad, metrics = run(AlgorithmConfig(dual_clip_c=3.0))
+    assert loss == pytest.approx((3.0 + 3.0 - 1.2 + 2.0) / 4)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.0, 0.0, 2.0 / 4]]))
+    assert metrics["train/dual_clip_frac"] == pytest.approx(2 / 4)
+    loss, grad, metrics = run(AlgorithmConfig())  # off: the ratio itself, clamped at e^20
+    assert loss == pytest.approx((5.0 + math.exp(20.0) - 1.2 + 2.0) / 4, rel=1e-5)
+    assert grad[0, 0].item() == pytest.approx(5.0 / 4) and grad[0, 1].item() == 0.0
+    assert torch.isfinite(grad).all() and "train/dual_clip_frac" not in metrics
 
 
 def test_tis_weight_is_truncated_and_detached() -> None:

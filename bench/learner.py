@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
 

@@ -29,7 +29,7 @@ PROBLEMS = [
 
 
 def _config(preset: str, path: str, args, *overrides: str):
-    from tandem.compose import compose
+    from tandem.config.compose import compose
 
     return compose([
         f"model@model.senior={preset}", f"model.senior.path={path}",
@@ -65,7 +65,7 @@ def bench_model(name: str, args) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from tandem.alternation import Boundaries
-    from tandem.compose import CONF_DIR
+    from tandem.config.compose import CONF_DIR
     from tandem.models import load_tokenizer, resolve_model
     from tandem.rollout import engine_settings
     from tandem.runtime.engines import shutdown_engines, start_engines

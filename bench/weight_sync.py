@@ -23,7 +23,7 @@ def bench_model(name: str, args) -> float:
     from transformers import AutoTokenizer
 
     from tandem.alternation import Boundaries
-    from tandem.compose import CONF_DIR, compose
+    from tandem.config.compose import CONF_DIR, compose
     from tandem.models import resolve_model
     from tandem.rollout import engine_settings
     from tandem.runtime.engines import shutdown_engines, start_engines

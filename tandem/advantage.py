@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tandem.config import AlgorithmConfig
+from tandem.config.schema import AlgorithmConfig
 
 STD_EPS = 1e-6
 """Added to the group std before dividing (verl's value)."""

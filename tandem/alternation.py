@@ -64,7 +64,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from tandem.config import SCHEDULES, AlgorithmConfig
+from tandem.config.schema import SCHEDULES, AlgorithmConfig
 from tandem.episode import JUNIOR, SENIOR, Episode
 
 _BLANK_LINE = re.compile(r"\n[ \t\r]*\n")

@@ -30,12 +30,14 @@ import numbers
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from tandem.arithmetic import generate_arithmetic
-from tandem.config import DataConfig
+from tandem.config.schema import DataConfig, TandemConfig
+from tandem.models import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -384,3 +386,41 @@ class PromptStream:
         if not 0 <= state["position"] < len(self._problems):
             raise DataError(f"prompt stream position {state['position']} is out of range")
         self._start(int(state["epoch"]), int(state["position"]))
+
+
+@dataclass
+class Prompts:
+    """Training and held-out problems with their prompt ids in each engine's tokens."""
+
+    train: list[Problem]
+    holdout: list[Problem]
+    senior_tokenizer: Any
+    junior_tokenizer: Any | None  # None when the junior shares the senior's tokenizer
+    instruction: str
+
+    def ids(self, problems: list[Problem]) -> tuple[list[list[int]], list[list[int]] | None]:
+        senior = [format_prompt(self.senior_tokenizer, p.problem, self.instruction)
+                  for p in problems]
+        if self.junior_tokenizer is None:
+            return senior, None
+        return senior, [format_prompt(self.junior_tokenizer, p.problem, self.instruction)
+                        for p in problems]
+
+
+def load_prompts(config: TandemConfig) -> tuple[Prompts, str, str]:
+    """Training and held-out problems, tokenizers and the two resolved model directories of a
+    run: long prompts dropped, the hold-out cut to `eval.val_problems`."""
+    senior_dir = str(resolve_model(config.model.senior.path))
+    junior_dir = str(resolve_model(config.model.junior.path))
+    senior_tok = load_tokenizer(senior_dir)
+    junior_tok = load_tokenizer(junior_dir)
+    cross = junior_tok.get_vocab() != senior_tok.get_vocab()
+    train, holdout, _ = load_problems(config.data)
+    limit = config.rollout.max_prompt_tokens
+    train, _ = drop_long_prompts(train, senior_tok, config.data.instruction, limit)
+    holdout, _ = drop_long_prompts(holdout, senior_tok, config.data.instruction, limit)
+    if config.eval.val_problems is not None:
+        holdout = holdout[:config.eval.val_problems]
+    prompts = Prompts(train, holdout, senior_tok, junior_tok if cross else None,
+                      config.data.instruction)
+    return prompts, senior_dir, junior_dir

@@ -16,7 +16,7 @@ import dataclasses
 import time
 from typing import Any
 
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 from tandem.engine.api import Sampling
 from tandem.estimators import mean_pass_at_k
 from tandem.reward import RewardPool

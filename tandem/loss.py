@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem.config import AlgorithmConfig
+from tandem.config.schema import AlgorithmConfig
 
 # verl clamps log r here before exp: r <= e^20 stays finite in fp32.
 _MAX_LOG_RATIO = 20.0

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 from tandem.engine.api import EngineSettings, Sampling
 from tandem.engine.channel import TurnChannel
 from tandem.episode import JUNIOR, ROLE_NAMES, SENIOR, Episode

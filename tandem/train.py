@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,40 +48,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
-from tandem.compose import CONF_DIR, to_config
-from tandem.config import ConfigError, TandemConfig
-from tandem.data import PromptStream, drop_long_prompts, format_prompt, load_problems
+from tandem.config.checks import ConfigError
+from tandem.config.compose import CONF_DIR, to_config
+from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
-from tandem.models import load_tokenizer, resolve_model
 from tandem.output.tracking import RunLogger
 from tandem.rollout import Rollout
 
-if TYPE_CHECKING:  # for annotations: runtime/ loads Ray, which `train` imports late
+if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` imports late
+    from tandem.data import PromptStream
     from tandem.runtime.learners import Learners
 
 log = logging.getLogger("tandem")
 
 Rolled = tuple[list[Episode], dict[str, float], list[str]]
 """One step's rollout: its episodes, rollout metrics and the answers of its problems."""
-
-
-@dataclass
-class Prompts:
-    """Training and held-out problems with their prompt ids in each engine's tokens."""
-
-    train: list[Any]
-    holdout: list[Any]
-    senior_tokenizer: Any
-    junior_tokenizer: Any | None  # None when the junior shares the senior's tokenizer
-    instruction: str
-
-    def ids(self, problems: list[Any]) -> tuple[list[list[int]], list[list[int]] | None]:
-        senior = [format_prompt(self.senior_tokenizer, p.problem, self.instruction)
-                  for p in problems]
-        if self.junior_tokenizer is None:
-            return senior, None
-        return senior, [format_prompt(self.junior_tokenizer, p.problem, self.instruction)
-                        for p in problems]
 
 
 class StopRequest:
@@ -193,28 +174,11 @@ def total_steps(config: TandemConfig, num_train: int) -> int:
     return config.trainer.epochs * math.ceil(num_train / config.trainer.prompts_per_step)
 
 
-def load_prompts(config: TandemConfig) -> tuple[Prompts, str, str]:
-    """Problems, tokenizers and the two resolved model directories."""
-    senior_dir = str(resolve_model(config.model.senior.path))
-    junior_dir = str(resolve_model(config.model.junior.path))
-    senior_tok = load_tokenizer(senior_dir)
-    junior_tok = load_tokenizer(junior_dir)
-    cross = junior_tok.get_vocab() != senior_tok.get_vocab()
-    train, holdout, _ = load_problems(config.data)
-    limit = config.rollout.max_prompt_tokens
-    train, _ = drop_long_prompts(train, senior_tok, config.data.instruction, limit)
-    holdout, _ = drop_long_prompts(holdout, senior_tok, config.data.instruction, limit)
-    if config.eval.val_problems is not None:
-        holdout = holdout[:config.eval.val_problems]
-    prompts = Prompts(train, holdout, senior_tok, junior_tok if cross else None,
-                      config.data.instruction)
-    return prompts, senior_dir, junior_dir
-
-
 def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     """Run tandem GRPO; returns the metrics logged for each step of this invocation."""
     # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
     from tandem.advantage import group_advantages
+    from tandem.data import PromptStream, load_prompts
     from tandem.evaluate import validate, validation_rollouts
     from tandem.reward import RewardPool, reward_metrics
     from tandem.runtime.actors import Actors

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tandem.advantage import STD_EPS, group_advantages
-from tandem.config import AlgorithmConfig
+from tandem.config.schema import AlgorithmConfig
 
 REWARDS = [[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0], [0.5, 0.0, 2.0, 1.5]]
 

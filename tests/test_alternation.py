@@ -24,7 +24,7 @@ from tandem.alternation import (
     senior_authorship,
     tandem_metrics,
 )
-from tandem.config import AlgorithmConfig
+from tandem.config.schema import AlgorithmConfig
 from tandem.episode import JUNIOR, SENIOR, Episode
 from tandem.models import load_tokenizer
 

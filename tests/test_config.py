@@ -10,8 +10,8 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from tandem.compose import CONF_DIR, compose, short_dirname
-from tandem.config import ConfigError
+from tandem.config.checks import ConfigError
+from tandem.config.compose import CONF_DIR, compose, short_dirname
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tandem.arithmetic import generate_arithmetic
-from tandem.config import PAPER_INSTRUCTION, DataConfig
+from tandem.config.schema import PAPER_INSTRUCTION, DataConfig
 from tandem.data import (
     DataError,
     Problem,

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
 from tandem.runtime.learners import Learners

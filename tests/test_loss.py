@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tandem.config import AlgorithmConfig
+from tandem.config.schema import AlgorithmConfig
 from tandem.loss import grpo_loss
 
 NEW = [[-1.0, -0.5, -2.0, -0.3], [-0.7, -1.2, -0.1, -0.9], [-0.4, -0.8, -1.5, -0.6]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.runtime.placement import PlacementError, check_fits, colocated_shares, demand
 
 

@@ -26,7 +26,7 @@ HANDOFF_P = (0.25, 0.5, 0.75)
 APP = """
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from tandem.compose import CONF_DIR, to_config
+from tandem.config.compose import CONF_DIR, to_config
 from tandem.output.tracking import RunLogger
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tandem.alternation import Boundaries, replay
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.episode import JUNIOR, SENIOR
 from tandem.testkit import build_reweighted_copy, build_tiny_model
 

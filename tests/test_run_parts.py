@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tandem import checkpoint as ckpt
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.data import Problem, PromptStream
 from tandem.evaluate import protocol_config
 from tandem.output.smoke import check, timing_table
@@ -177,7 +177,7 @@ def test_total_steps_from_epochs_when_not_given():
 
 
 def test_off_policy_and_colocated_do_not_mix():
-    from tandem.config import ConfigError
+    from tandem.config.checks import ConfigError
 
     with pytest.raises(ConfigError, match="trainer.off_policy"):
         compose(["cluster=single_gpu", "trainer.off_policy=true"])

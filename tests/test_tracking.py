@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.output import tracking
 from tandem.output.tracking import MetricsError, RunLogger, metric_row, read_metrics
 

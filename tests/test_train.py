@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tandem.compose import compose
+from tandem.config.compose import compose
 
 pytestmark = pytest.mark.slow
 
@@ -165,7 +165,7 @@ def test_two_node_cluster_puts_senior_and_junior_on_different_nodes(tiny_model_d
     script = textwrap.dedent(f"""
         import json, ray
         from ray.cluster_utils import Cluster
-        from tandem.compose import compose
+        from tandem.config.compose import compose
         from tandem.train import train
         cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 2}})
         cluster.add_node(num_cpus=2)

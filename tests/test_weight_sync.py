@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tandem.alternation import Boundaries
-from tandem.compose import compose
+from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.runtime.learners import Learners
 from tandem.transport.push import (

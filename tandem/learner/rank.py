@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner import batching
 from tandem.loss import grpo_loss

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 
 log = logging.getLogger("tandem")
 

@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from tandem.alternation import Boundaries
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 from tandem.rollout import engine_settings
 from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.runtime.learners import Learners

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import ray
 
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 from tandem.runtime.placement import demand
 
 

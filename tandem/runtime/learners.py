@@ -11,7 +11,7 @@ from typing import Any
 import ray
 import torch
 
-from tandem.config import TandemConfig
+from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner.rank import Learner
 from tandem.transport.shm import SHM_DIR

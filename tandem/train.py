@@ -135,7 +135,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.reward import RewardPool, reward_metrics
     from tandem.rollout import Rollout
     from tandem.runtime.learners import fan_out
-    from tandem.transport.push import make_transport
+    from tandem.transport.base import make_transport
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

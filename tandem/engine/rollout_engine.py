@@ -87,7 +87,7 @@ from tandem.engine.api import (
 )
 from tandem.engine.channel import ChannelServer
 from tandem.engine.stats import EngineStats
-from tandem.engine.worker import safetensors_blob
+from tandem.transport.cpu import safetensors_blob
 from tandem.transport.shm import ShmBucket
 
 
@@ -420,15 +420,15 @@ class RolloutEngine:
     async def receive_weights_ipc(self, exports: list[bytes], version: int, bucket: int,
                                   num_buckets: int) -> dict[str, float]:
         """`load_weights` for one bucket the colocated learner exported over CUDA IPC (see
-        gpu_transport.py); each worker copies it on its own GPU before this returns, so the
+        tandem.transport.ipc); each worker copies it on its own GPU before this returns, so the
         learner may release it then. Same all-or-nothing rules."""
         return await self._load("tandem_stage_ipc", (exports, version, bucket), version, bucket,
                                 num_buckets)
 
     async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                 timeout_s: float, backend: str = "nccl") -> int:
-        """Join learner rank 0's dedicated broadcast group (see gpu_transport.py); returns the
-        number of ranks this engine holds (its tensor-parallel workers)."""
+        """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl); returns
+        the number of ranks this engine holds (its tensor-parallel workers)."""
         self._check_open()
         await self._llm.collective_rpc(
             "tandem_group_join", args=(host, port, rank_offset, world_size, timeout_s, backend))

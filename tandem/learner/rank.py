@@ -304,7 +304,7 @@ class Learner:
 
     def bucket_layout(self, names: list[str], dtype: str, version: int,
                       bucket: int) -> BucketLayout:
-        """The packed layout of a bucket in `dtype`, from the full shapes (nothing gathered)."""
+        """The buffer layout of a bucket in `dtype`, from the full shapes (nothing gathered)."""
         params = dict(self.model.named_parameters())
         return BucketLayout.plan([(name, getattr(torch, dtype), tuple(params[name].shape))
                                   for name in names], version, bucket)

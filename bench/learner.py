@@ -19,10 +19,14 @@ import socket
 import time
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
+from tandem.learner.rank import Learner, token_logprobs
+from tandem.loss import grpo_loss
+from tandem.models import resolve_model
 
 MODELS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
 
@@ -61,8 +65,6 @@ def _free_port() -> int:
 
 
 def _run_learner(config, path, batch, steps, queue):
-    from tandem.learner.rank import Learner
-
     learner = Learner(config, path, rank=0, world_size=1, master_addr="127.0.0.1",
                       master_port=_free_port())
     learner.train_step(*batch)  # warm-up
@@ -75,19 +77,14 @@ def _run_learner(config, path, batch, steps, queue):
 
 
 def _run_plain(config, path, batch, steps, queue):
-    from transformers import AutoModelForCausalLM
-
-    from tandem.learner.rank import token_logprobs
-    from tandem.loss import grpo_loss
-
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     episodes_, advantages = batch
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes_]
-    plan = batching.pack(list(range(len(episodes_))), lengths,
-                         config.trainer.micro_batch_tokens)
+    plan = batching.split_by_token_budget(list(range(len(episodes_))), lengths,
+                                          config.trainer.micro_batch_tokens)
     micros = [batching.collate([episodes_[i] for i in m], [advantages[i] for i in m], 0)
               for m in plan]
 
@@ -132,10 +129,6 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    from transformers import AutoConfig
-
-    from tandem.models import resolve_model
 
     ratios = []
     for name in args.models:

@@ -15,21 +15,22 @@ from __future__ import annotations
 import argparse
 import statistics
 
+import ray
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from tandem.alternation import Boundaries
+from tandem.config.compose import CONF_DIR, compose
+from tandem.models import resolve_model
+from tandem.rollout import engine_settings
+from tandem.runtime.engines import shutdown_engines, start_engines
+from tandem.runtime.learners import Learners
+from tandem.transport.cpu import CpuTransport
+
 MODELS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
 
 
 def bench_model(name: str, args) -> float:
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
-
-    from tandem.alternation import Boundaries
-    from tandem.config.compose import CONF_DIR, compose
-    from tandem.models import resolve_model
-    from tandem.rollout import engine_settings
-    from tandem.runtime.engines import shutdown_engines, start_engines
-    from tandem.runtime.learners import Learners
-    from tandem.transport.push import CpuTransport
-
     preset = MODELS[name]
     path = str(resolve_model(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml").path))
     config = compose([
@@ -75,8 +76,6 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=256)
     parser.add_argument("--world-size", type=int, default=1)
     args = parser.parse_args()
-
-    import ray
 
     # address="local": never attach to a head some other process started with `ray start`
     ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,

@@ -6,7 +6,7 @@
 Two processes, as in training: a sender (learner rank 0) holding full fp32 weights on its GPU
 and casting each bucket to bf16 on the way out, as the learner does, and a receiver (an engine
 worker) that stages every bucket of a push until the push is whole, as the engine does (all or
-nothing). A push is timed from the sender's first pack to the moment
+nothing). A push is timed from the sender's first cast to the moment
 the receiver holds the last bucket (one monotonic clock for both processes).
 
 - `cuda_ipc`: both on GPU 0 — a learner colocated with its engine.
@@ -27,7 +27,8 @@ import torch
 import torch.multiprocessing as mp
 
 from tandem.transport.buckets import BucketLayout, plan_buckets
-from tandem.transport.gpu import IpcBucket, IpcReceiver, IpcSender, NcclReceiver, NcclSender
+from tandem.transport.ipc import IpcBucket, IpcReceiver, IpcSender
+from tandem.transport.nccl import NcclReceiver, NcclSender
 
 # Shapes from the models' config.json (no download): Qwen3 ties lm_head to the embedding, so
 # the learner's parameters hold it once and a push never carries lm_head.

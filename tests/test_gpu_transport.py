@@ -1,5 +1,5 @@
-"""GPU transport cores: packing on CPU, the NCCL broadcast logic over gloo between real processes
-on CPU, and the CUDA paths themselves under the `gpu` marker."""
+"""GPU transport ends: bucket buffers on CPU, the NCCL broadcast logic over gloo between real
+processes on CPU, and the CUDA paths themselves under the `gpu` marker."""
 
 from __future__ import annotations
 
@@ -10,17 +10,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tandem.transport.buckets import ALIGN, BucketLayout, pack, pack_into, unpack
-from tandem.transport.gpu import (
-    IpcBucket,
-    IpcReceiver,
-    IpcSender,
-    NcclReceiver,
-    NcclSender,
-    TransportError,
-    bucket_for_gpu,
-    check_distinct_gpus,
-)
+from tandem.transport.base import TransportError
+from tandem.transport.buckets import ALIGN, BucketLayout, cast_into, from_buffer, to_buffer
+from tandem.transport.ipc import IpcBucket, IpcReceiver, IpcSender, bucket_for_gpu
+from tandem.transport.nccl import NcclReceiver, NcclSender, check_distinct_gpus
 
 WAIT = 120  # seconds a test waits for a child process (spawning imports torch)
 
@@ -46,43 +39,43 @@ def _assert_identical(got: list[tuple[str, torch.Tensor]], want: list[tuple[str,
         assert torch.equal(a.cpu(), b.cpu()), name
 
 
-# ----------------------------------------------------------------------------- packing (CPU)
+# ----------------------------------------------------------------------------- buffers (CPU)
 
 
-def test_pack_round_trip_is_bit_identical_and_unpacks_to_views():
+def test_buffer_round_trip_is_bit_identical_and_reads_back_views():
     tensors = _mixed_tensors(0)
-    buffer, layout = pack(tensors, version=3, bucket=1, device="cpu")
+    buffer, layout = to_buffer(tensors, version=3, bucket=1, device="cpu")
     assert buffer.dtype == torch.uint8 and buffer.numel() == layout.nbytes
     assert all(slot.offset % ALIGN == 0 for slot in layout.slots)
-    out = unpack(buffer, BucketLayout.from_bytes(layout.to_bytes()))
+    out = from_buffer(buffer, BucketLayout.from_bytes(layout.to_bytes()))
     _assert_identical(out, tensors)
-    # Views, not copies: writing the received buffer changes the unpacked tensors.
+    # Views, not copies: writing the received buffer changes the tensors read back.
     buffer.zero_()
     assert not out[0][1].any()
 
 
 def test_layout_is_shared_by_both_ends_over_json():
-    _, layout = pack(_mixed_tensors(1), version=9, bucket=4, device="cpu")
+    _, layout = to_buffer(_mixed_tensors(1), version=9, bucket=4, device="cpu")
     again = BucketLayout.from_bytes(layout.to_bytes())
     assert again == layout and (again.version, again.bucket) == (9, 4)
 
 
-def test_unpack_refuses_a_buffer_that_does_not_match_its_layout():
-    buffer, layout = pack(_mixed_tensors(2), version=5, bucket=2, device="cpu")
+def test_from_buffer_refuses_a_buffer_that_does_not_match_its_layout():
+    buffer, layout = to_buffer(_mixed_tensors(2), version=5, bucket=2, device="cpu")
     with pytest.raises(ValueError, match="v5 bucket 2"):
-        unpack(buffer[:-1], layout)
+        from_buffer(buffer[:-1], layout)
 
 
-def test_pack_into_casts_in_one_pass_and_refuses_a_wrong_shape():
+def test_cast_into_casts_in_one_pass_and_refuses_a_wrong_shape():
     masters = [("a", torch.randn(3, 5)), ("b", torch.randn(4))]  # fp32, as a learner holds them
     layout = BucketLayout.plan([("a", torch.bfloat16, (3, 5)), ("b", torch.bfloat16, (4,))],
                                version=7, bucket=1)
     assert layout == BucketLayout.of(masters, 7, 1, torch.bfloat16)
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8)  # [nbytes]
-    pack_into(buffer, layout, (t for _, t in masters))
-    _assert_identical(unpack(buffer, layout), [(n, t.bfloat16()) for n, t in masters])
+    cast_into(buffer, layout, (t for _, t in masters))
+    _assert_identical(from_buffer(buffer, layout), [(n, t.bfloat16()) for n, t in masters])
     with pytest.raises(ValueError, match=r"v7 bucket 1: 'b' has shape \(1, 4\)"):
-        pack_into(buffer, layout, [masters[0][1], masters[1][1][None]])  # would broadcast
+        cast_into(buffer, layout, [masters[0][1], masters[1][1][None]])  # would broadcast
 
 
 def test_ipc_ends_refuse_a_cpu_device_naming_the_cpu_transport():
@@ -93,10 +86,10 @@ def test_ipc_ends_refuse_a_cpu_device_naming_the_cpu_transport():
         IpcReceiver("cpu")
 
 
-def test_pack_refuses_a_name_twice():
+def test_a_bucket_refuses_a_name_twice():
     tensor = torch.zeros(2)
     with pytest.raises(ValueError, match="'w' twice"):
-        pack([("w", tensor), ("w", tensor)], version=1, bucket=0, device="cpu")
+        to_buffer([("w", tensor), ("w", tensor)], version=1, bucket=0, device="cpu")
 
 
 def test_nccl_join_refuses_two_ranks_on_one_gpu():
@@ -107,7 +100,7 @@ def test_nccl_join_refuses_two_ranks_on_one_gpu():
 
 
 def test_ipc_receiver_picks_the_export_on_its_own_gpu():
-    _, layout = pack(_mixed_tensors(3), version=2, bucket=0, device="cpu")
+    _, layout = to_buffer(_mixed_tensors(3), version=2, bucket=0, device="cpu")
     exports = [IpcBucket(layout, "GPU-a", (1, 2)), IpcBucket(layout, "GPU-b", (3, 4))]
     wire = [IpcBucket.from_bytes(e.to_bytes()) for e in exports]
     assert bucket_for_gpu(wire, "GPU-b").handle == (3, 4)

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandem.config.compose import compose
 from tandem.episode import Episode
@@ -103,8 +104,6 @@ def test_world_size_two_matches_world_size_one(tiny_model_dir, ray_cluster):
 
 
 def _load_initial(model_dir):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -138,8 +137,6 @@ def test_checkpoint_round_trip_restores_parameters_and_optimizer(
 @pytest.mark.slow
 def test_exported_directory_loads_in_transformers_with_the_trained_weights(
         tiny_model_dir, ray_cluster, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     learners = Learners.start(_config(2, tiny_model_dir), str(tiny_model_dir))
     try:
         learners.train_step(*_episodes(seed=3))

@@ -6,19 +6,20 @@ import random
 import time
 
 import pytest
+import ray
+from transformers import AutoTokenizer
 
 from tandem.alternation import Boundaries
 from tandem.config.compose import compose
 from tandem.episode import Episode
+from tandem.rollout import engine_settings
+from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.runtime.learners import Learners
-from tandem.transport.push import (
-    BroadcastTransport,
-    CpuTransport,
-    CudaIpcTransport,
-    WeightPushError,
-    make_transport,
-    plan_buckets,
-)
+from tandem.transport.base import WeightPushError, make_transport
+from tandem.transport.buckets import plan_buckets
+from tandem.transport.cpu import CpuTransport
+from tandem.transport.ipc import CudaIpcTransport
+from tandem.transport.nccl import BroadcastTransport
 
 TIMEOUT = 600
 
@@ -60,11 +61,6 @@ def _config(model_dir):
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, ray_cluster):
     """A world-size-2 learner, a senior and a junior engine, all on the tiny model."""
-    from transformers import AutoTokenizer
-
-    from tandem.rollout import engine_settings
-    from tandem.runtime.engines import shutdown_engines, start_engines
-
     config = _config(tiny_model_dir)
     boundaries = Boundaries.from_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
     engines = {role: start_engines(engine_settings(config, str(tiny_model_dir), role,
@@ -82,8 +78,6 @@ STARTS = [3, 2]
 
 
 def _scores(engine):
-    import ray
-
     return ray.get(engine.score.remote(SEQUENCES, STARTS), timeout=TIMEOUT)
 
 
@@ -102,8 +96,6 @@ def _max_diff(a, b):
 
 
 def test_push_makes_the_senior_serve_the_learners_weights(setup):
-    import ray
-
     config, learners, engines = setup
     senior, junior = engines["senior"][0], engines["junior"][0]
     before, junior_before = _scores(senior), _scores(junior)
@@ -120,8 +112,6 @@ def test_push_makes_the_senior_serve_the_learners_weights(setup):
 
 
 def test_push_reports_where_its_time_went(setup):
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     version = ray.get(senior.weight_version.remote()) + 1
@@ -134,8 +124,6 @@ def test_push_reports_where_its_time_went(setup):
 def test_bfloat16_pushes_through_shared_memory_and_the_object_store_serve_alike(setup):
     """The shared-memory path casts fp32 masters straight into its buffer; the object-store
     path casts tensors. Both must hand the engine the same bf16 weights, bit for bit."""
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     _train(learners)
@@ -150,8 +138,6 @@ def test_bfloat16_pushes_through_shared_memory_and_the_object_store_serve_alike(
 
 
 def test_cuda_ipc_from_a_cpu_learner_fails_cleanly(setup):
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     version, served = ray.get(senior.weight_version.remote()), _scores(senior)
@@ -165,8 +151,6 @@ def test_cuda_ipc_from_a_cpu_learner_fails_cleanly(setup):
 
 def test_push_through_the_object_store_matches_shared_memory(setup):
     """Engines on another node get tensors instead of a /dev/shm file; same weights served."""
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     _train(learners)
@@ -179,8 +163,6 @@ def test_push_through_the_object_store_matches_shared_memory(setup):
 
 
 def test_interrupted_push_leaves_the_previous_version(setup):
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     version, served = ray.get(senior.weight_version.remote()), _scores(senior)
@@ -193,8 +175,6 @@ def test_interrupted_push_leaves_the_previous_version(setup):
 
 
 def test_stalled_push_raises_within_its_timeout(setup):
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     version, served = ray.get(senior.weight_version.remote()), _scores(senior)
@@ -212,8 +192,6 @@ def test_stalled_push_raises_within_its_timeout(setup):
 def test_broadcast_transport_over_gloo_pushes_all_or_nothing(setup):
     """The NCCL transport's wiring (dedicated group, learner rank 0 -> engine worker) over
     gloo: the same code path, minus NCCL itself."""
-    import ray
-
     _, learners, engines = setup
     senior = engines["senior"][0]
     _train(learners)

@@ -57,7 +57,7 @@ from tandem.engine.channel import ChannelServer
 from tandem.engine.scheduler import REASON_BOUNDARY_DROPPED, TOKEN_SETS_KEY, stop_args
 from tandem.engine.sessions import Sessions
 from tandem.engine.stats import EngineStats, cpu_seconds
-from tandem.engine.worker import safetensors_blob
+from tandem.transport.cpu import safetensors_blob
 from tandem.transport.shm import ShmBucket
 
 
@@ -250,15 +250,15 @@ class RolloutEngine:
     async def receive_weights_ipc(self, exports: list[bytes], version: int, bucket: int,
                                   num_buckets: int) -> dict[str, float]:
         """`load_weights` for one bucket the colocated learner exported over CUDA IPC (see
-        tandem.transport.gpu); each worker copies it on its own GPU before this returns, so the
+        tandem.transport.ipc); each worker copies it on its own GPU before this returns, so the
         learner may release it then. Same all-or-nothing rules."""
         return await self._load("tandem_stage_ipc", (exports, version, bucket), version, bucket,
                                 num_buckets)
 
     async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                                 timeout_s: float, backend: str = "nccl") -> int:
-        """Join learner rank 0's dedicated broadcast group (see tandem.transport.gpu); returns the
-        number of ranks this engine holds (its tensor-parallel workers)."""
+        """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl); returns
+        the number of ranks this engine holds (its tensor-parallel workers)."""
         self._check_open()
         await self._llm.collective_rpc(
             "tandem_group_join", args=(host, port, rank_offset, world_size, timeout_s, backend))

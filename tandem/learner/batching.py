@@ -44,8 +44,9 @@ def shard(indices: list[int], lengths: list[int], world_size: int) -> list[list[
     return [sorted(s) for s in shards]
 
 
-def pack(indices: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Group episodes so each group's padded size (count x longest) fits the budget.
+def split_by_token_budget(indices: list[int], lengths: list[int],
+                          token_budget: int) -> list[list[int]]:
+    """Micro-batches of episodes, each one's padded size (count x longest) within the budget.
 
     An episode longer than the budget gets a micro-batch of its own rather than an error:
     the budget bounds memory for typical batches, the model's context bounds the rest.
@@ -72,7 +73,8 @@ def plan(lengths: list[int], indices: list[int], world_size: int,
     Ranks with fewer micro-batches than the busiest rank get empty ones appended: they run a
     forward/backward with zero loss so the collectives stay matched.
     """
-    per_rank = [pack(s, lengths, token_budget) for s in shard(indices, lengths, world_size)]
+    per_rank = [split_by_token_budget(s, lengths, token_budget)
+                for s in shard(indices, lengths, world_size)]
     most = max(len(micro) for micro in per_rank)
     return [micro + [[] for _ in range(most - len(micro))] for micro in per_rank]
 

@@ -1,8 +1,7 @@
 """The FSDP2 learner: one rank of the senior's training, usable with or without Ray.
 
 `Learner` is a plain class (one process = one rank) so GPU machines without Ray can run it;
-`LearnerActor` wraps it for the Ray driver, and `spawn_learners` / `train_step` are the whole
-"group": a list of handles and a fan-out.
+`tandem.runtime.learners` wraps it in a Ray actor for the driver.
 
 A train step, as in the paper (16 prompts, mini-batch 8 -> 2 optimizer updates):
   1. recompute old log-probs (no grad) for every mini-batch but the first, under the weights
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
@@ -46,6 +47,13 @@ from tandem.transport.buckets import BucketLayout
 log = logging.getLogger(__name__)
 
 DIST_TIMEOUT = datetime.timedelta(minutes=10)
+
+try:  # an optional extra: GPU learners use it when it is installed
+    import flash_attn  # noqa: F401
+
+    CUDA_ATTENTION = "flash_attention_2"
+except ImportError:
+    CUDA_ATTENTION = "sdpa"
 
 
 def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: bool,
@@ -110,8 +118,6 @@ class Learner:
 
     def __init__(self, config: TandemConfig, model_path: str, rank: int, world_size: int,
                  master_addr: str, master_port: int):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.device = config.cluster.device
@@ -128,11 +134,11 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.model = self._load(model_path, AutoModelForCausalLM)
+        self.model = self._load(model_path)
         self.model.train()
         self.reference = None
         if config.algorithm.kl_coef > 0:
-            self.reference = self._load(model_path, AutoModelForCausalLM)
+            self.reference = self._load(model_path)
             self.reference.eval().requires_grad_(False)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
@@ -145,18 +151,11 @@ class Learner:
         self.step = 0
         log.info("learner rank %d/%d ready: %s on %s", rank, world_size, model_path, self.device)
 
-    def _load(self, model_path: str, auto_cls) -> torch.nn.Module:
-        attention = "sdpa"
-        if self.device == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-
-                attention = "flash_attention_2"
-            except ImportError:
-                pass
+    def _load(self, model_path: str) -> torch.nn.Module:
+        attention = CUDA_ATTENTION if self.device == "cuda" else "sdpa"
         # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute.
-        model = auto_cls.from_pretrained(model_path, dtype=torch.float32,
-                                         attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                     attn_implementation=attention)
         if self.device == "cuda":
             model = model.to("cuda")
         shard_model(model, self.device, self.config.trainer.activation_checkpointing,
@@ -305,7 +304,7 @@ class Learner:
 
     def bucket_layout(self, names: list[str], dtype: str, version: int,
                       bucket: int) -> BucketLayout:
-        """The packed layout of a bucket in `dtype`, from the full shapes (nothing gathered)."""
+        """The buffer layout of a bucket in `dtype`, from the full shapes (nothing gathered)."""
         params = dict(self.model.named_parameters())
         return BucketLayout.plan([(name, getattr(torch, dtype), tuple(params[name].shape))
                                   for name in names], version, bucket)
@@ -333,8 +332,6 @@ class Learner:
 
     def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
         """Sharded model + optimizer (torch.distributed.checkpoint), plus per-rank state."""
-        import torch.distributed.checkpoint as dcp
-
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
         torch.save({
@@ -345,8 +342,6 @@ class Learner:
 
     def load_checkpoint(self, directory: str) -> dict:
         """Restore what save_checkpoint wrote; returns the `extra` dict saved with it."""
-        import torch.distributed.checkpoint as dcp
-
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=directory)

@@ -21,7 +21,7 @@ from tandem.rollout import engine_settings
 from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.runtime.learners import Learners
 from tandem.runtime.placement import Placement, demand, reserve
-from tandem.transport.push import WeightTransport, make_transport
+from tandem.transport.base import WeightTransport, make_transport
 
 log = logging.getLogger("tandem")
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import time
 from typing import Any
 
 import ray
@@ -14,7 +12,9 @@ import torch
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner.rank import Learner
-from tandem.transport.shm import SHM_DIR
+from tandem.transport.cpu import CpuSender
+from tandem.transport.ipc import IpcSender
+from tandem.transport.nccl import NcclSender
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,10 @@ class LearnerActor:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.learner: Learner | None = None
-        self._shm = None  # rank 0's shared-memory push buffers (tandem.transport.shm.ShmWriter)
-        self._ipc = None  # this rank's CUDA IPC exports (tandem.transport.gpu.IpcSender)
-        self._nodes: dict = {}  # engine handle -> its Ray node id
+        # This rank's ends of the weight transports (tandem.transport), made at first use.
+        self._cpu = CpuSender()
+        self._ipc: IpcSender | None = None
+        self._nccl: NcclSender | None = None
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free port: rank 0 hosts the process-group rendezvous."""
@@ -62,80 +63,31 @@ class LearnerActor:
     def score(self, sequences: list[list[int]], from_positions: list[int]) -> list[list[float]]:
         return self.learner.score(sequences, from_positions)
 
+    # -------------------------------------------------------------------- weight transports
+
     def push_bucket(self, names: list[str], engines: list, version: int, bucket: int,
                     num_buckets: int, dtype: str, timeout: float,
                     shared_memory: bool = True) -> dict[str, float]:
-        """Gather one bucket (every rank) and, on rank 0, load it into every senior engine.
-        Returns rank 0's `bytes` sent, `write_s` (gather + cast + hand-over) and the engines'
-        slowest `stage_s` and `apply_s` (zeros elsewhere).
-
-        Engines on this node read the bucket from a shared-memory buffer that rank 0 casts the
-        parameters straight into (`tandem.transport.shm`); engines elsewhere get the tensors through
-        Ray's object store. Rewriting those buffers push after push is safe because this actor
-        runs one call at a time and drops them after any call that did not come back cleanly."""
-
-        started = time.perf_counter()
+        """cpu transport: gather one bucket (every rank); rank 0 loads it into every senior
+        engine (`CpuSender.send`) and returns what it measured, the others zeros."""
         parameters = self.learner.full_parameters(names)
         if self.rank != 0:
             for _ in parameters:  # take part in each all-gather
                 pass
             return {"bytes": 0.0, "write_s": 0.0, "stage_s": 0.0, "apply_s": 0.0}
-        local, remote = self._split_by_node(engines, timeout, shared_memory)
         layout = self.learner.bucket_layout(names, dtype, version, bucket)
-        shared, named = None, None
-        if local:
-            if self._shm is None:
-                from tandem.transport.shm import ShmWriter
-
-                self._shm = ShmWriter()
-            shared = self._shm.write(layout, (tensor for _, tensor in parameters), local)
-            if remote:  # what was just cast, for the object store
-                named = self._shm.views(layout)
-        else:
-            named = [(name, tensor.to(getattr(torch, dtype))) for name, tensor in parameters]
-        written = time.perf_counter()
-        try:
-            pending = [engine.load_weights.remote(shared, version, bucket=bucket,
-                                                  num_buckets=num_buckets) for engine in local]
-            pending += [engine.load_weights.remote(named, version, bucket=bucket,
-                                                   num_buckets=num_buckets) for engine in remote]
-            loads = ray.get(pending, timeout=timeout)
-        except BaseException:
-            if self._shm is not None:
-                self._shm.drop()  # an engine may still be reading them: never rewrite these
-            raise
-        if local:
-            self._shm.mapped(bucket, local)
-        return {"bytes": float(layout.nbytes * len(engines)), "write_s": written - started,
-                "stage_s": max(load["stage_s"] for load in loads),
-                "apply_s": max(load["apply_s"] for load in loads)}
-
-    def _split_by_node(self, engines: list, timeout: float,
-                       shared_memory: bool) -> tuple[list, list]:
-        """(engines on this node, engines elsewhere); an engine's node is asked once."""
-
-        if not shared_memory or not os.path.isdir(SHM_DIR):
-            return [], list(engines)
-        unknown = [engine for engine in engines if engine not in self._nodes]
-        if unknown:
-            nodes = ray.get([engine.node_id.remote() for engine in unknown], timeout=timeout)
-            self._nodes.update(zip(unknown, nodes, strict=True))
-        here = ray.get_runtime_context().get_node_id()
-        return ([e for e in engines if self._nodes[e] == here],
-                [e for e in engines if self._nodes[e] != here])
+        return self._cpu.send(layout, parameters, engines, num_buckets, timeout, shared_memory)
 
     def export_bucket_ipc(self, names: list[str], version: int, bucket: int,
                           dtype: str) -> bytes:
-        """Gather one bucket (a collective: every rank) and export it from this rank's GPU over
-        CUDA IPC, cast to `dtype` straight into the exported buffer; returns the `IpcBucket`
-        bytes. Every rank exports, so each engine worker finds a copy on its own GPU. The
-        buffer stays alive until `release_bucket_ipc`."""
+        """cuda_ipc transport: gather one bucket (a collective: every rank) and export it from
+        this rank's GPU, cast to `dtype` straight into the exported buffer; returns the
+        `IpcBucket` bytes. Every rank exports, so each engine worker finds a copy on its own
+        GPU. The buffer stays alive until `release_bucket_ipc`."""
         if self.learner.device != "cuda":
             raise ValueError("cluster.weight_transport=cuda_ipc needs cluster.device=cuda; CPU "
                              "learners push with cluster.weight_transport=cpu")
         if self._ipc is None:
-            from tandem.transport.gpu import IpcSender
-
             self._ipc = IpcSender("cuda")
         layout = self.learner.bucket_layout(names, dtype, version, bucket)
         parameters = self.learner.full_parameters(names)
@@ -148,20 +100,18 @@ class LearnerActor:
 
     def open_weight_group(self, world_size: int, timeout_s: float,
                           backend: str) -> tuple[str, int]:
-        """Rank 0: host a dedicated broadcast group to the senior engines' workers."""
-
-        from tandem.transport.gpu import NcclSender
-
+        """nccl transport, rank 0: host a dedicated broadcast group to the senior engines'
+        workers; returns its store's address."""
         self.leave_weight_group()
         device = "cuda" if self.learner.device == "cuda" else "cpu"
-        self._sender = NcclSender(world_size, device, timeout_s, backend=backend)
-        return ray.util.get_node_ip_address(), self._sender.port
+        self._nccl = NcclSender(world_size, device, timeout_s, backend=backend)
+        return ray.util.get_node_ip_address(), self._nccl.port
 
     def join_weight_group(self) -> None:
-        self._sender.connect()
+        self._nccl.connect()
 
     def leave_weight_group(self) -> None:
-        sender, self._sender = getattr(self, "_sender", None), None
+        sender, self._nccl = self._nccl, None
         if sender is not None:
             sender.close()
 
@@ -172,7 +122,7 @@ class LearnerActor:
         tensors = self.learner.gather_bucket(names, dtype, device)
         if tensors is None:
             return 0
-        return self._sender.send(list(tensors.items()), version, bucket, timeout)
+        return self._nccl.send(list(tensors.items()), version, bucket, timeout)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Rank 0 returns the full parameters; the others take part and return None."""
@@ -180,9 +130,7 @@ class LearnerActor:
         return state if self.rank == 0 else None
 
     def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        self._cpu.close()
         if self.learner is not None:
             self.learner.close()
 

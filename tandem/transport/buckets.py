@@ -2,8 +2,11 @@
 
 Weight pushes move one buffer per bucket, not one message per tensor: one collective or one
 CUDA IPC handle per bucket (TRL 1.11 went from 1.08 to 0.63 s/step on that alone). Every tensor
-starts at a multiple of `ALIGN` bytes, so the receiver unpacks into views of the buffer it
+starts at a multiple of `ALIGN` bytes, so the receiver reads views of the buffer it
 received, without a copy. Tensors of any dtypes may share a bucket. Pure torch.
+
+`to_buffer` casts named tensors into one new buffer, `cast_into` into an existing one (a
+shared-memory file, a CUDA IPC export), and `from_buffer` reads them back as views.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-ALIGN = 256  # bytes; a multiple of every dtype's size, so unpacked views are legal and aligned
+ALIGN = 256  # bytes; a multiple of every dtype's size, so the views read back are aligned
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class TensorSlot:
 
 @dataclass(frozen=True)
 class BucketLayout:
-    """Where each tensor of one bucket sits in its packed buffer; JSON on the wire."""
+    """Where each tensor of one bucket sits in its buffer; JSON on the wire."""
 
     version: int
     bucket: int
@@ -72,29 +75,29 @@ class BucketLayout:
         return cls(raw["version"], raw["bucket"], raw["nbytes"], slots)
 
 
-def pack(named_tensors: Sequence[tuple[str, torch.Tensor]], version: int, bucket: int,
-         device: torch.device | str) -> tuple[torch.Tensor, BucketLayout]:
+def to_buffer(named_tensors: Sequence[tuple[str, torch.Tensor]], version: int, bucket: int,
+              device: torch.device | str) -> tuple[torch.Tensor, BucketLayout]:
     """One uint8 buffer on `device` holding every tensor at its layout offset (one copy each;
     padding bytes are left uninitialised)."""
     layout = BucketLayout.of(named_tensors, version, bucket)
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=device)  # [nbytes]
-    pack_into(buffer, layout, (tensor for _, tensor in named_tensors))
+    cast_into(buffer, layout, (tensor for _, tensor in named_tensors))
     return buffer, layout
 
 
-def pack_into(buffer: torch.Tensor, layout: BucketLayout,
+def cast_into(buffer: torch.Tensor, layout: BucketLayout,
               tensors: Iterable[torch.Tensor]) -> None:
     """Write `tensors` (in slot order) into `buffer` at the layout's offsets, casting each to its
     slot's dtype on the way: one pass over each tensor, no intermediate copy. `tensors` may be a
     generator (a sender gathering one parameter at a time)."""
-    for (name, view), tensor in zip(unpack(buffer, layout), tensors, strict=True):
+    for (name, view), tensor in zip(from_buffer(buffer, layout), tensors, strict=True):
         if tuple(tensor.shape) != tuple(view.shape):  # copy_ would broadcast silently
             raise ValueError(f"weight push v{layout.version} bucket {layout.bucket}: {name!r} "
                              f"has shape {tuple(tensor.shape)}, its slot {tuple(view.shape)}")
         view.copy_(tensor.detach())
 
 
-def unpack(buffer: torch.Tensor, layout: BucketLayout) -> list[tuple[str, torch.Tensor]]:
+def from_buffer(buffer: torch.Tensor, layout: BucketLayout) -> list[tuple[str, torch.Tensor]]:
     """The bucket's tensors as views into `buffer` (no copy): they live as long as it does."""
     if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != layout.nbytes:
         raise ValueError(f"weight push v{layout.version} bucket {layout.bucket}: a buffer of "

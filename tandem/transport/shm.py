@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.transport.buckets import BucketLayout, pack_into, unpack
+from tandem.transport.buckets import BucketLayout, cast_into, from_buffer
 
 SHM_DIR = "/dev/shm"
 
@@ -69,12 +69,12 @@ class ShmWriter:
         if (buffer is None or buffer.tensor.numel() != layout.nbytes
                 or not (buffer.linked or set(readers) <= buffer.readers)):
             buffer = self._create(layout.bucket, layout.nbytes)
-        pack_into(buffer.tensor, layout, tensors)
+        cast_into(buffer.tensor, layout, tensors)
         return ShmBucket(buffer.path, layout.to_bytes())
 
     def views(self, layout: BucketLayout) -> list[tuple[str, torch.Tensor]]:
         """What `write` just put in bucket `layout.bucket`, as views of this process's mapping."""
-        return unpack(self._buffers[layout.bucket].tensor, layout)
+        return from_buffer(self._buffers[layout.bucket].tensor, layout)
 
     def mapped(self, bucket: int, readers: Sequence[Hashable]) -> None:
         """`readers` hold a mapping of `bucket`'s buffer now: its file can go."""
@@ -134,7 +134,7 @@ class ShmReader:
             mapping = torch.from_file(shm_bucket.path, shared=True, size=layout.nbytes,
                                       dtype=torch.uint8)  # [nbytes], the learner's pages
             self._maps[layout.bucket] = (shm_bucket.path, mapping)
-        return unpack(mapping, layout)
+        return from_buffer(mapping, layout)
 
     def keep(self, num_buckets: int) -> None:
         """Unmap buffers of bucket indices a push no longer has."""

@@ -1,66 +1,42 @@
-"""The GPU weight transports' cores: torch only (no vLLM, no Ray), so they run anywhere torch does.
+"""The nccl transport, both ends: a broadcast from learner rank 0 to every senior engine worker.
 
-`weight_sync.py` drives them; the engine's worker extension and the learner hold the two ends.
+`NcclSender` runs in learner rank 0, one `NcclReceiver` in each engine GPU worker (with tensor
+parallelism every TP rank receives the whole bucket and vLLM's loader shards it); both are torch
+only. `BroadcastTransport` is the driver's side: it builds the group and, per bucket, starts the
+send and the receives.
 
-Both move one packed buffer per bucket (`tandem.transport.buckets`) and hand the receiver
-named views of it, ready for vLLM's `reload_weights`.
-
-- **NCCL broadcast** (`NcclSender` at learner rank 0, one `NcclReceiver` per engine GPU worker:
-  with tensor parallelism every TP rank receives the whole bucket and vLLM's loader shards it).
-  The group is dedicated: its own `TCPStore` and a `ProcessGroupNCCL` built directly, never the
-  default group, so neither the learner's FSDP group nor vLLM's groups see it. The same classes
-  run over gloo on CPU, which is how they are tested. Layouts and readiness travel through the
-  store, so the sender starts a broadcast only once every receiver is waiting in one: a missing
-  receiver is a clear timeout, never a collective that hangs. NCCL refuses two ranks on one GPU
-  ("Duplicate GPU detected"), so joining checks GPU UUIDs first; colocated pairs use CUDA IPC.
-- **CUDA IPC** (`IpcSender` in the learner, `IpcReceiver` in the engine worker on the same GPU):
-  the sender packs a bucket into one CUDA buffer and exports its handle; the receiver maps it,
-  copies it into its own memory and returns; only then may the sender release the buffer.
+The group is dedicated: its own `TCPStore` and a `ProcessGroupNCCL` built directly, never the
+default group, so neither the learner's FSDP group nor vLLM's groups see it. The same classes
+run over gloo on CPU, which is how they are tested. Layouts and readiness travel through the
+store, so the sender starts a broadcast only once every receiver is waiting in one: a missing
+receiver is a clear timeout, never a collective that hangs. NCCL refuses two ranks on one GPU
+("Duplicate GPU detected"), so joining checks GPU UUIDs first; colocated pairs use CUDA IPC
+(`ipc.py`).
 
 Every wait is bounded: store waits by their timeout, collectives by a polling watchdog that
 aborts the group past its deadline (the group's own timeout is longer: a backstop). After any
-failure an NCCL end is unusable (`TransportError` says so): rebuild both ends. The IPC ends
-never wait; the caller bounds the round trip (export -> receive -> release).
+failure an end is unusable (`TransportError` says so): rebuild both ends.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from tandem.transport.buckets import BucketLayout, pack, pack_into, unpack
+from tandem.transport.base import TransportError, WeightTransport, gpu_uuid, resolve_device
+from tandem.transport.buckets import BucketLayout, from_buffer, to_buffer
+
+try:
+    import ray
+except ImportError:  # a GPU machine with torch only runs the two ends, not BroadcastTransport
+    ray = None
 
 _PG_GRACE_S = 60.0  # the process group's own timeout trails ours, so our watchdog fires first
-
-
-class TransportError(RuntimeError):
-    """A GPU transport failed or timed out; the message names the transport, version, bucket."""
-
-
-# ----------------------------------------------------------------------------- devices
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """`device` with an explicit index ("cuda" means the current CUDA device)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def gpu_uuid(device: torch.device | str) -> str:
-    """The physical GPU's UUID ("" on CPU): device indices differ between processes that see
-    different CUDA_VISIBLE_DEVICES, the UUID does not."""
-    device = resolve_device(device)
-    if device.type != "cuda":
-        return ""
-    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def check_distinct_gpus(uuids: Sequence[str]) -> None:
@@ -74,8 +50,6 @@ def check_distinct_gpus(uuids: Sequence[str]) -> None:
                 "uses cluster.weight_transport=cuda_ipc")
         first.setdefault(uuid, rank)
 
-
-# ----------------------------------------------------------------------------- NCCL broadcast
 
 
 class _BroadcastEnd:
@@ -190,11 +164,11 @@ class NcclSender(_BroadcastEnd):
 
     def send(self, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int, bucket: int,
              timeout_s: float | None = None) -> int:
-        """Broadcast one bucket to every receiver; returns its packed bytes. Waits for each
-        receiver to be ready for exactly (version, bucket), then for the broadcast."""
+        """Broadcast one bucket to every receiver; returns the buffer's size in bytes. Waits for
+        each receiver to be ready for exactly (version, bucket), then for the broadcast."""
         deadline = self._deadline(timeout_s)
         what = f"nccl push v{version} bucket {bucket}"
-        buffer, layout = pack(named_tensors, version, bucket, self.device)  # [nbytes] uint8
+        buffer, layout = to_buffer(named_tensors, version, bucket, self.device)  # [nbytes] uint8
         self._ctl.set(f"layout/{version}/{bucket}", layout.to_bytes())
         ready = [f"ready/{version}/{bucket}/{rank}" for rank in range(1, self.world_size)]
         self._await(ready, deadline, f"{what} (waiting for the receivers)")
@@ -229,114 +203,55 @@ class NcclReceiver(_BroadcastEnd):
         buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)  # [nbytes]
         self._ctl.set(f"ready/{version}/{bucket}/{self.rank}", b"")
         self._broadcast(buffer, deadline, what)
-        return unpack(buffer, layout)
+        return from_buffer(buffer, layout)
 
 
-# ----------------------------------------------------------------------------- CUDA IPC
+class BroadcastTransport(WeightTransport):
+    """A broadcast from learner rank 0 to every senior engine worker over a dedicated process
+    group (`NcclSender` / `NcclReceiver` above): NCCL between GPUs, or gloo — the same
+    code on CPU, which is how it is tested here. The group is built at the first push and
+    rebuilt after any failure."""
 
-_DEVICE_ARG = 6  # index of the device in reduce_tensor's rebuild args (torch.multiprocessing)
+    def __init__(self, bucket_bytes: int, timeout_s: float, dtype: str, backend: str = "nccl",
+                 fail_after_buckets: int | None = None) -> None:
+        super().__init__(bucket_bytes, timeout_s, dtype, fail_after_buckets)
+        self.backend, self.name = backend, backend
+        self._group: tuple[int, ...] | None = None  # ids of the members it was built for
 
+    def _prepare(self, learners, engines):
+        members = tuple(id(handle) for handle in (*learners, *engines))
+        if self._group == members:
+            return
+        workers = ray.get([engine.workers.remote() for engine in engines], timeout=self.timeout_s)
+        world = 1 + sum(workers)
+        host, port = ray.get(learners[0].open_weight_group.remote(world, self.timeout_s,
+                                                                   self.backend),
+                             timeout=self.timeout_s)
+        offsets = [1 + sum(workers[:i]) for i in range(len(engines))]
+        joins = [learners[0].join_weight_group.remote()] + [
+            engine.join_weight_group.remote(host, port, offset, world, self.timeout_s,
+                                            self.backend)
+            for engine, offset in zip(engines, offsets, strict=True)]
+        ray.get(joins, timeout=self.timeout_s)
+        self._group = members
 
-@dataclass(frozen=True)
-class IpcBucket:
-    """One exported bucket: its layout, the GPU it lives on and the buffer's rebuild args."""
+    def _push_bucket(self, learners, engines, names, version, bucket, num_buckets, timeout):
+        sends = [learner.push_bucket_broadcast.remote(names, version, bucket, self.dtype,
+                                                      timeout) for learner in learners]
+        receives = [engine.receive_weights.remote(version, bucket, num_buckets, timeout)
+                    for engine in engines]
+        sent = ray.get(sends, timeout=timeout)
+        loads = ray.get(receives, timeout=timeout)
+        return {"bytes": float(sum(sent) * len(engines)),
+                "apply_s": max(load["apply_s"] for load in loads)}
 
-    layout: BucketLayout
-    gpu_uuid: str
-    handle: tuple
+    def close(self, learners: Sequence[Any], engines: Sequence[Any]) -> None:
+        """Both ends leave the group; the next push builds a new one."""
+        self._group = None
+        calls = [learners[0].leave_weight_group.remote()] + [
+            engine.leave_weight_group.remote() for engine in engines]
+        ray.get(calls, timeout=max(30.0, self.timeout_s))
 
-    def to_bytes(self) -> bytes:
-        """Pickled (the args hold torch classes): vLLM's collective_rpc carries bytes as they
-        are. Only ever unpickle what the trusted learner sent."""
-        return pickle.dumps(self)
-
-    @staticmethod
-    def from_bytes(data: bytes) -> IpcBucket:
-        return pickle.loads(data)
-
-
-def bucket_for_gpu(buckets: Sequence[IpcBucket], uuid: str) -> IpcBucket:
-    """The export made on this receiver's GPU (each learner rank exports on its own GPU)."""
-    for bucket in buckets:
-        if bucket.gpu_uuid == uuid:
-            return bucket
-    layout = buckets[0].layout if buckets else None
-    where = f"v{layout.version} bucket {layout.bucket}" if layout else "an empty push"
-    raise TransportError(f"cuda_ipc push {where}: no export on this GPU ({uuid}); exports came "
-                         f"from {[b.gpu_uuid for b in buckets]}. cuda_ipc needs the learner "
-                         "colocated with the engine; otherwise use cluster.weight_transport=nccl")
-
-
-def _ipc_device(device: torch.device | str, who: str) -> torch.device:
-    if torch.device(device).type != "cuda":
-        raise TransportError(f"cuda_ipc needs {who} on a CUDA device, got {device!r}: use "
-                             "cluster.weight_transport=cpu for CPU engines")
-    return resolve_device(device)
-
-
-class IpcSender:
-    """Learner side: exports packed buckets and keeps each buffer alive until `release`."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = _ipc_device(device, "the learner")
-        self.gpu_uuid = gpu_uuid(self.device)
-        self._held: dict[tuple[int, int], torch.Tensor] = {}
-
-    def export(self, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int,
-               bucket: int) -> IpcBucket:
-        """Pack `named_tensors` (as they are) into one buffer on this GPU and export it."""
-        buffer, layout = pack(named_tensors, version, bucket, self.device)  # [nbytes] uint8
-        return self._export(buffer, layout)
-
-    def export_cast(self, layout: BucketLayout, tensors: Iterable[torch.Tensor]) -> IpcBucket:
-        """Export bucket `layout`, casting `tensors` (slot order; e.g. fp32 master weights
-        gathered one at a time) straight into the packed buffer: no cast copy of the bucket."""
-        buffer = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)  # [nbytes]
-        pack_into(buffer, layout, tensors)
-        return self._export(buffer, layout)
-
-    def _export(self, buffer: torch.Tensor, layout: BucketLayout) -> IpcBucket:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        if buffer.device != self.device:
-            raise TransportError(f"cuda_ipc push v{layout.version} bucket {layout.bucket}: the "
-                                 f"buffer is on {buffer.device}, this sender on {self.device}")
-        # A receiver that finds the mapping in torch's IPC cache skips the event wait, so the
-        # bytes must be written before the handle leaves.
-        torch.cuda.current_stream(self.device).synchronize()
-        _, args = reduce_tensor(buffer)
-        self._held[(layout.version, layout.bucket)] = buffer
-        return IpcBucket(layout, self.gpu_uuid, tuple(args))
-
-    def release(self, version: int, bucket: int | None = None) -> None:
-        """Drop the buffer(s) of `version` once the receivers returned (they copied them)."""
-        for key in list(self._held):
-            if key[0] == version and (bucket is None or key[1] == bucket):
-                del self._held[key]
-        torch.cuda.ipc_collect()  # frees buffers whose receivers already dropped the mapping
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(buffer.numel() for buffer in self._held.values())
-
-
-class IpcReceiver:
-    """Engine worker side: maps an exported bucket, copies it into its own memory, unmaps."""
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = _ipc_device(device, "the engine worker")
-        self.gpu_uuid = gpu_uuid(self.device)
-
-    def receive(self, buckets: Sequence[IpcBucket]) -> list[tuple[str, torch.Tensor]]:
-        """Named views into a private copy; once this returns the sender may release."""
-        from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-        bucket = bucket_for_gpu(buckets, self.gpu_uuid)
-        args = list(bucket.handle)
-        args[_DEVICE_ARG] = self.device.index  # this process's index of the same GPU
-        shared = rebuild_cuda_tensor(*args)  # [nbytes] uint8, the sender's memory
-        own = torch.empty_like(shared, device=self.device)  # [nbytes]
-        own.copy_(shared)
-        torch.cuda.current_stream(self.device).synchronize()  # copied before the sender frees
-        del shared  # unmaps: the sender's refcount drops and ipc_collect can free it
-        return unpack(own, bucket.layout)
+    def _recover(self, learners, engines):
+        self.close(learners, engines)  # an aborted group cannot be reused
+        super()._recover(learners, engines)

@@ -17,7 +17,7 @@ from tandem.output import plots, report
 from tandem.output.plots import pick_rows, plot_run, summary_table
 from tandem.output.tracking import MetricsError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 HANDOFF_P = (0.25, 0.5, 0.75)
 

@@ -24,7 +24,7 @@ from tandem.output.eval_results import (
     verdict,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 N = 8
 BENCHMARKS = {"arithmetic": 40, "gsm8k": 30}
 DOSES = ("1.0", "0.75", "0.5", "0.25", "0.0")

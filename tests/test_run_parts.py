@@ -1,22 +1,17 @@
-"""The driver's pure parts: checkpoint discovery, the off-policy prefetch, pass@k, validation
-protocols, smoke check."""
+"""The driver's pure parts: checkpoint discovery, validation protocols, smoke check."""
 
 from __future__ import annotations
 
 import json
 import math
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tandem import checkpoint as ckpt
 from tandem.compose import compose
-from tandem.data import Problem, PromptStream
-from tandem.evaluate import pass_at_k, protocol_config
+from tandem.evaluate import protocol_config
 from tandem.output.smoke import check, timing_table
-from tandem.train import Prefetch, StopRequest, total_steps
+from tandem.train import total_steps
 
 
 def _checkpoint(run_dir, step, complete=True):
@@ -53,122 +48,6 @@ def test_prune_keeps_the_newest(tmp_path):
                                                                       "step_000004"]
     ckpt.prune(tmp_path, keep=0)  # 0 keeps all
     assert len(ckpt.complete_checkpoints(tmp_path)) == 2
-
-
-class _Run:
-    """A fake rollout and push recording what the driver asked for, and in which thread."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-        self.threads: set[str] = set()
-
-    def roll(self, step, batch, version):
-        self.events.append(("roll", step, version))
-        self.threads.add(threading.current_thread().name)
-        time.sleep(0.05)  # long enough that a push made mid-rollout would land inside it
-        self.events.append(("rolled", step))
-        return [], {"rollout/x": 1.0}, [p.uid for p in batch]
-
-    def push(self, version):
-        self.events.append(("push", version))
-        return {"time/push": 0.1}
-
-
-def _stream() -> PromptStream:
-    return PromptStream([Problem(f"p{i}", "", "") for i in range(10)], batch_size=2, seed=3)
-
-
-def _loop(prefetch: Prefetch, steps: int) -> list[tuple]:
-    """The training loop's calls: take, train, push owed weights; (uids, metrics) per step."""
-    seen = []
-    for step in range(steps):
-        _, metrics, uids = prefetch.take(step)
-        metrics.update(prefetch.trained(step + 1))
-        seen.append((uids, metrics))
-    return seen
-
-
-def test_synchronous_prefetch_samples_each_step_under_the_last_pushed_weights():
-    run = _Run()
-    seen = _loop(Prefetch(run.roll, run.push, _stream(), None, 3, StopRequest()), 3)
-    assert [e for e in run.events if e[0] != "rolled"] == [
-        ("roll", 0, 0), ("push", 1), ("roll", 1, 1), ("push", 2), ("roll", 2, 2), ("push", 3)]
-    assert run.threads == {threading.main_thread().name}
-    assert all(metrics["time/push"] == 0.1 for _, metrics in seen)
-    fresh = _stream()
-    assert [uids for uids, _ in seen] == [[p.uid for p in fresh.next_batch()] for _ in range(3)]
-
-
-def test_off_policy_prefetch_runs_one_version_behind_and_never_pushes_mid_rollout():
-    run = _Run()
-    with ThreadPoolExecutor(1) as background:
-        prefetch = Prefetch(run.roll, run.push, _stream(), background, 3, StopRequest())
-        seen = _loop(prefetch, 3)
-    assert run.events == [
-        ("roll", 0, 0), ("rolled", 0),
-        ("roll", 1, 0), ("rolled", 1), ("push", 1),  # step 1 rolled out while step 0 trained
-        ("roll", 2, 1), ("rolled", 2), ("push", 2)]
-    assert threading.main_thread().name not in run.threads
-    assert ["time/push" in metrics for _, metrics in seen] == [False, True, True]
-    fresh = _stream()  # batches drawn in order, once each
-    assert [uids for uids, _ in seen] == [[p.uid for p in fresh.next_batch()] for _ in range(3)]
-
-
-def test_off_policy_checkpoint_keeps_the_position_before_the_batch_in_flight():
-    run = _Run()
-    with ThreadPoolExecutor(1) as background:
-        prefetch = Prefetch(run.roll, run.push, _stream(), background, 5, StopRequest())
-        seen = _loop(prefetch, 2)  # step 2's rollout is in flight now
-        prefetch.wait()
-        position = prefetch.position()
-        in_flight = prefetch.take(2)[2]
-    resumed = _stream()
-    resumed.load_state_dict(position)
-    assert [p.uid for p in resumed.next_batch()] == in_flight
-    assert in_flight not in [uids for uids, _ in seen]
-
-
-def test_flush_waits_for_the_rollout_in_flight_then_pushes():
-    run = _Run()
-    with ThreadPoolExecutor(1) as background:
-        prefetch = Prefetch(run.roll, run.push, _stream(), background, 5, StopRequest())
-        _loop(prefetch, 1)
-        assert prefetch.flush() == {"time/push": 0.1} and prefetch.served == 1
-        assert run.events[-3:] == [("roll", 1, 0), ("rolled", 1), ("push", 1)]
-        assert prefetch.flush() == {}  # nothing owed twice
-
-
-def test_a_stop_request_starts_no_further_rollout():
-    run = _Run()
-    stop = StopRequest()
-    with ThreadPoolExecutor(1) as background:
-        prefetch = Prefetch(run.roll, run.push, _stream(), background, 10, stop)
-        _loop(prefetch, 2)  # step 2's rollout is in flight
-        stop.signal = "SIGTERM"  # arrives while the driver waits for it
-        prefetch.take(2)
-        assert prefetch.position() == _stream_after(3)  # a checkpoint resumes at step 3
-    assert [e[1] for e in run.events if e[0] == "roll"] == [0, 1, 2]
-
-
-def _stream_after(batches: int) -> dict:
-    stream = _stream()
-    for _ in range(batches):
-        stream.next_batch()
-    return stream.state_dict()
-
-
-def test_pass_at_k_matches_counting_subsets():
-    from itertools import combinations
-
-    n, correct = 6, 2
-    samples = [1] * correct + [0] * (n - correct)
-    for k in range(1, n + 1):
-        subsets = list(combinations(samples, k))
-        assert pass_at_k(n, correct, k) == pytest.approx(
-            sum(any(s) for s in subsets) / len(subsets))
-    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
-    with pytest.raises(ValueError, match="1 <= k <= n"):
-        pass_at_k(4, 1, 5)
 
 
 def test_validation_protocols_are_solo_senior_and_strict_alternation():

@@ -16,7 +16,7 @@ senior and one junior per replica; the senior engines restart for each checkpoin
 stay. Within a batch of problems every protocol runs at once, so both engines stay busy.
 
 Resumable: every finished batch of a protocol is appended to a JSONL file under
-`<run dir>/cache/<checkpoint>-<fingerprint>/<benchmark>/`, keyed by problem; run the same
+`<run dir>/cache/<checkpoint>-<fingerprint>/<benchmark>-<hash>/`, keyed by problem; run the same
 command with the same `hydra.run.dir` and finished items are read back, not generated again.
 The fingerprint covers everything that changes a generation (models, sampling, budgets, seed),
 so a changed setting starts a fresh cache. Progress: one bar over problems x protocols, with ETA.
@@ -118,7 +118,8 @@ def fingerprint(config: TandemConfig, senior_dir: str, junior_dir: str) -> str:
     settings = {"senior": senior_dir, "junior": junior_dir, "seed": config.seed,
                 "eval": {k: v for k, v in dataclasses.asdict(config.eval).items()
                          if k not in ("checkpoints", "start_senior", "benchmarks", "problems",
-                                      "protocols", "batch_problems") and not k.startswith("val")},
+                                      "protocols", "batch_problems", "pass_k", "dose_p")
+                         and not k.startswith("val")},
                 "answer_from": config.reward.answer_from,
                 "prompt": config.rollout.max_prompt_tokens,
                 "dtypes": [config.model.senior.dtype, config.model.junior.dtype]}
@@ -220,6 +221,9 @@ async def evaluate_benchmark(team: Team, prompts: Prompts, name: str, cache: Gen
     records = {protocol: cache.load(protocol) for protocol in protocols}
     scores = cache.load(SCORES)
     uids = [p.uid for p in prompts.problems]
+    block: dict[str, Any] = {"problems": len(uids), "n": config.eval.n}
+    if not uids:
+        return block
     progress.update(sum(uid in records[p] for p in protocols for uid in uids)
                     + (sum(uid in scores for uid in uids) if scoring else 0))
 
@@ -246,7 +250,6 @@ async def evaluate_benchmark(team: Team, prompts: Prompts, name: str, cache: Gen
             scores.update((r["uid"], r) for r in done)
             progress.update(len(todo))
 
-    block: dict[str, Any] = {"problems": len(uids), "n": config.eval.n}
     for protocol in protocols:
         summary = protocol_summary([records[protocol][uid] for uid in uids], config.eval.n,
                                    config.eval.pass_k)
@@ -309,16 +312,18 @@ class Validation:
 
 def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
     """Evaluate every checkpoint; writes and returns the contents of `<run dir>/eval.json`."""
-    # why here: `python -m tandem.evaluate bad.key=1` fails before torch, Ray and vLLM load
+    # why here: a config error, an unknown benchmark or an unreachable dataset id fails
+    # before vLLM and Ray load
     from tandem.benchmarks import load_benchmarks
-    from tandem.eval_models import resolve_checkpoints, start_engines_for, stop_engines
-    from tandem.models import load_tokenizer, resolve_model
-    from tandem.runtime.cluster import connect
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _now()
     benchmarks = load_benchmarks(config)
+    from tandem.eval_models import resolve_checkpoints, start_engines_for, stop_engines
+    from tandem.models import load_tokenizer, resolve_model
+    from tandem.runtime.cluster import connect
+
     checkpoints = resolve_checkpoints(config, run_dir)
     junior_dir = str(resolve_model(config.model.junior.path))
     junior_tokenizer = load_tokenizer(junior_dir)
@@ -337,12 +342,14 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
         log.info(cleanup.enter_context(connect(config)))
         junior = start_engines_for(config, junior_dir, "junior", junior_tokenizer)
         cleanup.callback(stop_engines, junior)
+        log.info("eval: junior engine(s) of %s ready", junior_dir)
         progress = cleanup.enter_context(tqdm(total=total, unit="problem", dynamic_ncols=True,
                                               desc="eval", file=sys.stderr, mininterval=2.0))
         for checkpoint in checkpoints:
             senior_tokenizer = load_tokenizer(checkpoint.model_dir)
             cross = senior_tokenizer.get_vocab() != junior_tokenizer.get_vocab()
             senior = start_engines_for(config, checkpoint.model_dir, "senior", senior_tokenizer)
+            log.info("eval: senior engine(s) of %s ready", checkpoint.name)
             try:
                 team = Team(config, senior, junior, senior_tokenizer,
                             junior_tokenizer if cross else None)
@@ -356,7 +363,7 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
                     if dropped:
                         log.warning("eval: %s: %d problems leave no response budget (%s...)",
                                     benchmark.name, len(dropped), ", ".join(dropped[:4]))
-                    cache = GenerationCache(run_dir / "cache" / key / benchmark.name)
+                    cache = GenerationCache(run_dir / "cache" / key / _cache_name(benchmark))
                     entry["benchmarks"][benchmark.name] = asyncio.run(evaluate_benchmark(
                         team, prompts, benchmark.name, cache, rewards, progress))
                     entry["benchmarks"][benchmark.name]["dropped"] = len(dropped)
@@ -401,6 +408,13 @@ def write_report(result: dict[str, Any], run_dir: Path) -> None:
     the eval-report branch; until then the evaluation writes eval.json only."""
     log.info("eval: wrote %s (report.md: python -m tandem.output.eval_report, once it lands)",
              run_dir / "eval.json")
+
+
+def _cache_name(benchmark: Any) -> str:
+    """A benchmark's cache directory: its name and a hash of its source and instruction (the
+    uids name rows of one source; the instruction changes every prompt)."""
+    digest = hashlib.sha1(f"{benchmark.source}\n{benchmark.instruction}".encode()).hexdigest()
+    return f"{benchmark.name}-{digest[:6]}"
 
 
 def _now() -> str:

@@ -223,16 +223,16 @@ async def score_chains(team: Team, prompts: Prompts, solo: list[dict[str, Any]],
             ids = list(sample["response_ids"])
             while ids and ids[-1] in special:  # the end-of-turn token is no text
                 ids.pop()
-            if not ids:
+            if team.junior_tokenizer is None:
+                junior_prompt, junior_ids = prompts.senior[index], ids
+            else:
+                junior_prompt = prompts.junior[index]
+                junior_ids = team.junior_tokenizer.encode(sample["text"], add_special_tokens=False)
+            if not ids or not junior_ids:
                 continue
             senior_seqs.append(prompts.senior[index] + ids)
-            if team.junior_tokenizer is None:
-                junior_seqs.append(prompts.senior[index] + ids)
-                starts.append(len(prompts.senior[index]))
-            else:
-                text_ids = team.junior_tokenizer.encode(sample["text"], add_special_tokens=False)
-                junior_seqs.append(prompts.junior[index] + text_ids)
-                starts.append(len(prompts.junior[index]))
+            junior_seqs.append(junior_prompt + junior_ids)
+            starts.append(len(junior_prompt))
         records.append({"uid": problem.uid, "senior_tokens": [
             len(s) - len(prompts.senior[index]) for s in senior_seqs]})
         junior = team.junior[index % len(team.junior)]

@@ -414,7 +414,7 @@ def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path):
     solo = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and first.poll() is None:
-        solo = next((run_dir / "cache").glob("*/arithmetic/solo.jsonl"), None) \
+        solo = next((run_dir / "cache").glob("*/arithmetic-*/solo.jsonl"), None) \
             if (run_dir / "cache").is_dir() else None
         if solo is not None and solo.read_text().count("\n") >= 3:
             break

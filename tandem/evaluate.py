@@ -219,7 +219,9 @@ async def evaluate_benchmark(team: Team, prompts: Prompts, name: str, cache: Gen
     protocols = generation_protocols(config)
     scoring = {"legibility", "drift"} & set(config.eval.protocols)
     records = {protocol: cache.load(protocol) for protocol in protocols}
-    scores = cache.load(SCORES)
+    # a record scored without drift is scored again when drift is asked for
+    scores = {uid: r for uid, r in cache.load(SCORES).items()
+              if "drift" not in scoring or "logprob_gap" in r}
     uids = [p.uid for p in prompts.problems]
     block: dict[str, Any] = {"problems": len(uids), "n": config.eval.n}
     if not uids:

@@ -235,6 +235,8 @@ def _answer_text(value: object, field: str) -> str:
         raise _BadRow(f"missing {field!r}")
     if isinstance(value, str):
         return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # OlympiadBench's final_answer: a list of the answer's parts
     # numbers.* also admits numpy scalars; a bool is no answer
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return str(int(value))

@@ -31,7 +31,8 @@ class Episode:
     segment_starts: list[int] = field(default_factory=list)
     """Response index where each segment starts (a new writer took over)."""
     finish_reason: str = "eos"
-    """eos (either writer ended it) or length (the shared budget ran out)."""
+    """eos (either writer ended it), length (the shared budget ran out) or rounds (an
+    evaluation's round cap ended it)."""
     response_text: str = ""
 
     def __post_init__(self) -> None:

@@ -1,82 +1,447 @@
-"""Validation during training: solo accuracy of the senior and hand-off accuracy of the team.
+"""`python -m tandem.evaluate`: the paper's measurements on senior checkpoints, side by side.
 
-- solo: the senior alone (handoff_p = 1, senior first) on held-out problems.
-- hand-off: senior and frozen junior strictly alternate one reasoning step (`\\n\\n`) each,
-  senior first, under one shared budget (the paper's hand-off robustness protocol).
+For each checkpoint in `eval.checkpoints` (an HF directory or model spec, a run's
+`checkpoints/step_N`, or a run directory: its last complete checkpoint), against the junior
+`model.junior` (default: `model.senior`, the paper's self-pairing), on each benchmark in
+`eval.benchmarks`:
 
-Both use the eval sampling (`eval.temperature`, `top_p`, `top_k`) and `eval.max_response_tokens`,
-through the same rollout code as training, and grade with the same reward pool. With
-`eval.val_samples` = n > 1, `pass@k` is the unbiased estimator of Chen et al. (2021) for every
-k in `eval.pass_k` that is <= n.
+1. generation protocols (tandem/protocols.py): solo, hand-off senior first and junior first,
+   word hand-off, the dose curve; `eval.n` graded samples per problem each; unbiased pass@k
+   for every k in `eval.pass_k` with a 95% bootstrap interval over problems;
+2. legibility and drift from the engines' teacher-forced log-probs on the solo chains;
+3. macro averages over benchmarks (tandem/estimators.py); all in `<run dir>/eval.json`.
+
+The engines are the training ones (`tandem.runtime.engines`, the segment-stop scheduler), one
+senior and one junior per replica; the senior engines restart for each checkpoint, the junior's
+stay. Within a batch of problems every protocol runs at once, so both engines stay busy.
+
+Resumable: every finished batch of a protocol is appended to a JSONL file under
+`<run dir>/cache/<checkpoint>-<fingerprint>/<benchmark>-<hash>/`, keyed by problem; run the same
+command with the same `hydra.run.dir` and finished items are read back, not generated again.
+The fingerprint covers everything that changes a generation (models, sampling, budgets, seed),
+so a changed setting starts a fresh cache. Progress: one bar over problems x protocols, with ETA.
+
+Training's validation (`Validation`, called by tandem/train.py) runs the same `generate`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import sys
 import time
+import zlib
+from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from tandem.config.checks import ConfigError
+from tandem.config.compose import CONF_DIR, to_config
 from tandem.config.schema import TandemConfig
-from tandem.engine.api import Sampling
-from tandem.estimators import mean_pass_at_k
+from tandem.data import DataError, Problem
+from tandem.estimators import (
+    bootstrap_ci,
+    macro_average,
+    macro_bootstrap_ci,
+    mean_pass_at_k,
+    pass_at_k_summary,
+    per_problem_pass_at_k,
+)
+from tandem.protocols import (  # noqa: F401  (protocol_config: also imported from here)
+    PromptSet,
+    Team,
+    generate,
+    generation_protocols,
+    protocol_config,
+    score_chains,
+)
 from tandem.reward import RewardPool
-from tandem.rollout import Rollout
+
+log = logging.getLogger("tandem")
 
 VAL_STEP_OFFSET = 1_000_000
-"""Validation rollouts use step numbers past any training step, so their episode seeds and
-engine session ids never collide with a training step's."""
+"""Validation rollouts use step numbers past any training step (one offset per protocol, as
+they run at once), so their episode seeds and engine session ids never collide."""
+SCORES = "scores"
+"""The cache file of legibility and drift records."""
 
 
-def protocol_config(config: TandemConfig, protocol: str) -> TandemConfig:
-    """The config a validation rollout runs under: eval budget, and who writes what."""
-    algorithm = config.algorithm
-    if protocol == "solo":
-        algorithm = dataclasses.replace(algorithm, name="grpo", handoff_p=1.0,
-                                        first_writer="senior")
-    elif protocol == "handoff":
-        algorithm = dataclasses.replace(algorithm, name="tandem", schedule="alternate",
-                                        first_writer="senior")
-    else:
-        raise ValueError(f"unknown validation protocol: {protocol!r}")
-    rollout = dataclasses.replace(config.rollout,
-                                  max_response_tokens=config.eval.max_response_tokens)
-    return dataclasses.replace(config, algorithm=algorithm, rollout=rollout)
+# ----------------------------------------------------------------------------- the cache
 
 
-def validation_rollouts(config: TandemConfig, senior: list[Any], junior: list[Any],
-                        senior_tokenizer: Any, junior_tokenizer: Any | None
-                        ) -> dict[str, Rollout]:
-    """One `Rollout` per validation protocol (solo, and hand-off when eval.val_handoff)."""
-    protocols = ["solo"] + (["handoff"] if config.eval.val_handoff else [])
-    sampling = Sampling(temperature=config.eval.temperature, top_p=config.eval.top_p,
-                        top_k=config.eval.top_k)
-    return {protocol: Rollout(protocol_config(config, protocol), senior, junior,
-                              senior_tokenizer, junior_tokenizer, sampling=sampling)
-            for protocol in protocols}
+class GenerationCache:
+    """Finished records of one checkpoint on one benchmark, one JSONL file per protocol, keyed
+    by problem uid. A file cut short by a kill ends in a partial line: reading drops it, and the
+    next append starts on a fresh line."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, protocol: str) -> Path:
+        return self.directory / f"{protocol.replace('/', '_')}.jsonl"
+
+    def load(self, protocol: str) -> dict[str, dict[str, Any]]:
+        path = self._file(protocol)
+        if not path.is_file():
+            return {}
+        records, good = {}, 0
+        with path.open("rb") as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    break  # the partial line of a killed write, and nothing after it
+                records[record["uid"]] = record
+                good += len(line)
+        if good < path.stat().st_size:
+            with path.open("r+b") as out:
+                out.truncate(good)
+        return records
+
+    def append(self, protocol: str, records: list[dict[str, Any]]) -> None:
+        with self._file(protocol).open("a") as out:
+            out.write("".join(json.dumps(r) + "\n" for r in records))
+            out.flush()
 
 
-def validate(rollouts: dict[str, Rollout], prompts: list[list[int]],
-             junior_prompts: list[list[int]] | None, answers: list[str], rewards: RewardPool,
-             step: int, samples: int, pass_k: list[int], weight_version: int
-             ) -> dict[str, float]:
-    """`val/<protocol>_accuracy` (mean reward), `val/<protocol>_pass@k` and response lengths.
-    `weight_version`: the version the senior engines serve now."""
-    metrics: dict[str, float] = {}
-    started = time.perf_counter()
-    for protocol, rollout in rollouts.items():
-        episodes, stats = rollout.generate(prompts, VAL_STEP_OFFSET + step, junior_prompts,
-                                           samples=samples, weight_version=weight_version)
-        verdicts = rewards.score([e.response_text for e in episodes],
-                                 [answers[e.group] for e in episodes])
-        correct = [0] * len(prompts)
-        for episode, verdict in zip(episodes, verdicts, strict=True):
-            correct[episode.group] += verdict.reward == 1.0
-        metrics[f"val/{protocol}_accuracy"] = sum(correct) / (samples * len(prompts))
+def fingerprint(config: TandemConfig, senior_dir: str, junior_dir: str) -> str:
+    """A short hash of everything that changes a generation or a score."""
+    settings = {"senior": senior_dir, "junior": junior_dir, "seed": config.seed,
+                "eval": {k: v for k, v in dataclasses.asdict(config.eval).items()
+                         if k not in ("checkpoints", "start_senior", "benchmarks", "problems",
+                                      "protocols", "batch_problems", "pass_k", "dose_p")
+                         and not k.startswith("val")},
+                "answer_from": config.reward.answer_from,
+                "prompt": config.rollout.max_prompt_tokens,
+                "dtypes": [config.model.senior.dtype, config.model.junior.dtype]}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def protocol_summary(records: list[dict[str, Any]], n: int, pass_k: list[int]
+                     ) -> dict[str, Any]:
+    """pass@k with intervals, per-problem correct counts, and what the episodes looked like."""
+    correct = [r["correct"] for r in records]
+    samples = [s for r in records for s in r["samples"]]
+    summary: dict[str, Any] = pass_at_k_summary(correct, n, pass_k)
+    summary.update({
+        "correct": correct,
+        "response_tokens": sum(s["tokens"] for s in samples) / len(samples),
+        "senior_token_frac": sum(s["senior_frac"] * s["tokens"] for s in samples)
+        / max(sum(s["tokens"] for s in samples), 1),
+        "truncated_frac": sum(s["finish"] == "length" for s in samples) / len(samples),
+        "round_capped_frac": sum(s["finish"] == "rounds" for s in samples) / len(samples),
+    })
+    return summary
+
+
+def _chain_mean(records: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """Mean over all chains of a per-chain score, its interval over problems (each problem
+    weighted by its chains, so the interval is of that same mean), per-problem means."""
+    scored = [r for r in records if r.get(key)]
+    if not scored:
+        return None
+    per_problem = [sum(r[key]) / len(r[key]) for r in scored]
+    chains = [len(r[key]) for r in scored]
+    return {key: sum(sum(r[key]) for r in scored) / sum(chains),
+            f"{key}_ci": list(bootstrap_ci(per_problem, chains)),
+            "per_problem": per_problem, "chains_per_problem": chains}
+
+
+def score_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The `legibility` and `drift` blocks of a benchmark (whichever were scored)."""
+    blocks = {}
+    legibility = _chain_mean(records, "junior_ce")
+    if legibility is not None:
+        legibility["tokens"] = sum(sum(r["tokens"]) for r in records)
+        blocks["legibility"] = legibility
+    drift = _chain_mean(records, "logprob_gap")
+    if drift is not None:
+        blocks["drift"] = drift
+    return blocks
+
+
+def macro_summary(benchmarks: dict[str, dict[str, Any]], pass_k: list[int]) -> dict[str, Any]:
+    """Macro averages over benchmarks, with intervals that resample problems within each."""
+    macro: dict[str, Any] = {}
+    names = sorted({key for block in benchmarks.values() for key in block
+                    if isinstance(block[key], dict) and "correct" in block[key]})
+    doses = sorted({p for block in benchmarks.values() for p in block.get("dose", {})})
+    sections = [(name, lambda b, name=name: b.get(name)) for name in names]
+    sections += [(f"dose/{p}", lambda b, p=p: b.get("dose", {}).get(p)) for p in doses]
+    for label, pick in sections:
+        blocks = {bench: pick(b) for bench, b in benchmarks.items() if pick(b)}
         for k in pass_k:
-            if k <= samples and k > 1:
-                metrics[f"val/{protocol}_pass@{k}"] = mean_pass_at_k(correct, samples, k)
-        metrics[f"val/{protocol}_response_tokens"] = stats["rollout/response_tokens_mean"]
-        if protocol == "handoff":
-            metrics["val/handoff_senior_token_frac"] = stats["tandem/senior_token_frac"]
-    metrics["time/val"] = time.perf_counter() - started
-    return metrics
+            key = f"pass@{k}"
+            if not blocks or key not in next(iter(blocks.values())):
+                continue
+            macro[f"{label}/{key}"] = macro_average({b: v[key] for b, v in blocks.items()})
+            macro[f"{label}/{key}_ci"] = list(macro_bootstrap_ci({
+                b: per_problem_pass_at_k(v["correct"], benchmarks[b]["n"], k)
+                for b, v in blocks.items()}))
+    for section, key in (("legibility", "junior_ce"), ("drift", "logprob_gap")):
+        blocks = {b: v[section] for b, v in benchmarks.items() if section in v}
+        if blocks:
+            macro[f"{section}/{key}"] = macro_average({b: v[key] for b, v in blocks.items()})
+            macro[f"{section}/{key}_ci"] = list(macro_bootstrap_ci(
+                {b: v["per_problem"] for b, v in blocks.items()},
+                {b: v["chains_per_problem"] for b, v in blocks.items()}))
+    return macro
+
+
+# ----------------------------------------------------------------------------- one checkpoint
+
+
+def _step(*parts: str) -> int:
+    """A stable step number for the episode seeds and session ids of one batch."""
+    return zlib.crc32("/".join(parts).encode())
+
+
+async def evaluate_benchmark(team: Team, prompts: PromptSet, name: str, cache: GenerationCache,
+                             rewards: RewardPool, progress: tqdm) -> dict[str, Any]:
+    """Every protocol of `eval.protocols` on one benchmark: its eval.json block.
+
+    Per batch of `eval.batch_problems` problems, every generation protocol runs at once; then
+    the solo chains are scored. Cached records are read back, and each batch is saved as it
+    ends."""
+    config = team.config
+    protocols = generation_protocols(config)
+    scoring = {"legibility", "drift"} & set(config.eval.protocols)
+    records = {protocol: cache.load(protocol) for protocol in protocols}
+    # a record scored without drift is scored again when drift is asked for
+    scores = {uid: r for uid, r in cache.load(SCORES).items()
+              if "drift" not in scoring or "logprob_gap" in r}
+    uids = [p.uid for p in prompts.problems]
+    block: dict[str, Any] = {"problems": len(uids), "n": config.eval.n}
+    if not uids:
+        return block
+    progress.update(sum(uid in records[p] for p in protocols for uid in uids)
+                    + (sum(uid in scores for uid in uids) if scoring else 0))
+
+    async def run(protocol: str, batch: list[int], start: int) -> None:
+        todo = [i for i in batch if uids[i] not in records[protocol]]
+        if not todo:
+            return
+        done, _ = await generate(team, protocol, prompts.select(todo), rewards,
+                                 _step(name, protocol, str(start)), config.eval.n)
+        cache.append(protocol, done)
+        records[protocol].update((r["uid"], r) for r in done)
+        progress.update(len(todo))
+
+    size = config.eval.batch_problems
+    for start in range(0, len(uids), size):
+        batch = list(range(start, min(start + size, len(uids))))
+        await asyncio.gather(*(run(protocol, batch, start) for protocol in protocols))
+        todo = [i for i in batch if uids[i] not in scores] if scoring else []
+        if todo:
+            done = await score_chains(team, prompts.select(todo),
+                                      [records["solo"][uids[i]] for i in todo],
+                                      drift="drift" in scoring)
+            cache.append(SCORES, done)
+            scores.update((r["uid"], r) for r in done)
+            progress.update(len(todo))
+
+    for protocol in protocols:
+        summary = protocol_summary([records[protocol][uid] for uid in uids], config.eval.n,
+                                   config.eval.pass_k)
+        if protocol.startswith("dose/"):
+            block.setdefault("dose", {})[protocol.removeprefix("dose/")] = summary
+        else:
+            block[protocol] = summary
+    if scoring:
+        block.update(score_summary([scores[uid] for uid in uids]))
+    return block
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class Validation:
+    """Training's validation: solo (and, with `eval.val_handoff`, the senior-first hand-off) on
+    the held-out problems, `eval.val_samples` each, through the evaluation's `generate`."""
+
+    def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
+                 senior_tokenizer: Any, junior_tokenizer: Any | None, problems: list[Problem],
+                 instruction: str, rewards: RewardPool) -> None:
+        self.team = Team(config, senior, junior, senior_tokenizer, junior_tokenizer)
+        self.prompts, dropped = self.team.prompts(problems, instruction)
+        if dropped:
+            log.warning("validation: %d problems leave no response budget: %s", len(dropped),
+                        ", ".join(dropped[:8]))
+        self.protocols = ["solo"] + (["handoff"] if config.eval.val_handoff else [])
+        self.rewards = rewards
+
+    def run(self, step: int, weight_version: int) -> dict[str, float]:
+        """`val/<protocol>_accuracy` (mean reward), `val/<protocol>_pass@k` for 1 < k <=
+        val_samples, response lengths, the hand-off's senior share and `time/val`.
+        `weight_version`: the version the senior engines serve now."""
+        started = time.perf_counter()
+        samples = self.team.config.eval.val_samples
+
+        async def both() -> list[tuple[list[dict[str, Any]], dict[str, float]]]:
+            return await asyncio.gather(*(
+                generate(self.team, protocol, self.prompts, self.rewards,
+                         VAL_STEP_OFFSET * (index + 1) + step, samples, weight_version)
+                for index, protocol in enumerate(self.protocols)))
+
+        metrics: dict[str, float] = {}
+        for protocol, (records, stats) in zip(self.protocols, asyncio.run(both()), strict=True):
+            correct = [r["correct"] for r in records]
+            metrics[f"val/{protocol}_accuracy"] = sum(correct) / (samples * len(correct))
+            for k in self.team.config.eval.pass_k:
+                if 1 < k <= samples:
+                    metrics[f"val/{protocol}_pass@{k}"] = mean_pass_at_k(correct, samples, k)
+            metrics[f"val/{protocol}_response_tokens"] = stats["rollout/response_tokens_mean"]
+            if protocol == "handoff":
+                metrics["val/handoff_senior_token_frac"] = stats["tandem/senior_token_frac"]
+        metrics["time/val"] = time.perf_counter() - started
+        return metrics
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Evaluate every checkpoint; writes and returns the contents of `<run dir>/eval.json`."""
+    # why here: a config error, an unknown benchmark or an unreachable dataset id fails
+    # before vLLM and Ray load
+    from tandem.benchmarks import load_benchmarks
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = _now()
+    benchmarks = load_benchmarks(config)
+    from tandem.eval_models import resolve_checkpoints, start_engines_for, stop_engines
+    from tandem.models import load_tokenizer, resolve_model
+    from tandem.runtime.cluster import connect
+
+    checkpoints = resolve_checkpoints(config, run_dir)
+    junior_dir = str(resolve_model(config.model.junior.path))
+    junior_tokenizer = load_tokenizer(junior_dir)
+    units = len(generation_protocols(config)) + bool({"legibility", "drift"}
+                                                      & set(config.eval.protocols))
+    total = len(checkpoints) * sum(len(b.problems) for b in benchmarks) * units
+    log.info("eval: %d checkpoint(s) x %s against junior %s: %d problems x protocols",
+             len(checkpoints), ", ".join(f"{b.name} ({len(b.problems)})" for b in benchmarks),
+             junior_dir, total)
+    result: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(config)),
+                              "junior": junior_dir, "started": started, "checkpoints": []}
+    with contextlib.ExitStack() as cleanup:
+        rewards = cleanup.enter_context(RewardPool(
+            config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
+            config.reward.answer_from))
+        log.info(cleanup.enter_context(connect(config)))
+        junior = start_engines_for(config, junior_dir, "junior", junior_tokenizer)
+        cleanup.callback(stop_engines, junior)
+        log.info("eval: junior engine(s) of %s ready", junior_dir)
+        progress = cleanup.enter_context(tqdm(total=total, unit="problem", dynamic_ncols=True,
+                                              desc="eval", file=sys.stderr, mininterval=2.0))
+        for checkpoint in checkpoints:
+            senior_tokenizer = load_tokenizer(checkpoint.model_dir)
+            cross = senior_tokenizer.get_vocab() != junior_tokenizer.get_vocab()
+            senior = start_engines_for(config, checkpoint.model_dir, "senior", senior_tokenizer)
+            log.info("eval: senior engine(s) of %s ready", checkpoint.name)
+            try:
+                team = Team(config, senior, junior, senior_tokenizer,
+                            junior_tokenizer if cross else None)
+                key = f"{checkpoint.key}-{fingerprint(config, checkpoint.model_dir, junior_dir)}"
+                entry = {"name": checkpoint.name, "path": checkpoint.model_dir,
+                         "source": checkpoint.source, "step": checkpoint.step, "benchmarks": {}}
+                for benchmark in benchmarks:
+                    progress.set_description(f"eval {checkpoint.name} {benchmark.name}")
+                    prompts, dropped = team.prompts(benchmark.problems, benchmark.instruction)
+                    progress.update(len(dropped) * units)
+                    if dropped:
+                        log.warning("eval: %s: %d problems leave no response budget (%s...)",
+                                    benchmark.name, len(dropped), ", ".join(dropped[:4]))
+                    cache = GenerationCache(run_dir / "cache" / key / _cache_name(benchmark))
+                    entry["benchmarks"][benchmark.name] = asyncio.run(evaluate_benchmark(
+                        team, prompts, benchmark.name, cache, rewards, progress))
+                    entry["benchmarks"][benchmark.name]["dropped"] = len(dropped)
+            finally:
+                stop_engines(senior)
+            entry["macro"] = macro_summary(entry["benchmarks"], config.eval.pass_k)
+            result["checkpoints"].append(entry)
+            write_json(run_dir / "eval.json", result)
+    _add_start_gaps(result, checkpoints)
+    result["finished"] = _now()
+    write_json(run_dir / "eval.json", result)
+    write_report(result, run_dir)
+    return result
+
+
+def _add_start_gaps(result: dict[str, Any], checkpoints: list[Any]) -> None:
+    """drift.start_logprob_gap: the starting senior's own gap, next to each checkpoint's."""
+    start = next((e for e, c in zip(result["checkpoints"], checkpoints, strict=True)
+                  if c.is_start), None)
+    if start is None:
+        return
+    for entry in result["checkpoints"]:
+        for name, block in entry["benchmarks"].items():
+            gap = start["benchmarks"].get(name, {}).get("drift", {}).get("logprob_gap")
+            if "drift" in block and gap is not None:
+                block["drift"]["start_logprob_gap"] = gap
+        if "drift/logprob_gap" in start["macro"]:
+            entry["macro"]["drift/start_logprob_gap"] = start["macro"]["drift/logprob_gap"]
+
+
+def write_json(path: Path, result: dict[str, Any]) -> None:
+    """Write through a temporary file, so a kill never leaves half an eval.json."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(path)
+
+
+def write_report(result: dict[str, Any], run_dir: Path) -> None:
+    """The side-by-side report (report.md and plots) of this evaluation.
+
+    The seam for `tandem.output.eval_report.write_report([result], run_dir)`, which lands with
+    the eval-report branch; until then the evaluation writes eval.json only."""
+    log.info("eval: wrote %s (report.md: python -m tandem.output.eval_report, once it lands)",
+             run_dir / "eval.json")
+
+
+def _cache_name(benchmark: Any) -> str:
+    """A benchmark's cache directory: its name and a hash of its source and instruction (the
+    uids name rows of one source; the instruction changes every prompt)."""
+    digest = hashlib.sha1(f"{benchmark.source}\n{benchmark.instruction}".encode()).hexdigest()
+    return f"{benchmark.name}-{digest[:6]}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        config = to_config(cfg)
+    except ConfigError as error:
+        print(f"tandem: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    try:
+        result = evaluate(config, run_dir)
+    except (DataError, FileNotFoundError) as error:  # a benchmark or checkpoint not found
+        print(f"tandem: {error}", file=sys.stderr)
+        sys.exit(2)
+    for entry in result["checkpoints"]:
+        shown = {k: round(v, 4) for k, v in entry["macro"].items() if not k.endswith("_ci")}
+        print(f"{entry['name']}: {shown}")
+
+
+if __name__ == "__main__":
+    main()

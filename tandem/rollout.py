@@ -72,13 +72,16 @@ class Rollout:
 
     `senior` / `junior` are lists of engine replicas: Ray actor handles of `RolloutEngine`
     (or the plain objects, for in-process use). Whole groups go to one replica of each role.
-    `sampling` defaults to the config's rollout sampling (validation passes the eval one).
+    `sampling` defaults to the config's rollout sampling (evaluation passes the eval one).
+    `max_segments` ends an episode after that many segments (evaluation's round cap: a round
+    is one turn of each writer); None = no cap.
     """
 
     def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
                  senior_tokenizer: Any, junior_tokenizer: Any | None = None,
-                 sampling: Sampling | None = None) -> None:
+                 sampling: Sampling | None = None, max_segments: int | None = None) -> None:
         self.config = config
+        self.max_segments = max_segments
         self.senior, self.junior = senior, junior
         self.tokenizers = {SENIOR: senior_tokenizer, JUNIOR: junior_tokenizer or senior_tokenizer}
         self.cross_tokenizer = junior_tokenizer is not None
@@ -96,21 +99,29 @@ class Rollout:
 
     def generate(self, prompts: list[list[int]], step: int,
                  junior_prompts: list[list[int]] | None = None, samples: int | None = None,
-                 weight_version: int = 0) -> tuple[list[Episode], dict[str, float]]:
+                 weight_version: int = 0, budgets: list[int] | None = None
+                 ) -> tuple[list[Episode], dict[str, float]]:
         """`samples` (default `algorithm.group_size`) episodes per prompt (senior token ids; for
         a junior with another tokenizer also the same prompts in its ids). Returns episodes
         grouped by prompt. `weight_version`: the version the senior engines serve, recorded on
-        episodes the senior wrote nothing of (the others carry their senior segments')."""
-        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples, weight_version))
+        episodes the senior wrote nothing of (the others carry their senior segments').
+        `budgets`: each prompt's shared response budget (default `rollout.max_response_tokens`)."""
+        return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples, weight_version,
+                                          budgets))
 
     async def agenerate(self, prompts: list[list[int]], step: int,
                         junior_prompts: list[list[int]] | None = None,
-                        samples: int | None = None, weight_version: int = 0
+                        samples: int | None = None, weight_version: int = 0,
+                        budgets: list[int] | None = None
                         ) -> tuple[list[Episode], dict[str, float]]:
         if self.cross_tokenizer and (junior_prompts is None
                                      or len(junior_prompts) != len(prompts)):
             raise ValueError("a junior with another tokenizer needs junior_prompts: the same "
                              "prompts in the junior's token ids")
+        if budgets is None:
+            budgets = [self.config.rollout.max_response_tokens] * len(prompts)
+        if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
+            raise ValueError(f"budgets must hold one positive budget per prompt, got {budgets}")
         group_size = samples or self.config.algorithm.group_size
         callers, channels = await self._connect()
         try:
@@ -125,7 +136,7 @@ class Rollout:
                     index = group * group_size + member
                     tasks.append(self._episode(prompt, junior_prompt, group, index, step,
                                                {SENIOR: senior, JUNIOR: junior}, activity,
-                                               weight_version))
+                                               weight_version, budgets[group]))
             episodes = await asyncio.gather(*tasks)
             wall = time.perf_counter() - activity.started
         finally:
@@ -158,8 +169,7 @@ class Rollout:
 
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
-                       activity: _Activity, weight_version: int) -> Episode:
-        budget = self.config.rollout.max_response_tokens
+                       activity: _Activity, weight_version: int, budget: int) -> Episode:
         alternation = Alternation(self.config.algorithm, episode_rng(self.config.seed, step,
                                                                      index),
                                   self.boundaries[SENIOR],
@@ -173,6 +183,7 @@ class Rollout:
         logprobs: list[float] = []
         starts: list[int] = []
         written = 0  # budget used, counted in each writer's own tokens
+        segments = 1
         finish, version = "length", weight_version
         # one session per role: in solo benchmarks one engine may serve both roles
         sessions = {role: f"{step}-{index}-{name}" for role, name in ROLE_NAMES.items()}
@@ -215,6 +226,11 @@ class Rollout:
                     raise RuntimeError(f"engine aborted episode {index} at step {step}")
                 if not kept and not turn.handoff and segment.finish_reason == "length":
                     break  # the model's context is full
+                if turn.handoff:
+                    if segments == self.max_segments:
+                        finish = "rounds"
+                        break
+                    segments += 1
         finally:
             if not seeded:
                 await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
@@ -268,16 +284,8 @@ class Rollout:
         return callers, channels
 
     async def _call(self, engine: Any, method: str, *args: Any) -> Any:
-        """A bounded call to an engine: a Ray actor handle, a TurnChannel or a RolloutEngine."""
-        bound = getattr(engine, method)
-        pending = bound.remote(*args) if hasattr(bound, "remote") else bound(*args)
-        timeout = self.config.cluster.call_timeout_s
-        try:
-            async with asyncio.timeout(timeout):  # no extra Task per call, unlike wait_for
-                return await pending
-        except TimeoutError:
-            raise TimeoutError(f"engine call {method} took longer than cluster.call_timeout_s="
-                               f"{timeout} s") from None
+        return await call_engine(engine, method, *args,
+                                 timeout_s=self.config.cluster.call_timeout_s)
 
     async def _engine_counters(self) -> dict[tuple[int | None, str], float]:
         """Engine counters summed by (role, name), and by (None, name) over distinct engines."""
@@ -292,6 +300,18 @@ class Rollout:
         return totals
 
 
+async def call_engine(engine: Any, method: str, *args: Any, timeout_s: float) -> Any:
+    """A bounded call to an engine: a Ray actor handle, a TurnChannel or a RolloutEngine."""
+    bound = getattr(engine, method)
+    pending = bound.remote(*args) if hasattr(bound, "remote") else bound(*args)
+    try:
+        async with asyncio.timeout(timeout_s):  # no extra Task per call, unlike wait_for
+            return await pending
+    except TimeoutError:
+        raise TimeoutError(f"engine call {method} took longer than cluster.call_timeout_s="
+                           f"{timeout_s} s") from None
+
+
 def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries: Boundaries,
                     first_core: int = 0) -> list[EngineSettings]:
     """One EngineSettings per replica of `role`, from the config schema.
@@ -303,8 +323,9 @@ def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries:
     resources = getattr(cluster, role)
     spec = getattr(config.model, role)
     cores = os.cpu_count() or 1
-    max_len = config.rollout.max_prompt_tokens + max(config.rollout.max_response_tokens,
-                                                     config.eval.max_response_tokens)
+    max_len = max(config.rollout.max_prompt_tokens + max(config.rollout.max_response_tokens,
+                                                         config.eval.max_response_tokens),
+                  config.eval.context_tokens or 0)
     group_size = config.algorithm.group_size
     settings = []
     for replica in range(resources.replicas):

@@ -179,7 +179,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
     from tandem.advantage import group_advantages
     from tandem.data import PromptStream, load_prompts
-    from tandem.evaluate import validate, validation_rollouts
+    from tandem.evaluate import Validation
     from tandem.reward import RewardPool, reward_metrics
     from tandem.runtime.actors import Actors
     from tandem.runtime.cluster import connect
@@ -223,15 +223,13 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         prefetch = Prefetch(roll, actors.push_weights,
                             PromptStream(prompts.train, trainer.prompts_per_step, config.seed),
                             background if trainer.off_policy else None, total, stop)
-        val_rollouts = validation_rollouts(config, actors.senior, actors.junior,
-                                           prompts.senior_tokenizer, prompts.junior_tokenizer)
-        val_prompts, val_junior_prompts = prompts.ids(prompts.holdout)
-        val_answers = [p.answer for p in prompts.holdout]
+        # the evaluation's protocols and code (tandem/evaluate.py), on the held-out problems
+        validation = Validation(config, actors.senior, actors.junior, prompts.senior_tokenizer,
+                                prompts.junior_tokenizer, prompts.holdout, prompts.instruction,
+                                rewards)
 
         def run_validation(step: int) -> dict[str, float]:
-            return validate(val_rollouts, val_prompts, val_junior_prompts, val_answers,
-                            rewards, step, config.eval.val_samples, config.eval.pass_k,
-                            prefetch.served)
+            return validation.run(step, prefetch.served)
 
         if resume_from is not None:
             # the learners' weights, optimizer, schedule and RNG; the data position; the

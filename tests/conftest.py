@@ -43,3 +43,45 @@ def ray_cluster():
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
+
+
+EVAL_OVERRIDES = ("model@model.senior=tiny", "rollout.max_prompt_tokens=96",
+                  "rollout.max_response_tokens=96", "eval.max_response_tokens=96",
+                  "eval.context_tokens=256", "eval.batch_problems=4", "eval.n=2",
+                  "eval.pass_k=[1,2]", "cluster.cpu_kvcache_gib=0.25",
+                  "cluster.call_timeout_s=300", "cluster.enforce_eager=true",
+                  "reward.num_workers=1", "seed=7")
+"""Evaluation tests' config: the engines of `eval_engines` serve a 256-token context."""
+
+
+@pytest.fixture(scope="session")
+def eval_models(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Senior = the kit's tiny Qwen3; junior = the same tokenizer with other random weights
+    (its tokens tell apart by their log-probs); alt = tiny-alt, another tokenizer family."""
+    from tandem.testkit import build_reweighted_copy, build_tiny_model
+
+    root = tmp_path_factory.mktemp("eval-models")
+    return {"senior": tiny_model_dir,
+            "junior": build_reweighted_copy(tiny_model_dir, root / "junior", seed=77),
+            "alt": build_tiny_model(root / "alt", variant="tiny-alt")}
+
+
+@pytest.fixture(scope="session")
+def eval_engines(eval_models, ray_cluster):
+    """One engine per model, started as evaluation starts them (`tandem.eval_models`), each on
+    its own core."""
+    from tandem.config.compose import compose
+    from tandem.eval_models import start_engines_for, stop_engines
+    from tandem.models import load_tokenizer
+
+    engines = {}
+    try:
+        for name, role in (("senior", "senior"), ("junior", "junior"), ("alt", "senior")):
+            config = compose([*EVAL_OVERRIDES, f"model.senior.path={eval_models['senior']}",
+                              f"model.junior.path={eval_models[name]}"])
+            engines[name] = start_engines_for(config, str(eval_models[name]), role,
+                                              load_tokenizer(eval_models[name]))
+        yield engines
+    finally:
+        for group in engines.values():
+            stop_engines(group)

@@ -124,6 +124,9 @@ class DataConfig:
     """Appended to each problem before the chat template (the paper's suffix)."""
     max_bad_row_frac: float = 0.01
     """More malformed rows than this fraction is an error; fewer are skipped and reported."""
+    drop_answers: list[str] = field(default_factory=list)
+    """Evaluation only: benchmark rows whose reference answer is one of these are left out
+    (answers the verifier cannot grade, as the reference evaluation drops them from AMC24/25)."""
 
     def __post_init__(self) -> None:
         check(bool(self.source), "data.source is empty")
@@ -342,17 +345,55 @@ class RewardConfig:
         check_choice(self.answer_from, ("boxed", "boxed_or_number"), "reward.answer_from")
 
 
+EVAL_PROTOCOLS = ("solo", "handoff", "handoff_junior_first", "handoff_word", "dose",
+                  "legibility", "drift")
+
+
 @dataclass
 class EvalConfig:
-    """Evaluation sampling (paper: T 0.7, top-p 0.8, top-k 20, n 8, unbiased pass@k)."""
+    """Evaluation (`python -m tandem.evaluate`) and validation during training; docs/evaluation.md.
+
+    Paper: temperature 0.7, top-p 0.8, top-k 20, n 8, unbiased pass@{1,2,4,8}; a shared response
+    budget of min(3000, context - prompt - 8) with a 4096-token context; at most 150 rounds."""
 
     temperature: float = 0.7
+    """Sampling temperature of every evaluation episode (0 = greedy)."""
     top_p: float = 0.8
     top_k: int = 20
+    """-1 = off."""
     n: int = 8
+    """Samples per problem and protocol; pass@k for every k in pass_k."""
     pass_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """The k of pass@k; each must be <= n (and <= val_samples for validation)."""
     max_response_tokens: int = 3000
-    """Shared senior + junior budget of a hand-off evaluation episode."""
+    """Shared senior + junior budget of an evaluation episode; a prompt gets
+    min(max_response_tokens, context - prompt - 8) where context is context_tokens."""
+    context_tokens: int | None = None
+    """Context window of the evaluation engines (paper: 4096); None = rollout.max_prompt_tokens
+    + max_response_tokens, so every prompt gets the whole budget."""
+    max_rounds: int = 150
+    """Strict alternation ends after this many rounds (a round: one turn of each writer)."""
+    checkpoints: list[str] = field(default_factory=list)
+    """Seniors to evaluate, side by side: a model spec (HF directory, hub id, kit:, pypi:), a
+    run's checkpoints/step_N, or a run directory (its last complete checkpoint). Empty = the
+    composed model.senior.path. The junior is model.junior (default: model.senior)."""
+    start_senior: str | None = None
+    """The starting senior (before RL), as in checkpoints: fills drift's start_logprob_gap; it is
+    evaluated as one more checkpoint unless listed in checkpoints."""
+    benchmarks: list[str] = field(default_factory=lambda: ["arithmetic"])
+    """conf/data/<name>.yaml names (data.name = the composed data group, with its overrides),
+    `<name>:<file>` (that set's fields read from a local .jsonl/.parquet) or a local file."""
+    problems: int | None = None
+    """Evaluate only the first N problems of each benchmark (None = all)."""
+    protocols: list[str] = field(default_factory=lambda: list(EVAL_PROTOCOLS))
+    """Any of solo, handoff (senior first), handoff_junior_first, handoff_word, dose, legibility,
+    drift (legibility and drift read the solo chains, so they need solo)."""
+    word_p: float = 0.5
+    """handoff_word: probability that the senior writes the next word (first writer drawn too)."""
+    dose_p: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25, 0.0])
+    """dose: the senior's probability of writing each step (1 = senior alone, 0 = junior alone)."""
+    batch_problems: int = 16
+    """Problems generated at once per protocol; the resumable cache saves each finished batch."""
     val_problems: int | None = 64
     """Held-out problems used by validation during training (None = all of data.holdout_size)."""
     val_samples: int = 1
@@ -369,6 +410,25 @@ class EvalConfig:
         check(all(1 <= k <= self.n for k in self.pass_k),
                f"eval.pass_k values must be in [1, eval.n={self.n}], got {list(self.pass_k)}")
         check_min(self.temperature, 0, "eval.temperature")
+        check(0.0 < self.top_p <= 1.0, f"eval.top_p must be in (0, 1], got {self.top_p}")
+        check(self.top_k == -1 or self.top_k >= 1,
+               f"eval.top_k must be -1 (off) or >= 1, got {self.top_k}")
+        check_min(self.max_response_tokens, 1, "eval.max_response_tokens")
+        if self.context_tokens is not None:
+            check_min(self.context_tokens, 16, "eval.context_tokens")
+        check_min(self.max_rounds, 1, "eval.max_rounds")
+        if self.problems is not None:
+            check_min(self.problems, 1, "eval.problems")
+        check_min(self.batch_problems, 1, "eval.batch_problems")
+        check(bool(self.benchmarks), "eval.benchmarks is empty: name at least one benchmark")
+        for protocol in self.protocols:
+            check_choice(protocol, EVAL_PROTOCOLS, "eval.protocols")
+        check(not ({"legibility", "drift"} & set(self.protocols))
+               or "solo" in self.protocols,
+               "eval.protocols: legibility and drift score the senior's solo chains; add solo")
+        check(0.0 <= self.word_p <= 1.0, f"eval.word_p must be in [0, 1], got {self.word_p}")
+        check(all(0.0 <= p <= 1.0 for p in self.dose_p),
+               f"eval.dose_p values must be in [0, 1], got {list(self.dose_p)}")
 
 
 @dataclass
@@ -395,6 +455,12 @@ class TandemConfig:
                    f"rollout.max_prompt_tokens + {section}.max_response_tokens = {budget} does "
                    f"not fit model.{role}.max_context = {context}; lower "
                    f"{section}.max_response_tokens or rollout.max_prompt_tokens")
+        for role in ("senior", "junior"):
+            context = getattr(self.model, role).max_context
+            wanted = self.eval.context_tokens
+            check(wanted is None or context is None or wanted <= context,
+                   f"eval.context_tokens = {wanted} does not fit model.{role}.max_context = "
+                   f"{context}; lower eval.context_tokens")
         check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")

@@ -73,7 +73,7 @@ def load_benchmark(entry: str, config: TandemConfig) -> Benchmark:
     """The problems of one `eval.benchmarks` entry, in a fixed order."""
     data = benchmark_config(entry, config)
     _check_reachable(data)
-    train, holdout, _ = load_problems(data, config.seed)
+    train, holdout, _ = load_problems(data)
     problems = holdout if data.holdout_size > 0 else train
     drop = set(data.drop_answers)
     problems = [p for p in problems if p.answer not in drop]

@@ -56,6 +56,7 @@ from tandem.estimators import (
     pass_at_k_summary,
     per_problem_pass_at_k,
 )
+from tandem.output.eval_report import write_report
 from tandem.protocols import (  # noqa: F401  (protocol_config: also imported from here)
     PromptSet,
     Team,
@@ -378,7 +379,7 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
     _add_start_gaps(result, checkpoints)
     result["finished"] = _now()
     write_json(run_dir / "eval.json", result)
-    write_report(result, run_dir)
+    log.info("eval: wrote %s and %s", run_dir / "eval.json", write_report([result], run_dir))
     return result
 
 
@@ -402,15 +403,6 @@ def write_json(path: Path, result: dict[str, Any]) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(result, indent=1))
     partial.replace(path)
-
-
-def write_report(result: dict[str, Any], run_dir: Path) -> None:
-    """The side-by-side report (report.md and plots) of this evaluation.
-
-    The seam for `tandem.output.eval_report.write_report([result], run_dir)`, which lands with
-    the eval-report branch; until then the evaluation writes eval.json only."""
-    log.info("eval: wrote %s (report.md: python -m tandem.output.eval_report, once it lands)",
-             run_dir / "eval.json")
 
 
 def _cache_name(benchmark: Any) -> str:

@@ -40,12 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from tandem.config.checks import ConfigError
-from tandem.config.compose import CONF_DIR, to_config
+from tandem.config.compose import CONF_DIR, config_for_app
 from tandem.config.schema import TandemConfig
 from tandem.data import DataError, Problem
 from tandem.estimators import (
@@ -418,13 +416,7 @@ def _now() -> str:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        config = to_config(cfg)
-    except ConfigError as error:
-        print(f"tandem: config error: {error}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    config, run_dir = config_for_app(cfg)
     try:
         result = evaluate(config, run_dir)
     except (DataError, FileNotFoundError) as error:  # a benchmark or checkpoint not found

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,13 +42,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
-from tandem.config.checks import ConfigError
-from tandem.config.compose import CONF_DIR, to_config
+from tandem.config.compose import CONF_DIR, config_for_app
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
@@ -313,18 +310,12 @@ def _save(run_dir: Path, step: int, learners: Learners, stream_state: dict,
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        config = to_config(cfg)
-    except ConfigError as error:
-        print(f"tandem: config error: {error}", file=sys.stderr)
-        sys.exit(2)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    config, run_dir = config_for_app(cfg)
     log.info("config ok: senior=%s junior=%s%s data=%s algorithm=%s(schedule=%s, handoff_p=%s) "
              "run dir %s", config.model.senior.path, config.model.junior.path,
              " (self-paired)" if config.model.self_paired else "", config.data.name,
              config.algorithm.name, config.algorithm.schedule, config.algorithm.handoff_p,
              run_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     train(config, run_dir)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -64,6 +66,20 @@ def to_config(cfg: DictConfig) -> TandemConfig:
         raise ConfigError("the composed config is not a TandemConfig; conf/config.yaml must "
                           "list tandem_schema first in its defaults")
     return config
+
+
+def config_for_app(cfg: DictConfig) -> tuple[TandemConfig, Path]:
+    """For a Hydra app's `main`: the validated config and the run directory, with the resolved
+    config written to `<run dir>/config.yaml`. A config error prints one line naming the field
+    and exits 2, before anything heavy loads."""
+    try:
+        config = to_config(cfg)
+    except ConfigError as error:
+        print(f"tandem: config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    return config, run_dir
 
 
 def _reject_unknown_keys(node: DictConfig, prefix: str) -> None:

@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from tandem.config.compose import CONF_DIR
 from tandem.config.schema import DataConfig, TandemConfig
 from tandem.data import GENERATED_PREFIX, DataError, Problem, load_problems
-from tandem.models import _reachable as hub_reachable  # the one hub probe, shared with models
+from tandem.models import hub_reachable
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def _resolve_hub(repo_id: str) -> Path:
     )
     if offline:
         raise _hub_error(repo_id, "offline mode is on (HF_HUB_OFFLINE)")
-    if not _reachable(constants.ENDPOINT):
+    if not hub_reachable(constants.ENDPOINT):
         raise _hub_error(repo_id, f"the hub ({constants.ENDPOINT}) is unreachable")
     try:
         snapshot = snapshot_download(
@@ -278,7 +278,7 @@ def _hub_error(repo_id: str, why: str) -> ModelNotFoundError:
     )
 
 
-def _reachable(url: str, timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
+def hub_reachable(url: str, timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to the URL's host (or the HTTPS proxy) opens within ``timeout``.
 
     Runs in a daemon thread because DNS lookups ignore socket timeouts; a hub client

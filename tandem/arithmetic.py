@@ -1,4 +1,9 @@
-"""The offline problem set for the demo and tests: easy arithmetic and one-step stories."""
+"""Offline problem sets: easy arithmetic and one-step stories (demo, tests), and the drill.
+
+The drill (single-digit sums and the 2-9 times table) is the task the CPU replication learns:
+SmolLM2-135M-Instruct solves about a quarter of it at the demo's sampling (docs/RESULTS.md),
+so most groups of four carry a GRPO signal. The mixed set starts near 0.1, too rare for that.
+"""
 
 from __future__ import annotations
 
@@ -66,3 +71,21 @@ def _word_problem(rng: random.Random) -> dict[str, str]:
     a, b = rng.randint(2, 9), rng.randint(2, 30)
     problem = template.format(name=name, item=item, a=a, b=b, ab=a * b, a_b=a + b)
     return {"problem": problem, "answer": str(evaluate(a, b))}
+
+
+def drill_facts() -> list[dict[str, str]]:
+    """Every distinct drill problem, in a fixed order: a + b for a, b in 0..9, a * b in 2..9."""
+    sums = [(f"{a} + {b}", a + b) for a in range(10) for b in range(10)]
+    products = [(f"{a} * {b}", a * b) for a in range(2, 10) for b in range(2, 10)]
+    return [{"problem": f"What is {text}?", "answer": str(value)} for text, value in sums + products]
+
+
+def generate_drill(n: int, seed: int) -> list[dict[str, str]]:
+    """The first `n` drill facts in a seeded order: distinct rows, so a hold-out never repeats a
+    training problem. There are 164; asking for more is an error, not silent repetition."""
+    facts = drill_facts()
+    if n > len(facts):
+        raise ValueError(f"the drill has {len(facts)} distinct problems, not {n}: set "
+                         f"data.num_generated <= {len(facts)}")
+    random.Random(f"tandem.data/drill/{seed}").shuffle(facts)
+    return facts[:n]

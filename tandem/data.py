@@ -1,6 +1,6 @@
 """Training prompts: rows from a file, a dataset id or our generator -> (problem, answer) -> ids.
 
-- `data.source` is `generated:arithmetic` (offline, built here), a local `.jsonl` / `.parquet`
+- `data.source` is `generated:<name>` (offline, built here: `GENERATORS`), a local `.jsonl` / `.parquet`
   file, or a Hugging Face dataset id (needs the optional `datasets` library).
 - Each row maps to a `Problem` through `data.problem_field` / `data.answer_field`; the answer
   is normalised by `data.answer_format` (plain | gsm8k | boxed). Malformed rows are skipped,
@@ -35,14 +35,15 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from tandem.arithmetic import generate_arithmetic
+from tandem.arithmetic import generate_arithmetic, generate_drill
 from tandem.config.schema import DataConfig, TandemConfig
 from tandem.models import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
 GENERATED_PREFIX = "generated:"
-GENERATORS = ("arithmetic",)
+# name -> (n, seed) -> rows {"problem", "answer"}
+GENERATORS = {"arithmetic": generate_arithmetic, "drill": generate_drill}
 # The generated set is a fixed data set like any file: the run seed splits and orders it.
 GENERATED_SEED = 0
 _LISTED_ROWS = 20
@@ -150,8 +151,12 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[int, object]], str]:
     source = cfg.source
     if source.startswith(GENERATED_PREFIX):
         name = source.removeprefix(GENERATED_PREFIX)
-        if name == "arithmetic":
-            return list(enumerate(generate_arithmetic(cfg.num_generated, GENERATED_SEED))), "row"
+        if name in GENERATORS:
+            try:
+                rows = GENERATORS[name](cfg.num_generated, GENERATED_SEED)
+            except ValueError as error:
+                raise DataError(f"data.source={source!r}: {error}") from None
+            return list(enumerate(rows)), "row"
         raise DataError(f"unknown generator in data.source={source!r}; known: "
                         + ", ".join(GENERATED_PREFIX + g for g in GENERATORS))
     path = Path(source).expanduser()

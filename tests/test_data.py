@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tandem.arithmetic import generate_arithmetic
+from tandem.arithmetic import drill_facts, generate_arithmetic, generate_drill
 from tandem.config.schema import PAPER_INSTRUCTION, DataConfig
 from tandem.data import (
     DataError,
@@ -369,3 +369,20 @@ def test_long_prompts_are_dropped_and_counted_not_truncated(tokenizer):
     limit = len(format_prompt(tokenizer, short.problem, PAPER_INSTRUCTION))
     kept, dropped = drop_long_prompts([short, long], tokenizer, PAPER_INSTRUCTION, limit)
     assert kept == [short] and dropped == ["t/1"]
+
+
+def test_the_drill_is_164_distinct_facts_and_its_holdout_is_disjoint():
+    facts = drill_facts()
+    assert len(facts) == len({row["problem"] for row in facts}) == 164
+    for row in facts:  # the gold answer is the expression's value
+        expression = row["problem"].removeprefix("What is ").removesuffix("?")
+        assert str(_evaluate(expression)) == row["answer"]
+    assert generate_drill(164, seed=0) != facts and sorted(map(str, generate_drill(164, 0))) \
+        == sorted(map(str, facts))
+    cfg = DataConfig(source="generated:drill", num_generated=164, holdout_size=48)
+    train, holdout, _ = load_problems(cfg)
+    held = {p.problem for p in holdout}
+    assert len(held) == 48 and held.isdisjoint(p.problem for p in train)
+    assert len(train) == 164 - 48
+    with pytest.raises(DataError, match="num_generated <= 164"):
+        load_problems(DataConfig(source="generated:drill", num_generated=165))

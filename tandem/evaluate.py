@@ -283,8 +283,9 @@ class Validation:
         self.rewards = rewards
 
     def run(self, step: int, weight_version: int) -> dict[str, float]:
-        """`val/<protocol>_accuracy` (mean reward), `val/<protocol>_pass@k` for 1 < k <=
-        val_samples, response lengths, the hand-off's senior share and `time/val`.
+        """`val/<protocol>_accuracy` (mean reward) with its 95% bootstrap interval over problems
+        (`_accuracy_lo`, `_accuracy_hi`), `val/<protocol>_pass@k` for 1 < k <= val_samples,
+        response lengths, the hand-off's senior share and `time/val`.
         `weight_version`: the version the senior engines serve now."""
         started = time.perf_counter()
         samples = self.team.config.eval.val_samples
@@ -299,6 +300,9 @@ class Validation:
         for protocol, (records, stats) in zip(self.protocols, asyncio.run(both()), strict=True):
             correct = [r["correct"] for r in records]
             metrics[f"val/{protocol}_accuracy"] = sum(correct) / (samples * len(correct))
+            low, high = bootstrap_ci([c / samples for c in correct], seed=step)
+            metrics[f"val/{protocol}_accuracy_lo"] = low
+            metrics[f"val/{protocol}_accuracy_hi"] = high
             for k in self.team.config.eval.pass_k:
                 if 1 < k <= samples:
                     metrics[f"val/{protocol}_pass@{k}"] = mean_pass_at_k(correct, samples, k)

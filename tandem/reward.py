@@ -208,11 +208,14 @@ def _judge_box(box: str, answer: str, math_timeout_s: int) -> Verdict:
 
 
 def reward_metrics(verdicts: list[Verdict]) -> dict[str, float]:
-    """``reward/mean`` and ``reward/<status>_frac`` for every status, over a batch."""
+    """``reward/mean`` (the reward trained on), ``reward/accuracy`` (the share graded correct:
+    the same number while the reward is 1 for correct and 0 otherwise, apart once a reward
+    shapes it) and ``reward/<status>_frac`` for every status, over a batch."""
     if not verdicts:
         raise ValueError("reward_metrics needs at least one verdict")
     n = len(verdicts)
-    metrics = {"reward/mean": sum(v.reward for v in verdicts) / n}
+    metrics = {"reward/mean": sum(v.reward for v in verdicts) / n,
+               "reward/accuracy": sum(v.status == "correct" for v in verdicts) / n}
     for status in STATUSES:
         metrics[f"reward/{status}_frac"] = sum(v.status == status for v in verdicts) / n
     return metrics

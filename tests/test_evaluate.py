@@ -292,10 +292,13 @@ def test_training_validation_runs_the_evaluation_protocols(eval_models, eval_eng
     validation = evaluate.Validation(config, eval_engines["senior"], eval_engines["junior"],
                                      senior_tok, None, PROBLEMS[:2], "", rewards)
     metrics = validation.run(step=3, weight_version=0)
-    assert set(metrics) == {"val/solo_accuracy", "val/solo_pass@2", "val/solo_response_tokens",
-                            "val/handoff_accuracy", "val/handoff_pass@2",
-                            "val/handoff_response_tokens", "val/handoff_senior_token_frac",
-                            "time/val"}
+    assert set(metrics) == {f"val/{protocol}_{name}" for protocol in ("solo", "handoff")
+                            for name in ("accuracy", "accuracy_lo", "accuracy_hi", "pass@2",
+                                         "response_tokens")} | {
+                                "val/handoff_senior_token_frac", "time/val"}
+    for protocol in ("solo", "handoff"):
+        low, high = metrics[f"val/{protocol}_accuracy_lo"], metrics[f"val/{protocol}_accuracy_hi"]
+        assert low <= metrics[f"val/{protocol}_accuracy"] <= high
     assert 0.0 <= metrics["val/handoff_senior_token_frac"] <= 1.0
 
 

@@ -219,12 +219,13 @@ def test_dead_workers_are_replaced():
 def test_reward_metrics_counts_each_status():
     statuses = "correct correct wrong no_box parse_error timeout crashed wrong".split()
     metrics = reward_metrics([Verdict(s) for s in statuses])
-    assert metrics["reward/mean"] == 2 / 8
+    assert metrics["reward/mean"] == metrics["reward/accuracy"] == 2 / 8
     assert metrics["reward/correct_frac"] == 2 / 8
     assert metrics["reward/wrong_frac"] == 2 / 8
     for status in ("no_box", "parse_error", "timeout", "crashed"):
         assert metrics[f"reward/{status}_frac"] == 1 / 8
-    assert set(metrics) == {"reward/mean"} | {f"reward/{s}_frac" for s in STATUSES}
+    assert set(metrics) == {"reward/mean", "reward/accuracy"} | {
+        f"reward/{s}_frac" for s in STATUSES}
 
 
 def test_reward_metrics_and_verdict_reject_bad_input():

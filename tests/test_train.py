@@ -23,7 +23,7 @@ from tandem.config.compose import compose
 
 pytestmark = pytest.mark.slow
 
-STEP_KEYS = ("step", "reward/mean", "tandem/senior_token_frac", "train/loss", "time/step",
+STEP_KEYS = ("step", "reward/mean", "reward/accuracy", "tandem/senior_token_frac", "train/loss", "time/step",
              "time/rollout", "time/train", "time/push")
 
 

@@ -1,7 +1,7 @@
 """Training prompts: rows from a file, a dataset id or our generator -> (problem, answer) -> ids.
 
-- `data.source` is `generated:<name>` (offline, built here: `GENERATORS`), a local `.jsonl` / `.parquet`
-  file, or a Hugging Face dataset id (needs the optional `datasets` library).
+- `data.source` is `generated:<name>` (offline, built here: `GENERATORS`), a local `.jsonl` /
+  `.parquet` file, or a Hugging Face dataset id (needs the optional `datasets` library).
 - Each row maps to a `Problem` through `data.problem_field` / `data.answer_field`; the answer
   is normalised by `data.answer_format` (plain | gsm8k | boxed). Malformed rows are skipped,
   counted and listed in a warning; more than `data.max_bad_row_frac` of them is a `DataError`.

@@ -406,10 +406,13 @@ def test_checkpoints_resolve_to_hf_directories(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path):
+def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path, eval_models):
+    """eval=smoke_cpu killed mid-way and run again; the starting senior (another tiny
+    checkpoint) is evaluated beside it, so the report puts two real results side by side."""
     run_dir = tmp_path / "eval"
+    start = eval_models["junior"]  # the kit's tiny Qwen3 with other random weights
     command = [sys.executable, "-m", "tandem.evaluate", "eval=smoke_cpu",
-               f"hydra.run.dir={run_dir}"]
+               f"eval.start_senior={start}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # start_new_session: the kill takes the engines' processes with it, as a real kill would
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -431,9 +434,21 @@ def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert solo.read_text().startswith(before.rsplit("\n", 1)[0])  # kept, not regenerated
     result = json.loads((run_dir / "eval.json").read_text())
-    (entry,) = result["checkpoints"]
-    assert {"solo/pass@1", "handoff/pass@1", "legibility/junior_ce",
-            "drift/logprob_gap"} <= set(entry["macro"])
+    assert len(result["checkpoints"]) == 2
+    (start_entry,) = [e for e in result["checkpoints"] if e["path"] == str(start)]
+    (entry,) = [e for e in result["checkpoints"] if e is not start_entry]
+    for checkpoint in (entry, start_entry):
+        assert {"solo/pass@1", "handoff/pass@1", "legibility/junior_ce",
+                "drift/logprob_gap"} <= set(checkpoint["macro"])
     block = entry["benchmarks"]["arithmetic"]
     assert block["problems"] == 6 and set(block["dose"]) == {"1.0", "0.75", "0.5", "0.25", "0.0"}
     assert len(block["solo"]["correct"]) == 6 and result["junior"].endswith("tiny-alt-v1")
+    assert block["drift"]["start_logprob_gap"] == pytest.approx(
+        start_entry["benchmarks"]["arithmetic"]["drift"]["logprob_gap"])
+
+    # The report of the two: one column each in the table, every plot written and linked.
+    report = (run_dir / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| benchmark |"))
+    assert header.count("|") == 6  # benchmark, metric, paper expects, one per checkpoint
+    for name in ("pass_at_k", "handoff_vs_solo", "dose", "legibility"):
+        assert (run_dir / f"{name}.png").stat().st_size > 1000 and f"({name}.png)" in report

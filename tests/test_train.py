@@ -23,8 +23,8 @@ from tandem.config.compose import compose
 
 pytestmark = pytest.mark.slow
 
-STEP_KEYS = ("step", "reward/mean", "reward/accuracy", "tandem/senior_token_frac", "train/loss", "time/step",
-             "time/rollout", "time/train", "time/push")
+STEP_KEYS = ("step", "reward/mean", "reward/accuracy", "tandem/senior_token_frac", "train/loss",
+             "time/step", "time/rollout", "time/train", "time/push")
 
 
 def _config(senior: Path, junior: Path, *overrides: str):

@@ -51,7 +51,8 @@ def read_rows(run_dir: str | Path) -> list[Row]:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """PNG (default <run_dir>/progress.png) of reward/mean and tandem/senior_token_frac per step
-    (two panels; val/solo_accuracy and val/handoff_accuracy as markers where present)."""
+    (two panels; val/solo_accuracy and val/handoff_accuracy as markers where present, with
+    their 95% intervals as error bars when logged)."""
     rows = read_rows(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "progress.png"
     reward, senior = series(rows, "reward/mean"), series(rows, "tandem/senior_token_frac")
@@ -64,7 +65,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for key, (marker, color, label) in VAL_STYLE.items():
         steps, values = series(rows, key)
         if steps:
-            top.plot(steps, values, marker=marker, color=color, linestyle="none", label=label)
+            top.errorbar(steps, values, yerr=_interval_bars(rows, key), marker=marker,
+                         color=color, linestyle="none", capsize=3, label=label)
     top.set_ylabel("reward / accuracy")
     top.set_title(f"{Path(run_dir).resolve().name}: {rows[-1]['step']} steps")
     top.legend(loc="best", fontsize="small")
@@ -76,6 +78,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)
     return out
+
+
+def _interval_bars(rows: Sequence[Row], key: str) -> list[list[float]] | None:
+    """Error bars (below, above) from `<key>_lo` / `<key>_hi` where every point has them."""
+    points = [r for r in rows if r.get(key) is not None]
+    if not all(r.get(f"{key}_lo") is not None and r.get(f"{key}_hi") is not None
+               for r in points):
+        return None
+    return [[max(0.0, r[key] - r[f"{key}_lo"]) for r in points],
+            [max(0.0, r[f"{key}_hi"] - r[key]) for r in points]]
 
 
 def pick_rows(count: int, max_rows: int) -> list[int]:

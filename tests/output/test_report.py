@@ -178,6 +178,18 @@ def test_plot_run_writes_progress_png(multirun, tmp_path):
     assert_png(run / "progress.png")
 
 
+def test_validation_intervals_become_error_bars():
+    rows = [{"step": 0, "val/solo_accuracy": 0.3, "val/solo_accuracy_lo": 0.2,
+             "val/solo_accuracy_hi": 0.45},
+            {"step": 1, "reward/mean": 0.5},
+            {"step": 2, "val/solo_accuracy": 0.6, "val/solo_accuracy_lo": 0.5,
+             "val/solo_accuracy_hi": 0.7}]
+    below, above = plots._interval_bars(rows, "val/solo_accuracy")
+    assert below == pytest.approx([0.1, 0.1]) and above == pytest.approx([0.15, 0.1])
+    del rows[2]["val/solo_accuracy_hi"]  # a run from before intervals were logged: no bars
+    assert plots._interval_bars(rows, "val/solo_accuracy") is None
+
+
 def test_plot_run_of_an_empty_run_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(MetricsError, match="empty"):

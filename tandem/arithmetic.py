@@ -77,7 +77,8 @@ def drill_facts() -> list[dict[str, str]]:
     """Every distinct drill problem, in a fixed order: a + b for a, b in 0..9, a * b in 2..9."""
     sums = [(f"{a} + {b}", a + b) for a in range(10) for b in range(10)]
     products = [(f"{a} * {b}", a * b) for a in range(2, 10) for b in range(2, 10)]
-    return [{"problem": f"What is {text}?", "answer": str(value)} for text, value in sums + products]
+    return [{"problem": f"What is {text}?", "answer": str(value)}
+            for text, value in sums + products]
 
 
 def generate_drill(n: int, seed: int) -> list[dict[str, str]]:

@@ -200,8 +200,8 @@ def reasoning_gym_rows(task: str, args: dict[str, Any], n: int,
                         "'tandem[reasoning]' (or pip install reasoning-gym==0.1.25)") from None
     if task not in DATASETS:
         close = difflib.get_close_matches(task, DATASETS, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise DataError(f"{where}: reasoning-gym has no task {task!r}; {hint}list the tasks with "
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise DataError(f"{where}: reasoning-gym has no task {task!r}{hint}; list the tasks with "
                         "python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))'")
     options = [f.name for f in dataclasses.fields(DATASETS[task][1])
                if f.name not in ("seed", "size")]  # ours: GENERATED_SEED, data.num_generated

@@ -160,8 +160,8 @@ def test_shipped_reasoning_gym_set_has_right_answers_the_reward_grades():
 
 
 def test_unknown_reasoning_gym_task_is_named_with_how_to_list_the_tasks():
-    with pytest.raises(DataError, match=r"no task 'basic_arithmetc'; did you mean "
-                                        r"basic_arithmetic.*print\(sorted\(f.DATASETS\)\)"):
+    with pytest.raises(DataError, match=r"no task 'basic_arithmetc' \(close: basic_arithmetic"
+                                        r".*print\(sorted\(f.DATASETS\)\)"):
         load_problems(DataConfig(source="reasoning_gym:basic_arithmetc"))
 
 

@@ -10,9 +10,10 @@ Each entry is one of:
 - `<file>`: a local .jsonl/.parquet file with `problem` and `answer` fields.
 
 Which rows: a set that holds rows out of training (`data.holdout_size` > 0: the offline
-arithmetic set, GSM8K's train split) is evaluated on its held-out rows, drawn by the run seed
-as training's validation draws them; a test split (`holdout_size` 0) on all its rows.
-`eval.problems` keeps the first N. Rows whose answer is in `data.drop_answers` are left out.
+arithmetic and reasoning-gym sets, GSM8K's train split) is evaluated on its held-out rows,
+drawn by `data.holdout_seed` as training's validation draws them (no run seed moves them); a
+test split (`holdout_size` 0) on all its rows. `eval.problems` keeps the first N. Rows whose
+answer is in `data.drop_answers` are left out.
 
 A dataset id that is not cached while the hub is unreachable fails at once with one line
 that says which local file to pass instead.
@@ -29,7 +30,7 @@ from huggingface_hub import constants
 from omegaconf import OmegaConf
 
 from tandem.config.compose import CONF_DIR
-from tandem.config.schema import DataConfig, TandemConfig
+from tandem.config.schema import REASONING_GYM_PREFIX, DataConfig, TandemConfig
 from tandem.data import GENERATED_PREFIX, DataError, Problem, load_problems
 from tandem.models import hub_reachable
 
@@ -94,7 +95,8 @@ def load_benchmarks(config: TandemConfig) -> list[Benchmark]:
 def _check_reachable(data: DataConfig) -> None:
     """Fail in one line, not after a minute of retries, for an id the hub cannot serve."""
     source = data.source
-    if source.startswith(GENERATED_PREFIX) or Path(source).expanduser().exists():
+    offline_sets = (GENERATED_PREFIX, REASONING_GYM_PREFIX)
+    if source.startswith(offline_sets) or Path(source).expanduser().exists():
         return
     offline = constants.HF_HUB_OFFLINE or any(
         os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")

@@ -1,7 +1,9 @@
 """Training prompts: rows from a file, a dataset id or our generator -> (problem, answer) -> ids.
 
-- `data.source` is `generated:<name>` (offline, built here: `GENERATORS`), a local `.jsonl` /
-  `.parquet` file, or a Hugging Face dataset id (needs the optional `datasets` library).
+- `data.source` is `generated:<name>` (offline, built here: `GENERATORS`), `reasoning_gym:<task>`
+  (offline, the optional reasoning-gym package; `data.generator_args` configure the task), a
+  local `.jsonl` / `.parquet` file, or a Hugging Face dataset id (needs the optional `datasets`
+  library).
 - Each row maps to a `Problem` through `data.problem_field` / `data.answer_field`; the answer
   is normalised by `data.answer_format` (plain | gsm8k | boxed). Malformed rows are skipped,
   counted and listed in a warning; more than `data.max_bad_row_frac` of them is a `DataError`.
@@ -22,6 +24,8 @@ Row numbers in reports and uids: 1-based line numbers for JSONL (what an editor 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -36,7 +40,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tandem.arithmetic import generate_arithmetic, generate_drill
-from tandem.config.schema import DataConfig, TandemConfig
+from tandem.config.schema import REASONING_GYM_PREFIX, DataConfig, TandemConfig
 from tandem.models import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,8 @@ log = logging.getLogger(__name__)
 GENERATED_PREFIX = "generated:"
 # name -> (n, seed) -> rows {"problem", "answer"}
 GENERATORS = {"arithmetic": generate_arithmetic, "drill": generate_drill}
-# The generated set is a fixed data set like any file: the run seed splits and orders it.
+# A generated set (ours or reasoning-gym's) is a fixed data set like any file: the run seed
+# only orders it.
 GENERATED_SEED = 0
 _LISTED_ROWS = 20
 
@@ -86,8 +91,8 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem], LoadRe
     no training rows after the hold-out.
     """
     rows, unit = _read_rows(cfg)
-    if cfg.source.startswith(GENERATED_PREFIX):
-        fields = ("problem", "answer", "plain")  # our generator's rows, whatever data.* says
+    if cfg.source.startswith((GENERATED_PREFIX, REASONING_GYM_PREFIX)):
+        fields = ("problem", "answer", "plain")  # a generator's rows, whatever data.* says
     else:
         fields = (cfg.problem_field, cfg.answer_field, cfg.answer_format)
     problems, bad = [], []
@@ -159,6 +164,10 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[int, object]], str]:
             return list(enumerate(rows)), "row"
         raise DataError(f"unknown generator in data.source={source!r}; known: "
                         + ", ".join(GENERATED_PREFIX + g for g in GENERATORS))
+    if source.startswith(REASONING_GYM_PREFIX):
+        task = source.removeprefix(REASONING_GYM_PREFIX)
+        rows = reasoning_gym_rows(task, cfg.generator_args, cfg.num_generated, GENERATED_SEED)
+        return list(enumerate(rows)), "row"
     path = Path(source).expanduser()
     if path.suffix in (".jsonl", ".parquet") or path.exists():
         if not path.is_file():
@@ -172,6 +181,40 @@ def _read_rows(cfg: DataConfig) -> tuple[list[tuple[int, object]], str]:
             raise DataError(f"data.source={source!r}: unsupported file type {path.suffix!r}; "
                             "convert it to .jsonl (one JSON object a line) or .parquet")
     return _read_hub(cfg), "row"
+
+
+def reasoning_gym_rows(task: str, args: dict[str, Any], n: int,
+                       seed: int) -> list[dict[str, str | None]]:
+    """`n` rows {"problem", "answer"} of reasoning-gym's `task`, configured by `args`.
+
+    Deterministic given (task, args, n, seed). Raises DataError when reasoning-gym is not
+    installed, the task is unknown, or `args` do not fit its config.
+    """
+    where = f"data.source={REASONING_GYM_PREFIX}{task}"
+    try:
+        # why: optional (pip install 'tandem[reasoning]'), and seconds to import (sympy, ...)
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+    except ImportError:
+        raise DataError(f"{where} needs the reasoning-gym package: pip install "
+                        "'tandem[reasoning]' (or pip install reasoning-gym==0.1.25)") from None
+    if task not in DATASETS:
+        close = difflib.get_close_matches(task, DATASETS, n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise DataError(f"{where}: reasoning-gym has no task {task!r}{hint}; list the tasks with "
+                        "python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))'")
+    options = [f.name for f in dataclasses.fields(DATASETS[task][1])
+               if f.name not in ("seed", "size")]  # ours: GENERATED_SEED, data.num_generated
+    unknown = sorted(set(args) - set(options))
+    if unknown:
+        raise DataError(f"{where}: data.generator_args {unknown} are not options of {task}; "
+                        f"it takes {', '.join(options) or 'none'}")
+    try:
+        dataset = reasoning_gym.create_dataset(task, seed=seed, size=n, **args)
+    except (AssertionError, TypeError, ValueError) as error:  # its configs validate by assert
+        raise DataError(f"{where}: data.generator_args={args} rejected: "
+                        f"{str(error) or type(error).__name__}") from None
+    return [{"problem": entry["question"], "answer": entry["answer"]} for entry in dataset]
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, object]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import logging
 import operator
@@ -10,8 +11,11 @@ import re
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from tandem.arithmetic import drill_facts, generate_arithmetic, generate_drill
+from tandem.config.checks import ConfigError
+from tandem.config.compose import CONF_DIR
 from tandem.config.schema import PAPER_INSTRUCTION, DataConfig
 from tandem.data import (
     DataError,
@@ -21,7 +25,9 @@ from tandem.data import (
     format_prompt,
     holdout_rows,
     load_problems,
+    reasoning_gym_rows,
 )
+from tandem.reward import verify_one
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -29,11 +35,13 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 
 
 def _evaluate(expression: str) -> int:
-    """+, -, * and parentheses over integers, evaluated independently of tandem.data."""
+    """+, -, *, negation and parentheses over integers, evaluated independently of tandem.data."""
 
     def walk(node: ast.AST) -> int:
         if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
             return _OPS[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -walk(node.operand)
         if isinstance(node, ast.Constant) and type(node.value) is int:
             return node.value
         raise AssertionError(f"unexpected syntax in {expression!r}")
@@ -117,6 +125,62 @@ def test_generated_source_loads_and_splits():
 def test_unknown_generator_lists_the_known_ones():
     with pytest.raises(DataError, match="generated:arithmetic"):
         load_problems(DataConfig(source="generated:algebra"))
+
+
+# ----------------------------------------------------------------------------- reasoning-gym
+
+_RG_ARGS = {"min_terms": 3, "max_terms": 4, "max_digits": 2, "operators": ["+", "-", "*"]}
+
+
+def _shipped_rg_set(**changes) -> DataConfig:
+    """conf/data/rg_basic_arithmetic.yaml as a run or a benchmark composes it."""
+    conf = OmegaConf.load(CONF_DIR / "data" / "rg_basic_arithmetic.yaml")
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), conf))
+    return dataclasses.replace(data, **changes)
+
+
+def test_reasoning_gym_rows_are_a_fixed_set_per_seed_and_options():
+    rows = reasoning_gym_rows("basic_arithmetic", _RG_ARGS, 40, seed=0)
+    assert rows == reasoning_gym_rows("basic_arithmetic", _RG_ARGS, 40, seed=0)
+    assert rows != reasoning_gym_rows("basic_arithmetic", _RG_ARGS, 40, seed=1)
+    assert rows != reasoning_gym_rows("basic_arithmetic", {**_RG_ARGS, "max_digits": 3}, 40,
+                                      seed=0)
+
+
+def test_shipped_reasoning_gym_set_has_right_answers_the_reward_grades():
+    train, holdout, report = load_problems(_shipped_rg_set(num_generated=40, holdout_size=8))
+    assert (len(train), len(holdout), report.bad_rows) == (32, 8, ())
+    assert train[0].uid == "rg_basic_arithmetic/0" or holdout[0].uid == "rg_basic_arithmetic/0"
+    for problem in train + holdout:
+        value = _evaluate(re.fullmatch(r"Calculate (.+)\.", problem.problem).group(1))
+        assert problem.answer == str(value), problem
+        assert verify_one(f"So it is \\boxed{{{value}}}.", problem.answer).status == "correct"
+        assert verify_one(f"\\boxed{{{value + 1}}}", problem.answer).status == "wrong"
+    assert any(p.answer.startswith("-") for p in train), "no negative answers to grade"
+
+
+def test_unknown_reasoning_gym_task_is_named_with_how_to_list_the_tasks():
+    with pytest.raises(DataError, match=r"no task 'basic_arithmetc' \(close: basic_arithmetic"
+                                        r".*print\(sorted\(f.DATASETS\)\)"):
+        load_problems(DataConfig(source="reasoning_gym:basic_arithmetc"))
+
+
+def test_reasoning_gym_options_are_checked():
+    with pytest.raises(DataError, match=r"\['max_digit'\] are not options of basic_arithmetic; "
+                                        r"it takes .*max_digits"):
+        load_problems(_shipped_rg_set(generator_args={"max_digit": 2}))
+    with pytest.raises(DataError, match="max_terms must be >= min_terms"):
+        load_problems(_shipped_rg_set(generator_args={"min_terms": 4, "max_terms": 2}))
+    with pytest.raises(ConfigError, match="only read by a reasoning_gym:<task> source"):
+        DataConfig(source="generated:drill", generator_args={"max_digits": 2})
+    with pytest.raises(ConfigError, match="data.generator_args.seed is set by tandem"):
+        _shipped_rg_set(generator_args={"seed": 3})
+
+
+def test_missing_reasoning_gym_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # `import reasoning_gym` now fails
+    with pytest.raises(DataError, match=r"pip install 'tandem\[reasoning\]'"):
+        load_problems(_shipped_rg_set())
 
 
 # ----------------------------------------------------------------------------- files

@@ -332,6 +332,21 @@ def test_benchmarks_resolve_to_their_rows(tmp_path):
         load_benchmark("nope", config)
 
 
+def test_a_reasoning_gym_benchmark_is_its_held_out_rows_without_network(monkeypatch):
+    from tandem import benchmarks
+
+    monkeypatch.setattr(benchmarks, "hub_reachable", lambda url: False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    config = compose(["eval.benchmarks=[rg_basic_arithmetic]", "eval.problems=5"])
+    benchmark = benchmarks.load_benchmarks(config)[0]
+    data = benchmarks.benchmark_config("rg_basic_arithmetic", config)
+    _, held_out, _ = benchmarks.load_problems(data)
+    assert (benchmark.name, benchmark.source) == ("rg_basic_arithmetic",
+                                                  "reasoning_gym:basic_arithmetic")
+    assert benchmark.problems == held_out[:5] and len(held_out) == 100
+
+
 def test_a_dataset_id_without_network_fails_in_one_line(monkeypatch):
     from tandem import benchmarks
 

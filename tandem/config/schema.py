@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -41,6 +42,8 @@ BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WORD_BOUNDARIES = ("paper", "wide")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+# data.source=reasoning_gym:<task> (tandem.data reads it; the optional reasoning-gym package)
+REASONING_GYM_PREFIX = "reasoning_gym:"
 
 
 @dataclass
@@ -104,7 +107,8 @@ class DataConfig:
 
     name: str = "arithmetic"
     source: str = "generated:arithmetic"
-    """`generated:arithmetic` (offline, ours), a local .jsonl/.parquet file, or a dataset id."""
+    """`generated:arithmetic` (offline, ours), `reasoning_gym:<task>` (offline, the optional
+    reasoning-gym package), a local .jsonl/.parquet file, or a dataset id."""
     subset: str | None = None
     """Dataset configuration name (e.g. gsm8k's `main`)."""
     split: str = "train"
@@ -113,7 +117,11 @@ class DataConfig:
     answer_format: str = "plain"
     """plain | gsm8k (answer after `####`) | boxed (last \\boxed{} of a worked solution)."""
     num_generated: int = 2000
-    """Rows in a `generated:` set."""
+    """Rows in a `generated:` or `reasoning_gym:` set."""
+    generator_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of a `reasoning_gym:` task's config (e.g. basic_arithmetic's
+    `max_digits`), passed to `reasoning_gym.create_dataset`; our `generated:` sets take none.
+    The seed and size are ours: rows are always drawn with seed 0, `data.num_generated` of them."""
     holdout_size: int = 100
     """Rows held out from training for validation (see `holdout_seed`)."""
     holdout_seed: int = 0
@@ -134,6 +142,7 @@ class DataConfig:
         check(bool(self.problem_field), "data.problem_field is empty")
         check(bool(self.answer_field), "data.answer_field is empty")
         check_min(self.num_generated, 1, "data.num_generated")
+        self._check_generator_args()
         check_min(self.holdout_size, 0, "data.holdout_size")
         check(0 <= self.holdout_seed < 2**32,
                f"data.holdout_seed must be in [0, 2**32) (a numpy seed), got {self.holdout_seed}")
@@ -142,6 +151,21 @@ class DataConfig:
         if looks_local(self.source):
             check(Path(self.source).expanduser().exists(),
                    f"data.source={self.source!r} does not exist")
+
+    def _check_generator_args(self) -> None:
+        # The task's name and its config's fields are checked when the rows are drawn
+        # (tandem.data, before any engine starts): importing reasoning-gym takes seconds.
+        if not self.source.startswith(REASONING_GYM_PREFIX):
+            check(not self.generator_args,
+                  f"data.generator_args={self.generator_args} is only read by a reasoning_gym:"
+                  f"<task> source, not data.source={self.source!r}; remove it")
+            return
+        check(bool(self.source.removeprefix(REASONING_GYM_PREFIX)),
+              f"data.source={self.source!r} names no task; e.g. reasoning_gym:basic_arithmetic")
+        for key in ("seed", "size"):
+            check(key not in self.generator_args,
+                  f"data.generator_args.{key} is set by tandem (seed 0, size "
+                  "data.num_generated); remove it and set data.num_generated for the size")
 
 
 @dataclass

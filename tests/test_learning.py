@@ -36,6 +36,8 @@ def test_reward_rises_within_a_handful_of_steps(tmp_path, ray_cluster):
         "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4",
         f"trainer.total_steps={STEPS}", "trainer.val_every=0", "trainer.save_episodes_every=0",
         "rollout.max_response_tokens=64", "reward.num_workers=1", "seed=0",
+        # 1024-token micro-batches: SmolLM2's 49k-entry fp32 logits of 4096 tokens take GBs
+        "trainer.micro_batch_tokens=1024",
     ])
     history = train(config, tmp_path)
 

@@ -361,7 +361,8 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
                             junior_tokenizer if cross else None)
                 key = f"{checkpoint.key}-{fingerprint(config, checkpoint.model_dir, junior_dir)}"
                 entry = {"name": checkpoint.name, "path": checkpoint.model_dir,
-                         "source": checkpoint.source, "step": checkpoint.step, "benchmarks": {}}
+                         "source": checkpoint.source, "step": checkpoint.step,
+                         "start": checkpoint.is_start, "benchmarks": {}}
                 for benchmark in benchmarks:
                     progress.set_description(f"eval {checkpoint.name} {benchmark.name}")
                     prompts, dropped = team.prompts(benchmark.problems, benchmark.instruction)

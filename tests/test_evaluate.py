@@ -452,6 +452,7 @@ def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path, eval_mod
     assert len(result["checkpoints"]) == 2
     (start_entry,) = [e for e in result["checkpoints"] if e["path"] == str(start)]
     (entry,) = [e for e in result["checkpoints"] if e is not start_entry]
+    assert start_entry["start"] and not entry["start"]
     for checkpoint in (entry, start_entry):
         assert {"solo/pass@1", "handoff/pass@1", "legibility/junior_ce",
                 "drift/logprob_gap"} <= set(checkpoint["macro"])

@@ -161,6 +161,18 @@ def test_differences_read_against_the_paper(grpo_and_tandem, tmp_path):
     assert rows["base", "drift logprob_gap"][2] == "as expected"  # base 0.0 < grpo 0.3
     assert ("base", "solo pass@1") in rows and ("grpo", "solo pass@1") not in rows
 
+    # marked as the starting senior (eval.start_senior), base gets no reading against the paper
+    results = copy.deepcopy(grpo_and_tandem)
+    for result in results:
+        for entry in result["checkpoints"]:
+            entry["start"] = entry["name"] == "base"
+    text = eval_report.write_report(results, tmp_path / "start", baseline="grpo").read_text()
+    section = text.split("## Against `grpo`")[1].split("\n\n")[1]
+    readings = {tuple(c.strip() for c in line.strip("|").split("|"))[0:5:4]
+                for line in section.splitlines()[2:]}
+    assert {reading for label, reading in readings if label == "base"} == {"before training"}
+    assert ("tandem", "as expected") in readings
+
 
 def test_verdict_reads_the_interval_not_the_point():
     assert verdict(Estimate(0.1, (0.02, 0.2)), "higher") == "as expected"

@@ -17,7 +17,6 @@ import torch
 from tandem.alternation import Boundaries, replay
 from tandem.config.compose import compose
 from tandem.episode import JUNIOR, SENIOR
-from tandem.testkit import build_reweighted_copy, build_tiny_model
 
 BUDGET = 48
 PROMPTS = ["What is 7 + 5?", "Tom has 12 apples and buys 7 more. How many apples?",
@@ -36,13 +35,10 @@ def _config(model_dir, junior_dir, *overrides):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, tmp_path_factory):
+def models(eval_models):
     """Senior = the kit's tiny model; junior = same architecture and tokenizer, other weights;
-    alt = tiny-alt (another family and tokenizer)."""
-    root = tmp_path_factory.mktemp("rollout-models")
-    junior_dir = build_reweighted_copy(tiny_model_dir, root / "junior", seed=1234)
-    alt_dir = build_tiny_model(root / "alt", variant="tiny-alt")
-    return {"senior": tiny_model_dir, "junior": junior_dir, "alt": alt_dir}
+    alt = tiny-alt (another family and tokenizer). The session's evaluation models."""
+    return eval_models
 
 
 @pytest.fixture(scope="module")
@@ -53,24 +49,10 @@ def tokenizers(models):
 
 
 @pytest.fixture(scope="module")
-def engines(models, tokenizers, ray_cluster):
-    """One senior, one junior and one cross-tokenizer junior engine, each on its own core."""
-    from tandem.rollout import engine_settings
-    from tandem.runtime.engines import shutdown_engines, start_engines
-
-    config = _config(models["senior"], models["junior"])
-    cores = os.cpu_count() or 1
-    handles = {}
-    for index, (name, role) in enumerate((("senior", "senior"), ("junior", "junior"),
-                                          ("alt", "junior"))):
-        boundaries = Boundaries.from_tokenizer(tokenizers[name])
-        settings = engine_settings(config, str(models[name]), role, boundaries,
-                                   first_core=index % cores)
-        handles[name] = start_engines(
-            [dataclasses.replace(s, cpu_kvcache_gib=0.25) for s in settings])
-    yield handles
-    for group in handles.values():
-        shutdown_engines(group)
+def engines(eval_engines):
+    """One engine per model, each replica on its own core: the session's evaluation engines
+    (rollout and evaluation start engines by the same code, so one set serves both)."""
+    return eval_engines
 
 
 def _prompts(tokenizer):

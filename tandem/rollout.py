@@ -27,9 +27,11 @@ the junior's text as senior ids with author 0 and log-prob 0 (it is never traine
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,6 +40,16 @@ from tandem.config.schema import TandemConfig
 from tandem.engine.api import EngineSettings, Sampling
 from tandem.engine.channel import TurnChannel
 from tandem.episode import JUNIOR, ROLE_NAMES, SENIOR, Episode
+
+log = logging.getLogger("tandem")
+
+
+class EngineLost(RuntimeError):
+    """An engine replica died or stopped answering mid-rollout."""
+
+    def __init__(self, role: int, replica: int, engine: Any, reason: str) -> None:
+        super().__init__(f"the {ROLE_NAMES[role]} engine (replica {replica}) was lost: {reason}")
+        self.role, self.replica, self.engine, self.reason = role, replica, engine, reason
 
 
 @dataclass
@@ -53,6 +65,7 @@ class _Activity:
     both_since: float | None = None
     both_s: float = 0.0
     requests: dict[int, int] = field(default_factory=lambda: {SENIOR: 0, JUNIOR: 0})
+    wall: float = 0.0  # seconds from start to the last episode's end
 
     def change(self, role: int, delta: int) -> None:
         now = time.perf_counter()
@@ -75,13 +88,22 @@ class Rollout:
     `sampling` defaults to the config's rollout sampling (evaluation passes the eval one).
     `max_segments` ends an episode after that many segments (evaluation's round cap: a round
     is one turn of each writer); None = no cap.
+
+    Engine faults: while a batch runs every engine is pinged each `cluster.heartbeat_s`. An
+    engine that died or hangs (no answer within `cluster.heartbeat_timeout_s`) is handed to
+    `recover(role, replica)`, which must restart it in place (`senior[replica] = new`) or
+    raise; the batch's unfinished episodes then run again from their start (their hand-offs
+    and seeds are functions of (seed, step, index), so nothing but time is lost) and finished
+    ones are kept. Without `recover` the fault raises `EngineLost`.
     """
 
     def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
                  senior_tokenizer: Any, junior_tokenizer: Any | None = None,
-                 sampling: Sampling | None = None, max_segments: int | None = None) -> None:
+                 sampling: Sampling | None = None, max_segments: int | None = None,
+                 recover: Callable[[int, int], None] | None = None) -> None:
         self.config = config
         self.max_segments = max_segments
+        self.recover = recover
         self.senior, self.junior = senior, junior
         self.tokenizers = {SENIOR: senior_tokenizer, JUNIOR: junior_tokenizer or senior_tokenizer}
         self.cross_tokenizer = junior_tokenizer is not None
@@ -96,6 +118,7 @@ class Rollout:
         self.sampling = sampling or Sampling(temperature=rollout.temperature,
                                              top_p=rollout.top_p, top_k=rollout.top_k)
         self._addresses: dict[int, str] = {}  # id(engine actor) -> its TurnChannel address
+        self._dead: set[int] = set()  # id(caller) of an engine lost mid-attempt
 
     def generate(self, prompts: list[list[int]], step: int,
                  junior_prompts: list[list[int]] | None = None, samples: int | None = None,
@@ -123,26 +146,24 @@ class Rollout:
         if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
             raise ValueError(f"budgets must hold one positive budget per prompt, got {budgets}")
         group_size = samples or self.config.algorithm.group_size
-        callers, channels = await self._connect()
-        try:
-            before = await self._engine_counters()
-            activity = _Activity()
-            tasks = []
-            for group, prompt in enumerate(prompts):
-                senior = callers[id(self.senior[group % len(self.senior)])]
-                junior = callers[id(self.junior[group % len(self.junior)])]
-                junior_prompt = junior_prompts[group] if self.cross_tokenizer else prompt
-                for member in range(group_size):
-                    index = group * group_size + member
-                    tasks.append(self._episode(prompt, junior_prompt, group, index, step,
-                                               {SENIOR: senior, JUNIOR: junior}, activity,
-                                               weight_version, budgets[group]))
-            episodes = await asyncio.gather(*tasks)
-            wall = time.perf_counter() - activity.started
-        finally:
-            for channel in channels:
-                channel.close()
-        after = await self._engine_counters()
+        jobs = {group * group_size + member: group
+                for group in range(len(prompts)) for member in range(group_size)}
+        finished: dict[int, Episode] = {}
+        started, restarts = time.perf_counter(), 0
+        while True:
+            lost, activity, spent = await self._attempt(
+                {i: g for i, g in jobs.items() if i not in finished}, finished, prompts,
+                junior_prompts, step, weight_version, budgets)
+            if lost is None:
+                break
+            if self.recover is None:
+                raise lost
+            log.warning("step %d: %s; restarting it, then re-running the %d unfinished "
+                        "episode(s) from their start", step, lost, len(jobs) - len(finished))
+            self.recover(lost.role, lost.replica)
+            restarts += 1
+        episodes = [finished[index] for index in sorted(jobs)]
+        wall = time.perf_counter() - started
         metrics = tandem_metrics(episodes)
         tokens = sum(len(e.response_ids) for e in episodes)
         metrics.update({
@@ -150,10 +171,12 @@ class Rollout:
             "rollout/truncated_frac": sum(e.truncated for e in episodes) / len(episodes),
             "rollout/response_tokens_mean": tokens / len(episodes),
             "rollout/requests_per_episode": sum(activity.requests.values()) / len(episodes),
-            "rollout/both_engines_busy_frac": activity.both_s / wall,
+            "rollout/both_engines_busy_frac": activity.both_s / activity.wall,
             "time/rollout": wall,
+            "faults/engine_restarts": float(restarts),
         })
-        spent = {key: after[key] - before[key] for key in after}
+        # engine counters: over the last attempt (a restarted engine counts from zero)
+        wall = activity.wall
         for role, name in ROLE_NAMES.items():
             seconds = wall * len(self.senior if role == SENIOR else self.junior)
             metrics[f"rollout/{name}_engine_busy_frac"] = spent[role, "busy_s"] / seconds
@@ -165,7 +188,91 @@ class Rollout:
             wall * len({id(e) for e in (*self.senior, *self.junior)}))
         metrics["rollout/computed_per_generated_token"] = computed / max(generated, 1)
         metrics["rollout/generated_tokens_per_step"] = generated / max(steps, 1)
-        return list(episodes), metrics
+        return episodes, metrics
+
+    async def _attempt(self, jobs: dict[int, int], finished: dict[int, Episode],
+                       prompts: list[list[int]], junior_prompts: list[list[int]] | None,
+                       step: int, weight_version: int, budgets: list[int]
+                       ) -> tuple[EngineLost | None, _Activity, dict]:
+        """Run the episodes `jobs` (index -> group) into `finished` while the heartbeat
+        watches every engine. Returns the engine lost (its episodes cancelled) or None, the
+        attempt's activity and the engine counters it spent."""
+        callers, channels = await self._connect()
+        watched = {id(e): (role, replica, e)
+                   for role, group in ((SENIOR, self.senior), (JUNIOR, self.junior))
+                   for replica, e in enumerate(group)}
+        lost: EngineLost | None = None
+        try:
+            before = await self._engine_counters()
+            activity = _Activity()
+            tasks = {}
+            for index, group in jobs.items():
+                engines = {SENIOR: callers[id(self.senior[group % len(self.senior)])],
+                           JUNIOR: callers[id(self.junior[group % len(self.junior)])]}
+                junior_prompt = junior_prompts[group] if self.cross_tokenizer else prompts[group]
+                tasks[asyncio.create_task(self._episode(
+                    prompts[group], junior_prompt, group, index, step, engines, activity,
+                    weight_version, budgets[group]))] = index
+            heartbeat = asyncio.create_task(self._heartbeat(watched))
+            running = set(tasks)
+            try:
+                while running and lost is None:
+                    done, _ = await asyncio.wait(running | {heartbeat},
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if heartbeat in done:
+                        lost = heartbeat.exception()
+                        if not isinstance(lost, EngineLost):
+                            raise lost
+                        break
+                    for task in done:
+                        running.discard(task)
+                        if task.exception() is None:
+                            finished[tasks[task]] = task.result()
+                        elif lost is None:  # an engine fault, or a bug: ask every engine
+                            lost = await self._find_lost(watched)
+                            if lost is None:
+                                raise task.exception()
+            finally:
+                if lost is not None:  # cancelled episodes skip the lost engine's sessions
+                    self._dead.add(id(callers[id(lost.engine)]))
+                    self._addresses.pop(id(lost.engine), None)
+                for task in (*running, heartbeat):
+                    task.cancel()
+                await asyncio.gather(*running, heartbeat, return_exceptions=True)
+                self._dead.clear()
+            activity.wall = time.perf_counter() - activity.started
+        finally:
+            for channel in channels:
+                channel.close()
+        if lost is not None:
+            return lost, activity, {}
+        after = await self._engine_counters()
+        return None, activity, {key: after[key] - before[key] for key in after}
+
+    async def _heartbeat(self, watched: dict[int, tuple[int, int, Any]]) -> None:
+        """Ping every engine each `cluster.heartbeat_s`; raises `EngineLost` for the first one
+        dead or silent for `cluster.heartbeat_timeout_s`."""
+        while True:
+            await asyncio.sleep(self.config.cluster.heartbeat_s)
+            lost = await self._find_lost(watched)
+            if lost is not None:
+                raise lost
+
+    async def _find_lost(self, watched: dict[int, tuple[int, int, Any]]) -> EngineLost | None:
+        """The first engine that fails a ping, if any (all are pinged at once)."""
+        timeout_s = self.config.cluster.heartbeat_timeout_s
+        answers = await asyncio.gather(
+            *(call_engine(engine, "ping", timeout_s=timeout_s)
+              for _, _, engine in watched.values()), return_exceptions=True)
+        for (role, replica, engine), answer in zip(watched.values(), answers, strict=True):
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
+            if isinstance(answer, BaseException):
+                reason = ("no heartbeat within cluster.heartbeat_timeout_s="
+                          f"{timeout_s} s" if isinstance(answer, TimeoutError)
+                          else f"{type(answer).__name__}: {answer}".split("\n")[0])
+                return EngineLost(role, replica, engine, reason)
+        return None
 
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
@@ -233,12 +340,25 @@ class Rollout:
                     segments += 1
         finally:
             if not seeded:
-                await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
-                                       for role in (SENIOR, JUNIOR)))
+                await self._close_sessions(engines, sessions)
         text = self.tokenizers[SENIOR].decode(response, skip_special_tokens=True)
         return Episode(prompt_ids=list(prompt), response_ids=response, author_mask=authors,
                        logprobs=logprobs, group=group, weight_version=version,
                        segment_starts=starts, finish_reason=finish, response_text=text)
+
+    async def _close_sessions(self, engines: dict[int, Any], sessions: dict[int, str]) -> None:
+        """End an episode's sessions on both engines. A cancelled episode (an engine was lost)
+        skips the lost engine, waits at most `cluster.heartbeat_timeout_s` and raises nothing:
+        the batch is being recovered."""
+        if not asyncio.current_task().cancelling():
+            await asyncio.gather(*(self._call(engines[role], "close_session", sessions[role])
+                                   for role in (SENIOR, JUNIOR)))
+            return
+        await asyncio.gather(*(call_engine(engines[role], "close_session", sessions[role],
+                                           timeout_s=self.config.cluster.heartbeat_timeout_s)
+                               for role in (SENIOR, JUNIOR)
+                               if id(engines[role]) not in self._dead),
+                             return_exceptions=True)
 
     def _append(self, writer: int, ids: list[int], values: list[float],
                 context: dict[int, list[int]], response: list[int], authors: list[int],

@@ -50,7 +50,7 @@ from tandem.config.compose import CONF_DIR, config_for_app
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
-from tandem.rollout import Rollout
+from tandem.rollout import EngineLost, Rollout
 
 if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` imports late
     from tandem.data import PromptStream
@@ -62,27 +62,72 @@ Rolled = tuple[list[Episode], dict[str, float], list[str]]
 """One step's rollout: its episodes, rollout metrics and the answers of its problems."""
 
 
-class StopRequest:
-    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT interrupts at once."""
+class Stopped(Exception):  # noqa: N818 (a request, not an error)
+    """Raised in the driver by a stop that cannot wait: during start-up, or a step that ran
+    past `trainer.stop_grace_s`."""
 
-    def __init__(self) -> None:
+
+class StopRequest:
+    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT interrupts at once.
+
+    During start-up (`starting`) nothing is worth finishing: the signal raises `Stopped` at
+    once, and the actors started so far are shut down. With a grace (`trainer.stop_grace_s`)
+    an alarm goes off that long after the signal; if the driver is then in a phase it may
+    give up (`abandonable`: rollout, reward, validation — nothing of the step has reached
+    the learners, or the learners are done with it) it raises `Stopped`; otherwise the phase
+    ends first (a learner update or a push is never cut) and the next abandonable one raises.
+    """
+
+    def __init__(self, grace_s: float | None = None) -> None:
         self.signal: str | None = None
+        self.starting = True
+        self.grace_s = grace_s
+        self.expired = False
+        self._abandonable = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGTERM, signal.SIGINT):
-                self._previous[number] = signal.signal(number, self._handle)
+            for number, handler in ((signal.SIGTERM, self._handle),
+                                    (signal.SIGINT, self._handle),
+                                    (signal.SIGALRM, self._expire)):
+                self._previous[number] = signal.signal(number, handler)
         return self
 
     def _handle(self, number: int, frame: Any) -> None:
         if self.signal is not None and number == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(number).name
-        log.warning("%s: finishing this step, then checkpointing and stopping "
-                    "(send SIGINT again to stop now)", self.signal)
+        first, self.signal = self.signal is None, signal.Signals(number).name
+        if self.starting:
+            raise Stopped(f"{self.signal} during start-up")
+        log.warning("%s: finishing this step, then checkpointing and stopping%s "
+                    "(send SIGINT again to stop now)", self.signal,
+                    "" if self.grace_s is None else
+                    f"; a rollout still running in {self.grace_s:g} s is given up "
+                    "(trainer.stop_grace_s)")
+        if first and self.grace_s is not None:
+            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+
+    def _expire(self, number: int, frame: Any) -> None:
+        self.expired = True
+        if self._abandonable:
+            raise Stopped(f"the step ran past trainer.stop_grace_s={self.grace_s:g} s after "
+                          f"{self.signal}")
+
+    @contextlib.contextmanager
+    def abandonable(self) -> Any:
+        """A phase the stop may give up once the grace is spent."""
+        if self.expired:
+            raise Stopped(f"the step ran past trainer.stop_grace_s={self.grace_s:g} s after "
+                          f"{self.signal}")
+        self._abandonable = True
+        try:
+            yield
+        finally:
+            self._abandonable = False
 
     def __exit__(self, *exc_info: Any) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
@@ -113,7 +158,12 @@ class Prefetch:
     def take(self, step: int) -> Rolled:
         """Step `step`'s rollout; its metrics include those of a push it waited for."""
         if self._background is None:
-            return self._roll(step, self._stream.next_batch(), self.served)
+            before = self._stream.state_dict()
+            try:
+                return self._roll(step, self._stream.next_batch(), self.served)
+            except BaseException:
+                self._stream.load_state_dict(before)  # not trained on: a resume draws it again
+                raise
         if self._in_flight is None:  # the first step of this invocation
             self._start(step)
         episodes, metrics, answers = self._in_flight.result()
@@ -178,7 +228,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.data import PromptStream, load_prompts
     from tandem.evaluate import Validation
     from tandem.reward import RewardPool, reward_metrics
-    from tandem.runtime.actors import Actors
+    from tandem.runtime.actors import Actors, EngineFailure
     from tandem.runtime.cluster import connect
 
     run_dir = Path(run_dir)
@@ -201,87 +251,114 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                      f"{config.algorithm.group_size}")
         logger.stage(cleanup.enter_context(connect(config)))
         # after ray.init, which installs its own SIGTERM handler (exit at once)
-        stop = cleanup.enter_context(StopRequest())
-        boundaries = {"senior": Boundaries.from_tokenizer(prompts.senior_tokenizer),
-                      "junior": Boundaries.from_tokenizer(prompts.junior_tokenizer
-                                                          or prompts.senior_tokenizer)}
-        actors = Actors.start(config, senior_dir, junior_dir, boundaries, logger.stage)
-        cleanup.callback(actors.close)
-        (run_dir / "topology.json").write_text(json.dumps(actors.nodes(), indent=2))
-        rollout = Rollout(config, actors.senior, actors.junior, prompts.senior_tokenizer,
-                          prompts.junior_tokenizer)
+        stop = cleanup.enter_context(StopRequest(trainer.stop_grace_s))
+        try:  # a stop now ends the run at once: nothing is trained yet
+            boundaries = {"senior": Boundaries.from_tokenizer(prompts.senior_tokenizer),
+                          "junior": Boundaries.from_tokenizer(prompts.junior_tokenizer
+                                                              or prompts.senior_tokenizer)}
+            actors = Actors.start(config, senior_dir, junior_dir, boundaries, logger.stage)
+            cleanup.callback(actors.close)
+            (run_dir / "topology.json").write_text(json.dumps(actors.nodes(), indent=2))
+            # a dead or hung engine is restarted in place and its episodes re-run
+            rollout = Rollout(config, actors.senior, actors.junior, prompts.senior_tokenizer,
+                              prompts.junior_tokenizer, recover=actors.restart_engine)
 
-        def roll(step: int, batch: list[Any], weight_version: int) -> Rolled:
-            ids, junior_ids = prompts.ids(batch)
-            episodes, metrics = rollout.generate(ids, step, junior_ids,
-                                                 weight_version=weight_version)
-            return episodes, metrics, [p.answer for p in batch]
+            def roll(step: int, batch: list[Any], weight_version: int) -> Rolled:
+                ids, junior_ids = prompts.ids(batch)
+                episodes, metrics = rollout.generate(ids, step, junior_ids,
+                                                     weight_version=weight_version)
+                return episodes, metrics, [p.answer for p in batch]
 
-        prefetch = Prefetch(roll, actors.push_weights,
-                            PromptStream(prompts.train, trainer.prompts_per_step, config.seed),
-                            background if trainer.off_policy else None, total, stop)
-        # the evaluation's protocols and code (tandem/evaluate.py), on the held-out problems
-        validation = Validation(config, actors.senior, actors.junior, prompts.senior_tokenizer,
-                                prompts.junior_tokenizer, prompts.holdout, prompts.instruction,
-                                rewards)
+            prefetch = Prefetch(roll, actors.push_weights,
+                                PromptStream(prompts.train, trainer.prompts_per_step, config.seed),
+                                background if trainer.off_policy else None, total, stop)
+            # the evaluation's protocols and code (tandem/evaluate.py), on the held-out problems
+            validation = Validation(config, actors.senior, actors.junior, prompts.senior_tokenizer,
+                                    prompts.junior_tokenizer, prompts.holdout, prompts.instruction,
+                                    rewards)
 
-        def run_validation(step: int) -> dict[str, float]:
-            return validation.run(step, prefetch.served)
+            def run_validation(step: int) -> dict[str, float]:
+                return validation.run(step, prefetch.served)
 
-        if resume_from is not None:
-            # the learners' weights, optimizer, schedule and RNG; the data position; the
-            # senior engines serving the saved weights
-            state = ckpt.read_state(resume_from)
-            actors.learners.load_checkpoint(str(resume_from))
-            prefetch.resume(state["stream"], state["step"])
-            logger.stage(f"resumed from {resume_from}: step {start}, the senior engines serve "
-                         "the saved weights")
-        elif trainer.val_every and trainer.val_before_train and prompts.holdout:
-            logger.log(0, run_validation(0))
+            if resume_from is not None:
+                # the learners' weights, optimizer, schedule and RNG; the data position; the
+                # senior engines serving the saved weights
+                state = ckpt.read_state(resume_from)
+                actors.learners.load_checkpoint(str(resume_from))
+                actors.learned_version = state["step"]
+                prefetch.resume(state["stream"], state["step"])
+                logger.stage(f"resumed from {resume_from}: step {start}, the senior engines serve "
+                             "the saved weights")
+            elif trainer.val_every and trainer.val_before_train and prompts.holdout:
+                logger.log(0, run_validation(0))
+        except Stopped as stopped:
+            logger.stage(f"stopped: {stopped}; no step was trained, nothing to save")
+            return history
+        stop.starting = False
 
-        done = start
-        for step in range(start, total):
-            step_started = time.perf_counter()
-            episodes, metrics, answers = prefetch.take(step)
+        done = saved = start
+        try:
+            for step in range(start, total):
+                step_started = time.perf_counter()
+                with stop.abandonable():  # nothing of the step has reached the learners
+                    episodes, metrics, answers = prefetch.take(step)
+                    reward_started = time.perf_counter()
+                    verdicts = rewards.score([e.response_text for e in episodes],
+                                             [answers[e.group] for e in episodes])
+                metrics.update(reward_metrics(verdicts))
+                metrics["time/reward"] = time.perf_counter() - reward_started
 
-            reward_started = time.perf_counter()
-            verdicts = rewards.score([e.response_text for e in episodes],
-                                     [answers[e.group] for e in episodes])
-            metrics.update(reward_metrics(verdicts))
-            metrics["time/reward"] = time.perf_counter() - reward_started
+                advantages, advantage_stats = group_advantages([v.reward for v in verdicts],
+                                                               config.algorithm)
+                metrics.update(advantage_stats)
 
-            advantages, advantage_stats = group_advantages([v.reward for v in verdicts],
-                                                           config.algorithm)
-            metrics.update(advantage_stats)
+                actors.sleep_engines()
+                train_started = time.perf_counter()
+                metrics.update(actors.train(episodes, advantages.tolist(), version=step + 1))
+                metrics["time/train"] = time.perf_counter() - train_started
+                done = step + 1
+                metrics.update(prefetch.trained(done))  # pushed now, or once no rollout runs
+                metrics["rollout/weight_lag"] = step - sum(
+                    e.weight_version for e in episodes) / len(episodes)
 
-            actors.sleep_engines()
-            train_started = time.perf_counter()
-            metrics.update(actors.learners.train_step(episodes, advantages.tolist()))
-            metrics["time/train"] = time.perf_counter() - train_started
-            done = step + 1
-            metrics.update(prefetch.trained(done))  # pushed now, or once no rollout runs
-            metrics["rollout/weight_lag"] = step - sum(
-                e.weight_version for e in episodes) / len(episodes)
+                if trainer.val_every and done % trainer.val_every == 0 and prompts.holdout:
+                    metrics.update(prefetch.flush())  # validation needs the fresh weights
+                    with stop.abandonable():  # the learners are done with the step
+                        metrics.update(run_validation(done))
+                if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
+                    _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
+                metrics["time/step"] = time.perf_counter() - step_started
+                logger.log(done, metrics)
+                history.append({"step": done, **metrics})
 
-            if trainer.val_every and done % trainer.val_every == 0 and prompts.holdout:
-                metrics.update(prefetch.flush())  # validation needs the fresh weights
-                metrics.update(run_validation(done))
-            if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
-                _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
-            metrics["time/step"] = time.perf_counter() - step_started
-            logger.log(done, metrics)
-            history.append({"step": done, **metrics})
-
-            last = done == total or stop.signal is not None
-            if last or (trainer.save_every and done % trainer.save_every == 0):
-                if last:
-                    prefetch.wait()  # a rollout in flight ends before the engines stop
+                last = done == total or stop.signal is not None
+                if last or (trainer.save_every and done % trainer.save_every == 0):
+                    if last:
+                        prefetch.wait()  # a rollout in flight ends before the engines stop
+                    _save(run_dir, done, actors.learners, prefetch.position(), config)
+                    saved = done
+                    logger.stage(f"checkpoint: step {done} saved")
+                if stop.signal is not None:
+                    logger.stage(f"stopped by {stop.signal} after step {done}; resume with "
+                                 f"trainer.resume=auto hydra.run.dir={run_dir}")
+                    break
+        except Stopped as stopped:
+            if done > saved:  # the step given up left the learners at `done`
                 _save(run_dir, done, actors.learners, prefetch.position(), config)
-                logger.stage(f"checkpoint: step {done} saved")
-            if stop.signal is not None:
-                logger.stage(f"stopped by {stop.signal} after step {done}; resume with "
-                             f"trainer.resume=auto hydra.run.dir={run_dir}")
-                break
+                saved = done
+            logger.stage(f"stopped: {stopped}; step {saved} is the last checkpoint; resume with "
+                         f"trainer.resume=auto hydra.run.dir={run_dir}")
+            return history
+        except (EngineFailure, EngineLost) as failure:
+            # nothing of the step in flight reached the learners: keep the last completed one
+            if done > saved:
+                _save(run_dir, done, actors.learners, prefetch.position(), config)
+                saved = done
+            where = (f"step {saved} is saved in {ckpt.checkpoint_dir(run_dir, saved)}; resume"
+                     f" with trainer.resume=auto hydra.run.dir={run_dir}" if saved
+                     else "no step was completed")
+            logger.stage(f"stopped: {failure}; {where}")
+            raise EngineFailure(f"{failure}; {where}") from failure
         if trainer.export_final and done == total and stop.signal is None:
             actors.learners.export_hf(str(run_dir / "senior"))
             logger.stage(f"export: the trained senior is in {run_dir / 'senior'}")

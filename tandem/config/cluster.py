@@ -62,6 +62,16 @@ class ClusterConfig:
     turn_channel: bool = True
     """Rollout turns reach engine actors over a ZMQ socket on the engine's node instead of one
     Ray call each; set false if the driver cannot open TCP connections to their ports."""
+    heartbeat_s: float = 5.0
+    """During a rollout every engine is pinged this often: a dead or hung engine is found in
+    seconds, not after `call_timeout_s`."""
+    heartbeat_timeout_s: float = 30.0
+    """An engine that does not answer a ping within this long counts as hung (its process is
+    stopped, its node gone) and is restarted like a dead one."""
+    max_engine_restarts: int = 3
+    """Engines restarted over the whole run (a dead or hung engine: restarted, its unfinished
+    episodes re-run from their start); one more failure checkpoints the last completed step and
+    stops the run. 0: the first engine failure stops the run."""
 
     def __post_init__(self) -> None:
         check_choice(self.device, ("cpu", "cuda"), "cluster.device")
@@ -78,8 +88,10 @@ class ClusterConfig:
         check(0.0 < self.gpu_memory_utilization <= 1.0,
                f"cluster.gpu_memory_utilization must be in (0, 1], "
                f"got {self.gpu_memory_utilization}")
-        for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb"):
+        for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb",
+                     "heartbeat_s", "heartbeat_timeout_s"):
             check_positive(getattr(self, name), f"cluster.{name}")
+        check_min(self.max_engine_restarts, 0, "cluster.max_engine_restarts")
         if self.device == "cpu":
             check(not self.colocated,
                    "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "

@@ -321,6 +321,11 @@ class TrainerConfig:
     resume: str = "none"
     """none | auto (latest checkpoint in the run directory; start fresh if there is none) |
     a checkpoint path (<run dir>/checkpoints/step_NNNNNN)."""
+    stop_grace_s: float | None = None
+    """After SIGTERM/SIGINT the step in progress may finish for this long; a step still in its
+    rollout, reward or validation then is given up (nothing of it reached the learners) and
+    the last completed step is checkpointed. None: always finish the step. Keep it below a
+    scheduler's kill delay (Slurm --signal lead time, RAY_JOB_STOP_WAIT_TIME_S)."""
     off_policy: bool = False
     """One-step off-policy: the rollout of step k+1 runs while the learner trains on step k,
     with weights one step old (episodes record their weight version)."""
@@ -338,6 +343,8 @@ class TrainerConfig:
             check(self.total_steps >= 1,
                    f"trainer.total_steps must be >= 1 (or null), got {self.total_steps}")
         check_min(self.epochs, 1, "trainer.epochs")
+        if self.stop_grace_s is not None:
+            check_positive(self.stop_grace_s, "trainer.stop_grace_s")
         check_min(self.prompts_per_step, 1, "trainer.prompts_per_step")
         check(self.mini_batch_prompts >= 1
                and self.prompts_per_step % self.mini_batch_prompts == 0,

@@ -54,6 +54,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from tandem.alternation import StopRule
 from tandem.engine.api import EngineSettings, Sampling, Segment
 from tandem.engine.channel import ChannelServer
+from tandem.engine.processes import process_ids
 from tandem.engine.scheduler import REASON_BOUNDARY_DROPPED, TOKEN_SETS_KEY, stop_args
 from tandem.engine.sessions import Sessions
 from tandem.engine.stats import EngineStats, cpu_seconds
@@ -324,6 +325,16 @@ class RolloutEngine:
 
     async def weight_version(self) -> int:
         return self._weight_version
+
+    async def ping(self) -> dict[str, Any]:
+        """The heartbeat: answers at once while the engine can serve (the EngineCore runs in
+        its own process, so a busy engine still answers), raises if its EngineCore died. Gives
+        the processes a driver must reap should this actor die (`tandem.runtime.recovery`)."""
+        if self._closed or self._llm.errored:
+            raise RuntimeError(f"engine {self.settings.model} is "
+                               f"{'shut down' if self._closed else 'dead (EngineCore errored)'}")
+        return {"processes": process_ids([os.getpid(), *self._core_pids]),
+                "weight_version": self._weight_version}
 
     async def stats(self) -> dict[str, float]:
         """Cumulative engine counters: steps, running/waiting requests (last step) and the peak

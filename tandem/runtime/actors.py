@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
+from tandem.engine.processes import Process, kill_processes
+from tandem.episode import ROLE_NAMES, SENIOR
 from tandem.rollout import engine_settings
 from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.runtime.learners import Learners
@@ -40,6 +44,15 @@ class Actors:
         self.transport = transport
         self.colocated = config.cluster.colocated
         self.timeout_s = config.cluster.call_timeout_s
+        # what a replica restarts from: its settings and placement options, by role
+        self._starts: dict[str, tuple[list[Any], list[dict[str, Any]] | None]] = {}
+        self._processes: dict[int, tuple[str, list[Process]]] = {}  # id(engine): node, its
+        self.max_restarts = config.cluster.max_engine_restarts
+        self.restarts = 0
+        # the weights the learners hold, and a lock the update holds: a senior restarted
+        # from the rollout thread (off-policy) gets whole weights, labelled truly
+        self.learned_version = 0
+        self._learning = threading.Lock()
 
     @classmethod
     def start(cls, config: TandemConfig, senior_dir: str, junior_dir: str,
@@ -61,6 +74,8 @@ class Actors:
                 if cluster.colocated:
                     settings = [dataclasses.replace(s, enable_sleep_mode=True) for s in settings]
                 setattr(actors, role, start_engines(settings, options, cluster.call_timeout_s))
+                actors._starts[role] = (settings, options)
+                actors._note_processes(getattr(actors, role))
                 resources = getattr(cluster, role)
                 first_core += resources.replicas * resources.cpus
                 stage(f"engines: {resources.replicas} {role} replica(s) of {model_dir} ready")
@@ -77,6 +92,41 @@ class Actors:
         if self.colocated:
             self._wait([e.sleep.remote(2) for e in self.senior]
                        + [e.sleep.remote(1) for e in self.junior])
+
+    def train(self, episodes: list[Any], advantages: list[float], version: int
+              ) -> dict[str, float]:
+        """One learner update, after which the learners hold weights `version`."""
+        with self._learning:
+            metrics = self.learners.train_step(episodes, advantages)
+            self.learned_version = version
+        return metrics
+
+    def restart_engine(self, role: int, replica: int) -> None:
+        """Replace a dead or hung engine replica in place (`senior[replica] = new`, so every
+        holder of the list sees it): kill what is left of it, start one from the same settings
+        and placement, and give a senior the learners' current weights. Raises `EngineFailure`
+        once `cluster.max_engine_restarts` restarts are spent."""
+        name = ROLE_NAMES[role]
+        engines = getattr(self, name)
+        ray.kill(engines[replica], no_restart=True)
+        self._reap(engines[replica])
+        if self.restarts >= self.max_restarts:
+            raise EngineFailure(f"the {name} engine (replica {replica}) failed after "
+                                f"{self.restarts} engine restart(s), the most "
+                                f"cluster.max_engine_restarts={self.max_restarts} allows")
+        self.restarts += 1
+        settings, options = self._starts[name]
+        engines[replica] = start_engines([settings[replica]],
+                                         None if options is None else [options[replica]],
+                                         self.timeout_s)[0]
+        self._note_processes([engines[replica]])
+        if role == SENIOR:
+            with self._learning:
+                self.transport.push(self.learners.ranks, [engines[replica]],
+                                    self.learned_version)
+        log.warning("%s engine replica %d restarted (%d of cluster.max_engine_restarts=%d)%s",
+                    name, replica, self.restarts, self.max_restarts,
+                    f", serving weights v{self.learned_version}" if role == SENIOR else "")
 
     def push_weights(self, version: int) -> dict[str, float]:
         """Make the senior engines serve the learners' weights as `version` (colocated: wake
@@ -113,3 +163,32 @@ class Actors:
 
     def _wait(self, refs: list[Any]) -> list[Any]:
         return ray.get(refs, timeout=self.timeout_s)
+
+    def _note_processes(self, engines: list[Any]) -> None:
+        """Remember each engine's node and processes: if its actor dies, its EngineCore child
+        may live on, holding cores and memory, until `_reap` ends it."""
+        nodes = self._wait([e.node_id.remote() for e in engines])
+        pings = self._wait([e.ping.remote() for e in engines])
+        for engine, node, ping in zip(engines, nodes, pings, strict=True):
+            self._processes[id(engine)] = (node, [tuple(p) for p in ping["processes"]])
+
+    def _reap(self, engine: Any) -> None:
+        """SIGKILL what is left of a lost engine's processes, on its own node (a task pinned
+        there); a node that is gone has nothing left to reap."""
+        node, processes = self._processes.pop(id(engine), (None, []))
+        if node is None:
+            return
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False)
+        try:
+            killed = ray.get(_reaper.options(scheduling_strategy=strategy).remote(processes),
+                             timeout=min(self.timeout_s, 30.0))
+            log.info("reaped %d process(es) of the lost engine", killed)
+        except Exception as error:  # the node is gone, or unreachable: nothing to reap there
+            log.warning("could not reap the lost engine's processes %s: %s", processes, error)
+
+
+class EngineFailure(RuntimeError):
+    """Engines failed more often than `cluster.max_engine_restarts` allows."""
+
+
+_reaper = ray.remote(num_cpus=0)(kill_processes)

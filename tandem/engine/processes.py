@@ -1,0 +1,39 @@
+"""An engine's processes, named so that a driver can end them after their actor died.
+
+A process is named by (pid, start time): a pid alone may name another process by the time it is
+reaped, and the start time tells them apart. Plain psutil, no vLLM: the reaper runs as a Ray
+task on the engine's node."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import psutil
+
+Process = tuple[int, float]
+"""(pid, start time in seconds since the epoch, as psutil reports it)."""
+
+
+def process_ids(pids: Sequence[int]) -> list[Process]:
+    """The running processes among `pids`, each with its start time."""
+    named = []
+    for pid in pids:
+        try:
+            named.append((pid, psutil.Process(pid).create_time()))
+        except psutil.NoSuchProcess:
+            pass
+    return named
+
+
+def kill_processes(processes: Sequence[Process]) -> int:
+    """SIGKILL each process that still runs and is still the one named; how many were."""
+    killed = 0
+    for pid, started in processes:
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == started:
+                process.kill()
+                killed += 1
+        except psutil.NoSuchProcess:
+            pass
+    return killed

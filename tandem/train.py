@@ -67,6 +67,19 @@ class Stopped(Exception):  # noqa: N818 (a request, not an error)
     past `trainer.stop_grace_s`."""
 
 
+def stop_behind(error: BaseException) -> Stopped | None:
+    """The `Stopped` an exception carries: raised from a signal handler while the driver was
+    inside a C extension (Ray's `get`), it may come out wrapped, e.g. as a SystemError caused
+    by it."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Stopped):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 class StopRequest:
     """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT interrupts at once.
 
@@ -201,6 +214,15 @@ class Prefetch:
         self._owed = version
         self.flush()
 
+    def restart(self, position: dict, version: int) -> None:
+        """Go back to a checkpoint after the learners were restarted: drop the rollout in
+        flight (sampled under weights that are gone), then `resume`."""
+        if self._in_flight is not None:
+            with contextlib.suppress(Exception):
+                self._in_flight.result()
+            self._in_flight = None
+        self.resume(position, version)
+
     def _start(self, step: int) -> None:
         self._in_flight_from = self._stream.state_dict()
         self._in_flight = self._background.submit(self._roll, step, self._stream.next_batch(),
@@ -269,8 +291,9 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                                                      weight_version=weight_version)
                 return episodes, metrics, [p.answer for p in batch]
 
-            prefetch = Prefetch(roll, actors.push_weights,
-                                PromptStream(prompts.train, trainer.prompts_per_step, config.seed),
+            stream = PromptStream(prompts.train, trainer.prompts_per_step, config.seed)
+            stream_start = stream.state_dict()  # where a learner restart without checkpoint goes
+            prefetch = Prefetch(roll, actors.push_weights, stream,
                                 background if trainer.off_policy else None, total, stop)
             # the evaluation's protocols and code (tandem/evaluate.py), on the held-out problems
             validation = Validation(config, actors.senior, actors.junior, prompts.senior_tokenizer,
@@ -291,14 +314,18 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                              "the saved weights")
             elif trainer.val_every and trainer.val_before_train and prompts.holdout:
                 logger.log(0, run_validation(0))
-        except Stopped as stopped:
+        except Exception as error:
+            stopped = stop_behind(error)
+            if stopped is None:
+                raise
             logger.stage(f"stopped: {stopped}; no step was trained, nothing to save")
             return history
         stop.starting = False
 
-        done = saved = start
+        done = saved = step = start
+        restarted = 0.0  # learner restarts not yet logged
         try:
-            for step in range(start, total):
+            while step < total:
                 step_started = time.perf_counter()
                 with stop.abandonable():  # nothing of the step has reached the learners
                     episodes, metrics, answers = prefetch.take(step)
@@ -314,10 +341,19 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
 
                 actors.sleep_engines()
                 train_started = time.perf_counter()
-                metrics.update(actors.train(episodes, advantages.tolist(), version=step + 1))
-                metrics["time/train"] = time.perf_counter() - train_started
+                try:
+                    metrics.update(actors.train(episodes, advantages.tolist(), step + 1))
+                    metrics["time/train"] = time.perf_counter() - train_started
+                    metrics.update(prefetch.trained(step + 1))  # now, or once no rollout runs
+                except Exception as error:
+                    if actors.learners_alive():
+                        raise
+                    # a rank died: a new group goes on from the last checkpoint, or the run ends
+                    step = done = saved = _restart_learners(error, run_dir, actors, prefetch,
+                                                            stream_start, config, logger)
+                    restarted += 1
+                    continue
                 done = step + 1
-                metrics.update(prefetch.trained(done))  # pushed now, or once no rollout runs
                 metrics["rollout/weight_lag"] = step - sum(
                     e.weight_version for e in episodes) / len(episodes)
 
@@ -328,6 +364,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                 if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
                     _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
                 metrics["time/step"] = time.perf_counter() - step_started
+                metrics["faults/learner_restarts"], restarted = restarted, 0.0
                 logger.log(done, metrics)
                 history.append({"step": done, **metrics})
 
@@ -342,27 +379,72 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                     logger.stage(f"stopped by {stop.signal} after step {done}; resume with "
                                  f"trainer.resume=auto hydra.run.dir={run_dir}")
                     break
-        except Stopped as stopped:
-            if done > saved:  # the step given up left the learners at `done`
-                _save(run_dir, done, actors.learners, prefetch.position(), config)
-                saved = done
-            logger.stage(f"stopped: {stopped}; step {saved} is the last checkpoint; resume with "
-                         f"trainer.resume=auto hydra.run.dir={run_dir}")
-            return history
+                step = done
         except (EngineFailure, EngineLost) as failure:
             # nothing of the step in flight reached the learners: keep the last completed one
-            if done > saved:
-                _save(run_dir, done, actors.learners, prefetch.position(), config)
-                saved = done
-            where = (f"step {saved} is saved in {ckpt.checkpoint_dir(run_dir, saved)}; resume"
-                     f" with trainer.resume=auto hydra.run.dir={run_dir}" if saved
-                     else "no step was completed")
+            where = _keep_last_step(run_dir, done, saved, actors.learners, prefetch, config)
             logger.stage(f"stopped: {failure}; {where}")
             raise EngineFailure(f"{failure}; {where}") from failure
+        except Exception as error:
+            stopped = stop_behind(error)
+            if stopped is None:
+                raise
+            # the step given up never reached the learners (or they were done with it)
+            where = _keep_last_step(run_dir, done, saved, actors.learners, prefetch, config)
+            logger.stage(f"stopped: {stopped}; {where}")
+            return history
         if trainer.export_final and done == total and stop.signal is None:
             actors.learners.export_hf(str(run_dir / "senior"))
             logger.stage(f"export: the trained senior is in {run_dir / 'senior'}")
     return history
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died and the run may not (or may no longer) restart the group."""
+
+
+def _restart_learners(error: Exception, run_dir: Path, actors: Any, prefetch: Prefetch,
+                      stream_start: dict, config: TandemConfig, logger: RunLogger) -> int:
+    """After a learner rank died: a new learner group from the last checkpoint, the stream
+    where that checkpoint left it (the batches after it come again, in their order), the
+    senior engines serving its weights. Returns the step to go on from. Without
+    `trainer.restart_on_learner_failure`, or past `trainer.max_learner_restarts`, raises
+    `LearnerFailure` naming the checkpoint to resume from."""
+    trainer = config.trainer
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"  # Ray's run for pages
+    checkpoint = ckpt.find_resume("auto", run_dir)
+    where = (f"the last checkpoint is {checkpoint}; resume with trainer.resume=auto "
+             f"hydra.run.dir={run_dir}" if checkpoint else "no checkpoint was saved yet")
+    if not trainer.restart_on_learner_failure:
+        raise LearnerFailure(f"a learner rank died ({reason}); {where} (or set "
+                             "trainer.restart_on_learner_failure=true)")
+    if actors.learner_restarts >= trainer.max_learner_restarts:
+        raise LearnerFailure(f"a learner rank died ({reason}) after {actors.learner_restarts} "
+                             f"learner restart(s), the most trainer.max_learner_restarts="
+                             f"{trainer.max_learner_restarts} allows; {where}")
+    actors.restart_learners()
+    state = {"step": 0, "stream": stream_start}
+    if checkpoint is not None:
+        state = ckpt.read_state(checkpoint)
+        actors.learners.load_checkpoint(str(checkpoint))
+    actors.learned_version = state["step"]
+    prefetch.restart(state["stream"], state["step"])
+    logger.stage(f"learner restarted ({actors.learner_restarts} of trainer.max_learner_restarts"
+                 f"={trainer.max_learner_restarts}) after a rank died ({reason}); going on from "
+                 f"{checkpoint or 'the starting senior'} at step {state['step']}")
+    return state["step"]
+
+
+def _keep_last_step(run_dir: Path, done: int, saved: int, learners: Learners,
+                    prefetch: Prefetch, config: TandemConfig) -> str:
+    """Checkpoint the last completed step unless it is saved already; where it is."""
+    if done > saved:
+        _save(run_dir, done, learners, prefetch.position(), config)
+    if not done:
+        return "no step was completed, nothing to save"
+    return (f"step {done} is saved in {ckpt.checkpoint_dir(run_dir, done)}; resume with "
+            f"trainer.resume=auto hydra.run.dir={run_dir}")
 
 
 def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: list[Any],

@@ -326,6 +326,12 @@ class TrainerConfig:
     rollout, reward or validation then is given up (nothing of it reached the learners) and
     the last completed step is checkpointed. None: always finish the step. Keep it below a
     scheduler's kill delay (Slurm --signal lead time, RAY_JOB_STOP_WAIT_TIME_S)."""
+    restart_on_learner_failure: bool = False
+    """A learner rank that dies: false ends the run naming the last checkpoint; true starts a
+    new learner group from that checkpoint and goes on (the batches after it come again, in
+    the same order)."""
+    max_learner_restarts: int = 3
+    """Learner-group restarts over the run; one more rank failure ends it."""
     off_policy: bool = False
     """One-step off-policy: the rollout of step k+1 runs while the learner trains on step k,
     with weights one step old (episodes record their weight version)."""
@@ -345,6 +351,7 @@ class TrainerConfig:
         check_min(self.epochs, 1, "trainer.epochs")
         if self.stop_grace_s is not None:
             check_positive(self.stop_grace_s, "trainer.stop_grace_s")
+        check_min(self.max_learner_restarts, 0, "trainer.max_learner_restarts")
         check_min(self.prompts_per_step, 1, "trainer.prompts_per_step")
         check(self.mini_batch_prompts >= 1
                and self.prompts_per_step % self.mini_batch_prompts == 0,

@@ -127,6 +127,9 @@ class TurnChannel:
     def _call(self, method: str, *args: Any) -> asyncio.Future:
         if self._broken is not None:
             raise self._broken
+        receiver = self._tasks[0]
+        if receiver.done() or receiver.cancelling():  # the loop is closing: no reply would come
+            raise RuntimeError(f"the channel to {self.address} stopped receiving")
         call_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda _: self._pending.pop(call_id, None))  # also if cancelled

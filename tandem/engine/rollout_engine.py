@@ -109,7 +109,11 @@ class RolloutEngine:
             **kwargs,
         )
         self._stats = EngineStats()
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory])
+        try:
+            self._llm = AsyncLLM.from_engine_args(args,
+                                                  stat_loggers=[self._stats.logger_factory])
+        except Exception as error:  # vLLM's cause is logged by its EngineCore process
+            raise RuntimeError(start_failure(settings)) from error
         eos = {self._llm.renderer.get_eos_token_id()}
         config_eos = self._llm.input_processor.generation_config_fields.get("eos_token_id")
         eos |= {config_eos} if isinstance(config_eos, int) else set(config_eos or ())
@@ -414,6 +418,24 @@ class RolloutEngine:
             raise RuntimeError(f"unexpected vLLM finish reason {out.finish_reason!r}")
         return Segment(token_ids=token_ids, logprobs=values, finish_reason=reason,
                        num_sampled=num_sampled, weight_version=version)
+
+
+START_FAILED = "tandem: the engine did not start"
+
+
+def start_failure(settings: EngineSettings) -> str:
+    """One line for an engine that did not start: vLLM's own reason (logged above it by the
+    EngineCore) most often is memory, and its advice names vLLM's flags, not ours."""
+    if settings.device == "cpu":
+        memory = (f"cluster.cpu_kvcache_gib={settings.cpu_kvcache_gib:g} (the KV cache must hold "
+                  "one full-length request: raise it)")
+    else:
+        memory = (f"cluster.gpu_memory_utilization={settings.gpu_memory_utilization:g} (raise it, "
+                  "or lower it on a GPU shared with the learner)")
+    return (f"{START_FAILED} ({settings.model}); vLLM's reason is logged above. If it is memory "
+            f"or the KV cache: {memory}, or a shorter context (max_model_len="
+            f"{settings.max_model_len} = rollout.max_prompt_tokens + the longer of "
+            "rollout.max_response_tokens and eval.max_response_tokens, or eval.context_tokens)")
 
 
 async def _last(outputs: AsyncIterator[Any]) -> Any:

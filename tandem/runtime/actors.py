@@ -22,6 +22,7 @@ from tandem.config.schema import TandemConfig
 from tandem.engine.processes import Process, kill_processes
 from tandem.episode import ROLE_NAMES, SENIOR
 from tandem.rollout import engine_settings
+from tandem.runtime.cluster import wait
 from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.runtime.learners import Learners
 from tandem.runtime.placement import Placement, demand, reserve
@@ -49,10 +50,12 @@ class Actors:
         self._processes: dict[int, tuple[str, list[Process]]] = {}  # id(engine): node, its
         self.max_restarts = config.cluster.max_engine_restarts
         self.restarts = 0
+        self.learner_restarts = 0
         # the weights the learners hold, and a lock the update holds: a senior restarted
         # from the rollout thread (off-policy) gets whole weights, labelled truly
         self.learned_version = 0
         self._learning = threading.Lock()
+        self._learner_start: tuple[TandemConfig, str, list[dict[str, Any]] | None]
 
     @classmethod
     def start(cls, config: TandemConfig, senior_dir: str, junior_dir: str,
@@ -79,7 +82,8 @@ class Actors:
                 resources = getattr(cluster, role)
                 first_core += resources.replicas * resources.cpus
                 stage(f"engines: {resources.replicas} {role} replica(s) of {model_dir} ready")
-            actors.learners = Learners.start(config, senior_dir, placement.learner)
+            actors._learner_start = (config, senior_dir, placement.learner)
+            actors.learners = Learners.start(*actors._learner_start)
             stage(f"learner: {cluster.learner.world_size} rank(s) ready on {cluster.device}")
         except BaseException:
             actors.close()
@@ -128,6 +132,25 @@ class Actors:
                     name, replica, self.restarts, self.max_restarts,
                     f", serving weights v{self.learned_version}" if role == SENIOR else "")
 
+    def learners_alive(self) -> bool:
+        """Whether every learner rank answers (after a failed learner call: was it the rank?)."""
+        try:
+            wait([rank.node_id.remote() for rank in self.learners.ranks],
+                 min(self.timeout_s, 60.0))
+            return True
+        except Exception:
+            return False
+
+    def restart_learners(self) -> None:
+        """End every learner rank (the survivors cannot go on without the dead one: their
+        collectives need it) and start a new group in the same placement, from the senior's
+        starting weights; the caller loads a checkpoint into it."""
+        for rank in self.learners.ranks:
+            ray.kill(rank, no_restart=True)
+        self.learners = None
+        self.learner_restarts += 1
+        self.learners = Learners.start(*self._learner_start)
+
     def push_weights(self, version: int) -> dict[str, float]:
         """Make the senior engines serve the learners' weights as `version` (colocated: wake
         the senior's weights for the push, then both engines for rollouts)."""
@@ -162,7 +185,7 @@ class Actors:
             self.placement = None
 
     def _wait(self, refs: list[Any]) -> list[Any]:
-        return ray.get(refs, timeout=self.timeout_s)
+        return wait(refs, self.timeout_s)
 
     def _note_processes(self, engines: list[Any]) -> None:
         """Remember each engine's node and processes: if its actor dies, its EngineCore child

@@ -1,14 +1,17 @@
 """Connecting the driver to a Ray cluster, and leaving it.
 
 `connect` joins the cluster named by RAY_ADDRESS (what `ray job submit` sets) or starts a local
-one sized for the topology, and shuts Ray down on exit only if it started it here.
+one sized for the topology, and shuts Ray down on exit only if it started it here. `wait` is
+the driver's `ray.get`: bounded, and a signal stops it at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import ray
 
@@ -44,3 +47,25 @@ def connect(config: TandemConfig) -> Iterator[str]:
     finally:
         if not address:
             ray.shutdown()
+
+
+POLL_S = 0.5
+"""How long the driver stays inside Ray's C++ at a time while it waits."""
+
+
+def wait(refs: Sequence[Any], timeout_s: float | None) -> list[Any]:
+    """`ray.get(refs, timeout=timeout_s)`, waited for in slices of `POLL_S`. Python runs signal
+    handlers only between bytecodes, and Ray's own wait does not return to run them: a SIGTERM
+    to a driver waiting on a minute-long engine start would be seen only after it. Raises
+    `ray.exceptions.GetTimeoutError` after `timeout_s`, or a task's error at once."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        slice_s = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+        if slice_s <= 0:
+            raise ray.exceptions.GetTimeoutError(
+                f"{len(pending)} of {len(refs)} remote call(s) unfinished after {timeout_s} s")
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=slice_s)
+        if ready:
+            ray.get(ready)  # a failed call raises now, not after the others
+    return ray.get(list(refs))

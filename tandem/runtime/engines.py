@@ -11,7 +11,8 @@ from typing import Any
 import ray
 
 from tandem.engine.api import EngineSettings
-from tandem.engine.rollout_engine import RolloutEngine
+from tandem.engine.rollout_engine import START_FAILED, RolloutEngine
+from tandem.runtime.cluster import wait
 
 
 class RolloutEngineActor(RolloutEngine):
@@ -49,12 +50,19 @@ def start_engines(settings: Sequence[EngineSettings],
         ).remote(replica))
     try:
         # wait until every engine is up
-        ray.get([handle.stats.remote() for handle in handles], timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
+        wait([handle.stats.remote() for handle in handles], timeout_s)
+    except BaseException as error:  # a timeout, a failed start or a stop: end them all
         for handle in handles:
             ray.kill(handle)
-        raise TimeoutError(f"{len(handles)} engine(s) of {settings[0].model} did not start "
-                           f"within {timeout_s} s (cluster.call_timeout_s)") from None
+        if isinstance(error, ray.exceptions.GetTimeoutError):
+            raise TimeoutError(f"{len(handles)} engine(s) of {settings[0].model} did not "
+                               f"start within {timeout_s} s (cluster.call_timeout_s)") from None
+        # Ray wraps the engine's own one-line reason in the actor's creation traceback
+        reason = next((line[line.index(START_FAILED):] for line in str(error).splitlines()
+                       if START_FAILED in line), None)
+        if reason is not None:
+            raise RuntimeError(reason) from None
+        raise
     return handles
 
 

@@ -12,6 +12,7 @@ import torch
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner.rank import Learner
+from tandem.runtime.cluster import wait
 from tandem.transport.cpu import CpuSender
 from tandem.transport.ipc import IpcSender
 from tandem.transport.nccl import NcclSender
@@ -207,4 +208,4 @@ class Learners:
             self.ranks = []
 
     def _wait(self, refs: list[Any]) -> list[Any]:
-        return ray.get(refs, timeout=self.timeout_s)
+        return wait(refs, self.timeout_s)

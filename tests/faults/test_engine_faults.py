@@ -5,12 +5,13 @@ actor's process SIGKILLed mid-episode), step 2 the senior, hung (SIGSTOP: no dis
 silence, found by the heartbeat; after a push, so its replacement must be given the
 learners' weights), step 3 the senior again, SIGKILLed. `cluster.max_engine_restarts=2`: the
 first two are restarted and their steps complete with every episode once; the third stops
-the run with the last completed step checkpointed. The faults are injected from inside the rollout (a wrapper
-around its engine calls), so each lands mid-step at a known turn.
+the run with the last completed step checkpointed. The faults are injected from inside the
+rollout (a wrapper around its engine calls), so each lands mid-step at a known turn.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -107,3 +108,20 @@ def test_dead_and_hung_engines_are_restarted_then_the_run_stops_checkpointed(
             assert not (psutil.pid_exists(pid)
                         and psutil.Process(pid).create_time() == started), (step, pid)
     print(f"the run stopped {stopped_after:.1f} s after the third fault")
+
+
+def test_an_engine_without_room_for_one_request_names_the_setting(tiny_model_dir, ray_cluster):
+    """vLLM's own advice on CPU names gpu_memory_utilization; ours names the field to change."""
+    from tandem.alternation import Boundaries
+    from tandem.models import load_tokenizer
+    from tandem.rollout import engine_settings
+    from tandem.runtime.engines import start_engines
+
+    config = compose(["model@model.senior=tiny", f"model.senior.path={tiny_model_dir}",
+                      "cluster.enforce_eager=true", "cluster.call_timeout_s=300"])
+    (settings,) = engine_settings(config, str(tiny_model_dir), "senior",
+                                  Boundaries.from_tokenizer(load_tokenizer(tiny_model_dir)))
+    starved = dataclasses.replace(settings, cpu_kvcache_gib=0.0001)
+    with pytest.raises(RuntimeError, match=r"cluster\.cpu_kvcache_gib=0\.0001") as failed:
+        start_engines([starved], timeout_s=300)
+    assert "\n" not in str(failed.value) and "rollout.max_response_tokens" in str(failed.value)

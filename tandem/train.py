@@ -252,6 +252,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.reward import RewardPool, reward_metrics
     from tandem.runtime.actors import Actors, EngineFailure
     from tandem.runtime.cluster import connect
+    from tandem.transport.base import WeightPushError
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,6 +348,8 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                     metrics.update(prefetch.trained(step + 1))  # now, or once no rollout runs
                 except Exception as error:
                     if actors.learners_alive():
+                        if isinstance(error, WeightPushError):
+                            done = step + 1  # trained, not pushed: the checkpoint keeps it
                         raise
                     # a rank died: a new group goes on from the last checkpoint, or the run ends
                     step = done = saved = _restart_learners(error, run_dir, actors, prefetch,
@@ -380,11 +383,12 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                                  f"trainer.resume=auto hydra.run.dir={run_dir}")
                     break
                 step = done
-        except (EngineFailure, EngineLost) as failure:
-            # nothing of the step in flight reached the learners: keep the last completed one
+        except (EngineFailure, EngineLost, WeightPushError) as failure:
+            # the engines failed, not the learners: checkpoint what the learners hold
             where = _keep_last_step(run_dir, done, saved, actors.learners, prefetch, config)
             logger.stage(f"stopped: {failure}; {where}")
-            raise EngineFailure(f"{failure}; {where}") from failure
+            raised = WeightPushError if isinstance(failure, WeightPushError) else EngineFailure
+            raise raised(f"{failure}; {where}") from failure
         except Exception as error:
             stopped = stop_behind(error)
             if stopped is None:

@@ -55,6 +55,11 @@ class ClusterConfig:
     """Learner -> senior push: auto picks cpu on CPU, cuda_ipc when colocated, else nccl."""
     push_timeout_s: float = 300.0
     """A weight push that takes longer raises, naming the step and bucket."""
+    push_retries: int = 2
+    """A failed or timed-out push is tried again this many times (the learners still hold
+    the weights); meanwhile the engines serve the previous version, or, colocated, nothing
+    (their level-2 sleep dropped it). Still failing: the step is checkpointed and the run
+    stops."""
     push_bucket_mb: int = 1024
     """Full parameters are gathered and sent one bucket of this size at a time."""
     call_timeout_s: float = 1800.0
@@ -92,6 +97,7 @@ class ClusterConfig:
                      "heartbeat_s", "heartbeat_timeout_s"):
             check_positive(getattr(self, name), f"cluster.{name}")
         check_min(self.max_engine_restarts, 0, "cluster.max_engine_restarts")
+        check_min(self.push_retries, 0, "cluster.push_retries")
         if self.device == "cpu":
             check(not self.colocated,
                    "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "

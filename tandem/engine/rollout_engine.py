@@ -126,6 +126,7 @@ class RolloutEngine:
         self._in_flight = 0
         self._loading = False
         self._weight_version = 0
+        self._weights_dropped = False  # slept at level 2 and no push landed since
         self._closed = False
         self._channel: ChannelServer | None = None
 
@@ -298,6 +299,7 @@ class RolloutEngine:
                                    "still held by a request, so cached KV of old weights remains")
             await self._llm.update_weight_version(str(version))
             self._weight_version = version
+            self._weights_dropped = False
             return {"stage_s": staged - started, "apply_s": time.perf_counter() - staged}
         except BaseException:
             await self._llm.collective_rpc("tandem_discard_weights")
@@ -321,6 +323,9 @@ class RolloutEngine:
         await self._sessions.close_all()
         await self._llm.reset_prefix_cache()
         await self._llm.sleep(level)
+        # level 2 leaves uninitialised memory where the weights were, once woken: until a
+        # push lands the engine refuses to generate rather than sample from it
+        self._weights_dropped = self._weights_dropped or level == 2
 
     async def wake_up(self, tags: list[str] | None = None) -> None:
         """Take the GPU memory back: `["weights"]` first to receive a push into it, then
@@ -373,6 +378,9 @@ class RolloutEngine:
             raise RuntimeError("this RolloutEngine was shut down")
         if self._loading:
             raise RuntimeError("weights are being loaded: wait for load_weights to return")
+        if self._weights_dropped:
+            raise RuntimeError("this engine dropped its weights (sleep level 2) and no push "
+                               "has landed since: it has nothing to serve")
 
     def _begin(self) -> int:
         self._check_open()

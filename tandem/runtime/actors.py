@@ -26,7 +26,7 @@ from tandem.runtime.cluster import wait
 from tandem.runtime.engines import shutdown_engines, start_engines
 from tandem.runtime.learners import Learners
 from tandem.runtime.placement import Placement, demand, reserve
-from tandem.transport.base import WeightTransport, make_transport
+from tandem.transport.base import WeightPushError, WeightTransport, make_transport
 
 log = logging.getLogger("tandem")
 
@@ -45,6 +45,7 @@ class Actors:
         self.transport = transport
         self.colocated = config.cluster.colocated
         self.timeout_s = config.cluster.call_timeout_s
+        self.push_retries = config.cluster.push_retries
         # what a replica restarts from: its settings and placement options, by role
         self._starts: dict[str, tuple[list[Any], list[dict[str, Any]] | None]] = {}
         self._processes: dict[int, tuple[str, list[Process]]] = {}  # id(engine): node, its
@@ -156,7 +157,9 @@ class Actors:
         the senior's weights for the push, then both engines for rollouts)."""
         if self.colocated:
             self._wait([e.wake_up.remote(["weights"]) for e in self.senior])
-        metrics = self.transport.push(self.learners.ranks, self.senior, version)
+        metrics = push_with_retries(
+            lambda: self.transport.push(self.learners.ranks, self.senior, version),
+            self.push_retries)
         if self.colocated:
             self._wait([e.wake_up.remote(["kv_cache"]) for e in self.senior]
                        + [e.wake_up.remote(None) for e in self.junior])
@@ -208,6 +211,21 @@ class Actors:
             log.info("reaped %d process(es) of the lost engine", killed)
         except Exception as error:  # the node is gone, or unreachable: nothing to reap there
             log.warning("could not reap the lost engine's processes %s: %s", processes, error)
+
+
+def push_with_retries(push: Callable[[], dict[str, float]], retries: int) -> dict[str, float]:
+    """`push()`, tried again up to `retries` times after a `WeightPushError` (each attempt is
+    all or nothing, so a retry starts clean); its metrics, with `push/attempts`."""
+    for attempt in range(retries + 1):
+        try:
+            return {**push(), "push/attempts": float(attempt + 1)}
+        except WeightPushError as error:
+            if attempt == retries:
+                raise WeightPushError(f"{error} (after {retries + 1} attempt(s), "
+                                      "cluster.push_retries)") from error
+            log.warning("%s; trying again (%d of cluster.push_retries=%d)", error,
+                        attempt + 1, retries)
+    raise AssertionError("unreachable")
 
 
 class EngineFailure(RuntimeError):

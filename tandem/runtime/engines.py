@@ -35,6 +35,13 @@ def start_engines(settings: Sequence[EngineSettings],
     ready to serve within `timeout_s`. Give each replica its own `cpu_cores` on CPU; on CUDA it
     takes `tensor_parallel_size` GPUs. `options` (one dict per replica, e.g. from
     `placement.reserve`) replace the default resources and may name a placement group."""
+    return await_engines(launch_engines(settings, options), settings[0].model, timeout_s)
+
+
+def launch_engines(settings: Sequence[EngineSettings],
+                   options: Sequence[dict[str, Any]] | None = None) -> list[Any]:
+    """Create the replicas' actors without waiting for them: engines of several roles (and the
+    learners) then load side by side. `await_engines` waits for them."""
     actor = ray.remote(RolloutEngineActor)
     handles = []
     for index, replica in enumerate(settings):
@@ -48,14 +55,19 @@ def start_engines(settings: Sequence[EngineSettings],
             max_concurrency=4096,  # an async actor: this many calls may await the engine at once
             **resources,
         ).remote(replica))
+    return handles
+
+
+def await_engines(handles: list[Any], model: str, timeout_s: float | None) -> list[Any]:
+    """`handles` once every one serves, within `timeout_s`; on a timeout, a failed start or a
+    stop, every one of them is ended."""
     try:
-        # wait until every engine is up
         wait([handle.stats.remote() for handle in handles], timeout_s)
     except BaseException as error:  # a timeout, a failed start or a stop: end them all
         for handle in handles:
             ray.kill(handle)
         if isinstance(error, ray.exceptions.GetTimeoutError):
-            raise TimeoutError(f"{len(handles)} engine(s) of {settings[0].model} did not "
+            raise TimeoutError(f"{len(handles)} engine(s) of {model} did not "
                                f"start within {timeout_s} s (cluster.call_timeout_s)") from None
         # Ray wraps the engine's own one-line reason in the actor's creation traceback
         reason = next((line[line.index(START_FAILED):] for line in str(error).splitlines()

@@ -118,7 +118,9 @@ def test_an_engine_without_room_for_one_request_names_the_setting(tiny_model_dir
     from tandem.runtime.engines import start_engines
 
     config = compose(["model@model.senior=tiny", f"model.senior.path={tiny_model_dir}",
-                      "cluster.enforce_eager=true", "cluster.call_timeout_s=300"])
+                      "rollout.max_prompt_tokens=96", "rollout.max_response_tokens=32",
+                      "eval.max_response_tokens=32", "cluster.enforce_eager=true",
+                      "cluster.call_timeout_s=300"])
     (settings,) = engine_settings(config, str(tiny_model_dir), "senior",
                                   Boundaries.from_tokenizer(load_tokenizer(tiny_model_dir)))
     starved = dataclasses.replace(settings, cpu_kvcache_gib=0.0001)

@@ -214,3 +214,42 @@ def test_broadcast_transport_over_gloo_pushes_all_or_nothing(setup):
     learner_scores = learners.score(SEQUENCES, STARTS)
     assert _max_diff(_scores(senior), learner_scores) < 1e-3
     transport.close(learners.ranks, engines["senior"])
+
+
+class _FailingFirst(CpuTransport):
+    """A CPU transport whose first `failures` pushes break after two buckets."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(2**18, 120.0, "float32", fail_after_buckets=2)
+        self.failures = failures
+
+    def push(self, learners, engines, version):
+        if self.failures == 0:
+            self.fail_after_buckets = None
+        self.failures -= 1
+        return super().push(learners, engines, version)
+
+
+@pytest.mark.parametrize(("failures", "recovers"), [(2, True), (3, False)])
+def test_a_failed_push_is_retried_and_never_served_half(setup, failures, recovers):
+    """The driver's push (`Actors.push_weights`, every topology's code) tries a broken push
+    again, cluster.push_retries=2 times: two failures recover, three stop with the previous
+    version still served whole."""
+    from tandem.runtime.actors import Actors
+
+    config, learners, engines = setup
+    senior = engines["senior"][0]
+    version, served = ray.get(senior.weight_version.remote()), _scores(senior)
+    _train(learners)
+    actors = Actors(config, None, _FailingFirst(failures))
+    actors.senior, actors.learners = engines["senior"], learners
+    if recovers:
+        metrics = actors.push_weights(version + 1)
+        assert metrics["push/attempts"] == 3
+        assert ray.get(senior.weight_version.remote()) == version + 1
+        assert _max_diff(_scores(senior), learners.score(SEQUENCES, STARTS)) < 1e-3
+    else:
+        with pytest.raises(WeightPushError, match="after 3 attempt"):
+            actors.push_weights(version + 1)
+        assert ray.get(senior.weight_version.remote()) == version
+        assert _max_diff(_scores(senior), served) == 0.0

@@ -6,6 +6,10 @@ task on the engine's node."""
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
+import signal
 from collections.abc import Sequence
 
 import psutil
@@ -37,3 +41,22 @@ def kill_processes(processes: Sequence[Process]) -> int:
         except psutil.NoSuchProcess:
             pass
     return killed
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Make this process (vLLM's EngineCore) end when its parent, the engine actor, ends.
+
+    A SIGKILLed actor — `ray.kill`, a lost node's raylet, a start interrupted by a stop —
+    otherwise leaves its EngineCore running with the model's memory and pinned cores. Linux
+    only (elsewhere a no-op); an orphan that got here after its parent died exits at once."""
+    parent = multiprocessing.parent_process()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)

@@ -39,6 +39,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from tandem.alternation import StopRule
+from tandem.engine.processes import die_with_parent
 
 TOKEN_SETS_KEY = "tandem_token_sets"  # VllmConfig.additional_config: {set name: [token ids]}
 STOP_KEY = "tandem_stop"  # SamplingParams.extra_args: the StopRule's fields
@@ -79,6 +80,7 @@ class _SegmentStops:
     """Scheduler mixin: after vLLM's own stop checks, apply the request's segment rule."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        die_with_parent()  # built in the EngineCore process: tie it to the engine actor
         super().__init__(*args, **kwargs)
         sets = self.vllm_config.additional_config.get(TOKEN_SETS_KEY, {})
         self._token_sets = {name: frozenset(ids) for name, ids in sets.items()}

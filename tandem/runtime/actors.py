@@ -23,7 +23,12 @@ from tandem.engine.processes import Process, kill_processes
 from tandem.episode import ROLE_NAMES, SENIOR
 from tandem.rollout import engine_settings
 from tandem.runtime.cluster import wait
-from tandem.runtime.engines import shutdown_engines, start_engines
+from tandem.runtime.engines import (
+    await_engines,
+    launch_engines,
+    shutdown_engines,
+    start_engines,
+)
 from tandem.runtime.learners import Learners
 from tandem.runtime.placement import Placement, demand, reserve
 from tandem.transport.base import WeightPushError, WeightTransport, make_transport
@@ -70,6 +75,10 @@ class Actors:
               f"{' (colocated)' if cluster.colocated else ''}")
         actors = cls(config, placement, transport)
         try:
+            # Apart (not colocated), every role loads at once: on CPU each has its own cores,
+            # on GPUs its own devices. Colocated engines size their memory from what is free on
+            # the shared GPU, so they start one after another, then the learner.
+            loading = []
             first_core = 0
             for role, model_dir, options in (("senior", senior_dir, placement.senior),
                                              ("junior", junior_dir, placement.junior)):
@@ -77,19 +86,28 @@ class Actors:
                                            first_core)
                 if cluster.colocated:
                     settings = [dataclasses.replace(s, enable_sleep_mode=True) for s in settings]
-                setattr(actors, role, start_engines(settings, options, cluster.call_timeout_s))
+                setattr(actors, role, launch_engines(settings, options))
                 actors._starts[role] = (settings, options)
-                actors._note_processes(getattr(actors, role))
+                loading.append((role, model_dir))
                 resources = getattr(cluster, role)
                 first_core += resources.replicas * resources.cpus
-                stage(f"engines: {resources.replicas} {role} replica(s) of {model_dir} ready")
+                if cluster.colocated:
+                    actors._await_engines(role, model_dir, stage)
+                    loading.pop()
             actors._learner_start = (config, senior_dir, placement.learner)
             actors.learners = Learners.start(*actors._learner_start)
             stage(f"learner: {cluster.learner.world_size} rank(s) ready on {cluster.device}")
+            for role, model_dir in loading:
+                actors._await_engines(role, model_dir, stage)
         except BaseException:
             actors.close()
             raise
         return actors
+
+    def _await_engines(self, role: str, model_dir: str, stage: Callable[[str], None]) -> None:
+        engines = await_engines(getattr(self, role), model_dir, self.timeout_s)
+        self._note_processes(engines)
+        stage(f"engines: {len(engines)} {role} replica(s) of {model_dir} ready")
 
     def sleep_engines(self) -> None:
         """Colocated: free the GPU for training. The senior drops its weights (a push
@@ -173,8 +191,13 @@ class Actors:
 
     def close(self, timeout_s: float = 60.0) -> None:
         for engines in (self.senior, self.junior):
+            # an engine still loading (a stop during start-up) is killed, not waited for: its
+            # EngineCore dies with it (`die_with_parent`)
+            for engine in engines:
+                if id(engine) not in self._processes:
+                    ray.kill(engine)
             try:
-                shutdown_engines(engines, timeout_s)
+                shutdown_engines([e for e in engines if id(e) in self._processes], timeout_s)
             except Exception as error:  # keep closing the rest; the error is logged
                 log.warning("engine shutdown: %s", error)
         if self.learners is not None:

@@ -43,16 +43,16 @@ def test_sigterm_during_start_up_stops_at_once(tiny_model_dir, tmp_path, ray_clu
     from tandem.runtime import actors
     from tandem.train import train
 
-    original = actors.start_engines
+    original = actors.launch_engines
     sent: list[float] = []
 
-    def start_engines(*args, **kwargs):
+    def launch_engines(*args, **kwargs):
         if not sent:  # the first role's engines: signal 2 s into their start
             threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
             sent.append(time.monotonic() + 2.0)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(actors, "start_engines", start_engines)
+    monkeypatch.setattr(actors, "launch_engines", launch_engines)
     caplog.set_level(logging.INFO, logger="tandem")
     free = ray.available_resources().get("CPU")
     history = train(_config(tiny_model_dir, tiny_model_dir, "trainer.total_steps=2"),
@@ -66,7 +66,18 @@ def test_sigterm_during_start_up_stops_at_once(tiny_model_dir, tmp_path, ray_clu
     while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU") == free
+    # the engines were killed mid-load: no EngineCore is left orphaned (reparented to init)
+    while _orphaned_engine_cores() and time.monotonic() < deadline + 30:
+        time.sleep(0.5)
+    assert not _orphaned_engine_cores()
     print(f"start-up stopped {took:.1f} s after SIGTERM")
+
+
+def _orphaned_engine_cores() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name", "ppid"])
+            if (p.info["name"] or "").startswith("VLLM::EngineCor") and p.info["ppid"] == 1]
 
 
 def test_a_step_past_the_grace_is_given_up_and_the_last_one_kept(tiny_model_dir, tmp_path,

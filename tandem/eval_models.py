@@ -35,7 +35,7 @@ from tandem.config.schema import TandemConfig
 from tandem.models import resolve_model
 from tandem.protocols import eval_context, generation_protocols
 from tandem.rollout import engine_settings
-from tandem.runtime.engines import shutdown_engines, start_engines
+from tandem.runtime.engines import await_engines, launch_engines, shutdown_engines
 
 _MARKER = "tandem_export.json"
 
@@ -142,6 +142,13 @@ def start_engines_for(config: TandemConfig, model_dir: str, role: str,
     """The engine replicas of `role` serving `model_dir`, as in training (Ray actors, the
     segment-stop scheduler), sized for evaluation: the eval context, and sequence slots for
     every episode a batch of protocols has in flight. On CPU each role gets its own cores."""
+    return ready(launch_engines_for(config, model_dir, role, tokenizer), model_dir, config)
+
+
+def launch_engines_for(config: TandemConfig, model_dir: str, role: str,
+                       tokenizer: Any) -> list[Any]:
+    """`start_engines_for` without the wait: engines of both roles load side by side; `ready`
+    waits for them."""
     first_core = 0 if role == "senior" else (config.cluster.senior.replicas
                                              * config.cluster.senior.cpus)
     in_flight = (config.eval.batch_problems * config.eval.n
@@ -150,7 +157,12 @@ def start_engines_for(config: TandemConfig, model_dir: str, role: str,
                                     max_num_seqs=max(256, in_flight + 1))
                 for s in engine_settings(config, model_dir, role,
                                          Boundaries.from_tokenizer(tokenizer), first_core)]
-    return start_engines(settings, timeout_s=config.cluster.call_timeout_s)
+    return launch_engines(settings)
+
+
+def ready(engines: list[Any], model_dir: str, config: TandemConfig) -> list[Any]:
+    """`engines` once they serve (within `cluster.call_timeout_s`)."""
+    return await_engines(engines, model_dir, config.cluster.call_timeout_s)
 
 
 def stop_engines(engines: list[Any]) -> None:

@@ -326,7 +326,7 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _now()
     benchmarks = load_benchmarks(config)
-    from tandem.eval_models import resolve_checkpoints, start_engines_for, stop_engines
+    from tandem.eval_models import launch_engines_for, ready, resolve_checkpoints, stop_engines
     from tandem.models import load_tokenizer, resolve_model
     from tandem.runtime.cluster import connect
 
@@ -346,17 +346,23 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
             config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
             config.reward.answer_from))
         log.info(cleanup.enter_context(connect(config)))
-        junior = start_engines_for(config, junior_dir, "junior", junior_tokenizer)
+        # the junior and the first senior load side by side (each on its own cores / GPUs)
+        junior = launch_engines_for(config, junior_dir, "junior", junior_tokenizer)
         cleanup.callback(stop_engines, junior)
+        first = launch_engines_for(config, checkpoints[0].model_dir, "senior",
+                                   load_tokenizer(checkpoints[0].model_dir))
+        ready(junior, junior_dir, config)
         log.info("eval: junior engine(s) of %s ready", junior_dir)
         progress = cleanup.enter_context(tqdm(total=total, unit="problem", dynamic_ncols=True,
                                               desc="eval", file=sys.stderr, mininterval=2.0))
-        for checkpoint in checkpoints:
+        for index, checkpoint in enumerate(checkpoints):
             senior_tokenizer = load_tokenizer(checkpoint.model_dir)
             cross = senior_tokenizer.get_vocab() != junior_tokenizer.get_vocab()
-            senior = start_engines_for(config, checkpoint.model_dir, "senior", senior_tokenizer)
-            log.info("eval: senior engine(s) of %s ready", checkpoint.name)
+            senior = first if index == 0 else launch_engines_for(
+                config, checkpoint.model_dir, "senior", senior_tokenizer)
             try:
+                ready(senior, checkpoint.model_dir, config)
+                log.info("eval: senior engine(s) of %s ready", checkpoint.name)
                 team = Team(config, senior, junior, senior_tokenizer,
                             junior_tokenizer if cross else None)
                 key = f"{checkpoint.key}-{fingerprint(config, checkpoint.model_dir, junior_dir)}"

@@ -71,7 +71,7 @@ def eval_engines(eval_models, ray_cluster):
     """One engine per model, started as evaluation starts them (`tandem.eval_models`), each on
     its own core."""
     from tandem.config.compose import compose
-    from tandem.eval_models import start_engines_for, stop_engines
+    from tandem.eval_models import launch_engines_for, ready, stop_engines
     from tandem.models import load_tokenizer
 
     engines = {}
@@ -79,8 +79,10 @@ def eval_engines(eval_models, ray_cluster):
         for name, role in (("senior", "senior"), ("junior", "junior"), ("alt", "senior")):
             config = compose([*EVAL_OVERRIDES, f"model.senior.path={eval_models['senior']}",
                               f"model.junior.path={eval_models[name]}"])
-            engines[name] = start_engines_for(config, str(eval_models[name]), role,
-                                              load_tokenizer(eval_models[name]))
+            engines[name] = launch_engines_for(config, str(eval_models[name]), role,
+                                               load_tokenizer(eval_models[name]))
+        for name, group in engines.items():  # all three load at once
+            ready(group, str(eval_models[name]), config)
         yield engines
     finally:
         for group in engines.values():

@@ -35,6 +35,17 @@ CASES = [
     ("\\boxed{10\\%}", "10\\%", "correct"),
     ("\\boxed{x=3}", "3", "correct"),
     ("\\boxed{\\boxed{7}}", "7", "correct"),
+    # A box is graded whole: no part of it (an inner box, a "$3$", a last number) stands alone.
+    ("\\boxed{garbage \\boxed{\\sqrt{9}}}", "3", "wrong"),
+    ("\\boxed{\\boxed{\\sqrt{9}}}", "3", "correct"),
+    ("\\boxed{1, \\boxed{2}}", "2", "wrong"),
+    ("\\boxed{1, \\boxed{2}}", "\\{1, 2\\}", "correct"),
+    ("\\boxed{x \\fbox{3}}", "3", "wrong"),
+    ("\\boxed{garbage $3$}", "3", "wrong"),
+    ("\\boxed{garbage\n\\frac{3}{1}}", "3", "wrong"),
+    ("\\boxed{\\garbage 3}", "3", "parse_error"),
+    ("\\boxed{3} then \\boxed{wrong \\boxed{4}", "4", "wrong"),
+    ("\\fbox{3}", "3", "correct"),
     ("first \\boxed{42}, on reflection \\boxed{41}", "42", "wrong"),
     ("first \\boxed{41}, on reflection \\boxed{42}", "42", "correct"),
     ("\\boxed{42} and then cut off at the token limit: \\boxed{4", "42", "correct"),
@@ -69,9 +80,19 @@ def test_last_boxed_matches_nested_and_escaped_braces():
 
 def test_last_boxed_takes_the_last_complete_box():
     assert last_boxed("\\boxed{1} then \\boxed{2}") == "2"
-    assert last_boxed("\\boxed{\\boxed{3}}") == "\\boxed{3}"
+    assert last_boxed("\\boxed{\\boxed{3}}") == "3"
     assert last_boxed("\\boxed{1} then \\boxed{\\frac{2}{") == "1"
     assert last_boxed("stray } and { braces \\boxed{4} }") == "4"
+
+
+def test_last_boxed_reads_the_last_outermost_box_whole():
+    # Inner boxes are part of the answer, their frames dropped: never an answer of their own.
+    assert last_boxed("\\boxed{garbage \\boxed{\\sqrt{9}}}") == "garbage \\sqrt{9}"
+    assert last_boxed("\\boxed{1} \\boxed{a \\boxed{b} c \\fbox{d \\boxed{e}}}") == "a b c d e"
+    assert last_boxed("\\fbox{5}") == "5"  # the same frame, and math-verify reads it as a box
+    # A box inside an unterminated box is no answer: the last finished outermost box is.
+    assert last_boxed("\\boxed{3} then \\boxed{wrong \\boxed{4}") == "3"
+    assert last_boxed("\\boxed{wrong \\boxed{4}") is None
 
 
 def test_last_boxed_returns_none_without_a_box():

@@ -11,9 +11,11 @@ process's main thread, while the trainer scores from Ray/vLLM threads; and some 
 `RewardPool` runs `verify_one` in spawned worker processes, keeps math-verify's alarm as a
 cheap first line, and kills and replaces a worker that overruns a hard per-item deadline.
 
-Choices made here: the answer is the *last* complete box (brace-balanced; earlier boxes
-and unboxed text are ignored), and a box longer than ``max_answer_chars`` is a parse
-error without calling sympy (see `verify_one`).
+Choices made here: the answer is the *last outermost* complete box (brace-balanced; earlier
+boxes and unboxed text are ignored; ``\\fbox`` counts as a box), graded whole: the boxes
+inside it are content, never answers of their own (`last_boxed`), and math-verify gets the
+box as one expression, never a part of it it could match (`grade`). A box longer than
+``max_answer_chars`` is a parse error without calling sympy (see `verify_one`).
 """
 
 from tandem.reward.answer import answer_of, last_boxed, last_number

@@ -1,41 +1,72 @@
 """What gets graded: the answer a reader would take from a response, as text.
 
-Pure functions over strings, no sympy: `answer_of` picks the last complete ``\\boxed{}`` (or,
-with ``boxed_or_number``, the last number when nothing is boxed).
+Pure functions over strings, no sympy: `answer_of` picks the last outermost complete
+``\\boxed{}`` (or, with ``boxed_or_number``, the last number when nothing is boxed).
 """
 
 import re
 
 # Tokens that matter for brace matching. "\\" (a LaTeX line break) is consumed first so
 # that "\\{" reads as a line break and a group brace; "\{" and "\}" are literal braces.
-_BRACE_TOKENS = re.compile(r"\\\\|\\[{}]|\\boxed\s*\{|\{|\}")
+# "\fbox" draws the same frame as "\boxed" (and math-verify reads it as one), so it is a box too.
+_BRACE_TOKENS = re.compile(r"\\\\|\\[{}]|\\(?:boxed|fbox)\s*\{|\{|\}")
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` in `text`, or None if there is none.
+    """The answer in the last outermost complete box of `text`, or None if there is none.
 
     Braces are matched, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``; escaped braces
-    (``\\{1,2\\}``) are content, not grouping. "Last" means the box that closes last, so for
-    ``\\boxed{\\boxed{3}}`` the outer box wins. An unterminated box (a response cut off at the
-    token limit) is skipped. The space-delimited ``\\boxed 5`` form is not recognised.
+    (``\\{1,2\\}``) are content, not grouping. ``\\fbox{}`` counts as a box.
+
+    Nested boxes: only a box that sits inside no other box is an answer, and the whole of the
+    last one is graded, its inner boxes kept as plain content (the frames dropped). A reader of
+    ``\\boxed{garbage \\boxed{\\sqrt{9}}}`` sees the answer "garbage \\sqrt{9}", not 3, so a
+    model cannot box many candidates inside one box and be graded on whichever matches;
+    ``\\boxed{\\boxed{7}}`` still reads as 7. An unterminated box (a response cut off at the
+    token limit) is no answer, nor is anything inside it: the previous outermost box is taken.
+    The space-delimited ``\\boxed 5`` form is not recognised.
     One pass over the text: linear even for 100 kB or thousands of nested braces.
     """
     if not isinstance(text, str):
         raise TypeError(f"last_boxed expects a str, got {type(text).__name__}")
-    open_groups: list[int] = []  # per open brace: where its box content starts, or -1
+    # Per open brace: (where a box's frame starts, where its content starts), or None.
+    open_groups: list[tuple[int, int] | None] = []
+    open_boxes = 0
     last: tuple[int, int] | None = None
+    last_frames: list[tuple[int, int]] = []
+    frames: list[tuple[int, int]] = []  # inner frames ("\boxed{" and its "}") of the current box
     for token in _BRACE_TOKENS.finditer(text):
         piece = token.group()
-        if piece.startswith("\\boxed"):
-            open_groups.append(token.end())
+        if piece[0] == "\\" and piece[1] in "bf":  # "\boxed{" or "\fbox{"
+            if open_boxes == 0:
+                frames = []
+            open_groups.append((token.start(), token.end()))
+            open_boxes += 1
         elif piece == "{":
-            open_groups.append(-1)
+            open_groups.append(None)
         elif piece == "}" and open_groups:
-            start = open_groups.pop()
-            if start >= 0:
-                last = (start, token.start())
+            box = open_groups.pop()
+            if box is None:
+                continue
+            open_boxes -= 1
+            if open_boxes == 0:
+                last = (box[1], token.start())
+                last_frames = frames
+            else:
+                frames.extend([(box[0], box[1]), (token.start(), token.end())])
         # "\\", "\{", "\}" and a stray "}" do not open or close a group
-    return None if last is None else text[last[0] : last[1]]
+    if last is None:
+        return None
+    return _without_frames(text, last, last_frames)
+
+
+def _without_frames(text: str, span: tuple[int, int], frames: list[tuple[int, int]]) -> str:
+    pieces, at = [], span[0]
+    for start, end in sorted(frames):
+        pieces.append(text[at:start])
+        at = end
+    pieces.append(text[at : span[1]])
+    return "".join(pieces)
 
 
 _LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")

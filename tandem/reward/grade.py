@@ -4,13 +4,17 @@ math-verify bounds sympy with ``signal.alarm``, so everything here that calls it
 process's main thread; the trainer goes through `tandem.reward.pool.RewardPool`.
 """
 
+import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, get_args
 
 import math_verify
+from latex2sympy2_extended.latex2sympy2 import NormalizationConfig
 from math_verify.errors import TimeoutException
+from math_verify.parser import extract_target_from_pred
+from math_verify.utils import timeout
 from sympy import Basic, MatrixBase
 
 from tandem.reward.answer import last_boxed
@@ -18,10 +22,26 @@ from tandem.reward.answer import last_boxed
 Status = Literal["correct", "wrong", "no_box", "parse_error", "timeout", "crashed"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
-# Gold and box content are both parsed as inline LaTeX ("$...$"): unwrapped, the latex
-# extractor finds nothing in "0.5" and the expression extractor reads "[0, 1)" as 1. The
-# expression extractor stays as a fallback: it is what reads "10\%" as a number.
+# The gold is parsed as inline LaTeX ("$...$"): unwrapped, the latex extractor finds nothing
+# in "0.5" and the expression extractor reads "[0, 1)" as 1. The expression extractor stays
+# as a fallback: it is what reads "10\%" as a number.
 _EXTRACTION = (math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig())
+
+# A box is graded whole, as one LaTeX expression. math-verify's own search (what `parse`
+# does) would grade a part of it: an inner \boxed or \fbox, a "$3$", and after a failed
+# parse any later candidate, down to the last number ("\garbage 3" read as 3). So its
+# extractor gets one candidate spanning the box (the group name tells it "inline LaTeX"),
+# with box extraction off; `self_check` fails loudly if a math-verify release renames these.
+_WHOLE_BOX = re.compile(r"\A(?P<first_latexInlineDollar>.+)\Z", re.DOTALL)
+_BOX_LATEX = math_verify.LatexExtractionConfig(
+    boxed_match_priority=-1,
+    normalization_config=NormalizationConfig(
+        basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="none"
+    ),
+)
+# The one case the LaTeX reader misses and the expression reader gets: a plain number,
+# maybe with a percent sign ("10\%"). Only a box that is nothing else gets that second try.
+_PLAIN_NUMBER = re.compile(r"\s*-?\d[\d,. ]*\s*(?:\\?%)?\s*")
 
 
 @dataclass(frozen=True)
@@ -120,9 +140,7 @@ def judge_box(box: str, answer: str, math_timeout_s: int) -> Verdict:
     except TimeoutException:  # slow machine or odd gold: not the response's fault either way
         return Verdict("timeout", "math-verify alarm on the gold answer")
     try:
-        pred = math_verify.parse(
-            f"${box}$", _EXTRACTION, parsing_timeout=math_timeout_s, raise_on_error=True
-        )
+        pred = _parse_box(box, math_timeout_s)
         same = math_verify.verify(gold, pred, timeout_seconds=math_timeout_s, raise_on_error=True)
     except TimeoutException:
         return Verdict("timeout", "math-verify alarm")
@@ -136,6 +154,16 @@ def judge_box(box: str, answer: str, math_timeout_s: int) -> Verdict:
     if not any(isinstance(p, Basic | MatrixBase) for p in pred):
         return Verdict("parse_error", "no sympy expression in box")
     return Verdict("wrong")
+
+
+def _parse_box(box: str, math_timeout_s: int) -> list:
+    # What math_verify.parse does (the same alarm, the string fallback last), on one candidate.
+    whole = [([(_WHOLE_BOX, 0)], _BOX_LATEX)]
+    pred = timeout(math_timeout_s)(extract_target_from_pred)(box, whole, "first_match")
+    if not any(isinstance(p, Basic | MatrixBase) for p in pred) and _PLAIN_NUMBER.fullmatch(box):
+        pred = math_verify.parse(f"${box}$", (math_verify.ExprExtractionConfig(),),
+                                 parsing_timeout=math_timeout_s, raise_on_error=True)
+    return pred
 
 
 def reward_metrics(verdicts: list[Verdict]) -> dict[str, float]:

@@ -4,7 +4,9 @@ Real math-verify and real worker processes throughout; the pools are created onc
 module because each spawned worker pays ~2-3 s to import sympy and self-check.
 """
 
+import ctypes
 import os
+import resource
 import signal
 import threading
 import time
@@ -12,6 +14,7 @@ import time
 import pytest
 
 from tandem.reward import STATUSES, RewardPool, Verdict, last_boxed, reward_metrics, verify_one
+from tandem.reward.grade import judge_box
 
 # The thread method: the signal method's SIGALRM would be cancelled by math-verify's alarm.
 pytestmark = pytest.mark.timeout(120, method="thread")
@@ -61,6 +64,24 @@ CASES = [
 def pool():
     with RewardPool(num_workers=2, timeout_s=POOL_TIMEOUT_S) as reward_pool:
         yield reward_pool
+
+
+def judge_or_die(box: str, answer: str, math_timeout_s: int) -> Verdict:
+    """The pool's judge, except that a box naming a way to die kills the worker for real.
+
+    Module level: each spawned worker imports it by name (pytest puts tests/ on sys.path).
+    """
+    if box.startswith("die:"):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core files from the test
+    if box == "die:exit":
+        os._exit(3)
+    elif box == "die:segfault":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV, as a bug in C code would
+    elif box == "die:abort":
+        os.abort()  # what GMP does when an allocation for a huge integer fails
+    elif box == "die:hang":
+        time.sleep(3600)
+    return judge_box(box, answer, math_timeout_s)
 
 
 def _await_exit(pid: int) -> None:
@@ -232,6 +253,36 @@ def test_dead_workers_are_replaced():
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_workers_that_crash_in_a_row_are_replaced_and_the_batch_goes_on():
+    responses = ["\\boxed{die:exit}", "\\boxed{die:segfault}", "\\boxed{die:abort}", "\\boxed{42}",
+                 "\\boxed{\\frac{1}{2}}"]
+    with RewardPool(num_workers=2, timeout_s=POOL_TIMEOUT_S, judge=judge_or_die) as small:
+        first = small.worker_pids
+        start = time.monotonic()
+        verdicts = small.score(responses, ["42", "42", "42", "42", "0.5"])
+        assert time.monotonic() - start < small.call_budget_s(len(responses))
+        assert verdicts == [
+            Verdict("crashed", "exit code 3"), Verdict("crashed", "killed by SIGSEGV"),
+            Verdict("crashed", "killed by SIGABRT"), Verdict("correct"), Verdict("correct")]
+        assert reward_metrics(verdicts)["reward/crashed_frac"] == 3 / 5
+        assert not set(first) & set(small.worker_pids)  # all replaced, the pool as large
+        assert len(small.worker_pids) == 2
+        assert [v.status for v in small.score(["\\boxed{7}"] * 3, ["7"] * 3)] == ["correct"] * 3
+
+
+def test_a_call_stops_at_its_budget_and_scores_the_rest_timeout():
+    with RewardPool(num_workers=1, timeout_s=POOL_TIMEOUT_S, judge=judge_or_die) as small:
+        start = time.monotonic()
+        verdicts = small.score(["\\boxed{die:hang}", "\\boxed{42}", "no box"], ["42"] * 3,
+                               budget_s=0.5)
+        assert time.monotonic() - start < 0.5 + 2
+        over = Verdict("timeout", "reward call over its 0.5 s budget")
+        assert verdicts == [over, over, Verdict("no_box")]
+        assert small.score(["\\boxed{42}"], ["42"]) == [Verdict("correct")]
+        with pytest.raises(ValueError, match="budget_s must be > 0"):
+            small.score(["\\boxed{42}"], ["42"], budget_s=0)
 
 
 # --- metrics ---------------------------------------------------------------------------

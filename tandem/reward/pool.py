@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import signal
 import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -18,7 +20,10 @@ from tandem.reward.grade import Verdict, check_texts, judge_box, self_check, ver
 _START_TIMEOUT_S = 120.0
 
 
-def _worker_main(conn: Connection, math_timeout_s: int) -> None:
+Judge = Callable[[str, str, int], Verdict]
+
+
+def _worker_main(conn: Connection, math_timeout_s: int, judge: Judge) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -36,7 +41,7 @@ def _worker_main(conn: Connection, math_timeout_s: int) -> None:
             return
         box, answer = job
         try:
-            conn.send(("verdict", judge_box(box, answer, math_timeout_s)))
+            conn.send(("verdict", judge(box, answer, math_timeout_s)))
         except Exception:
             # Not a grading outcome (e.g. a bad gold answer): the parent re-raises it.
             conn.send(("error", traceback.format_exc()))
@@ -55,15 +60,22 @@ class RewardPool:
     """Scores responses with `verify_one` in worker processes, each item under a hard deadline.
 
     An item that overruns `timeout_s` gets "timeout" and its worker is killed and replaced;
-    an item whose worker dies gets "crashed". Either way the pool keeps working. Workers are
-    started with 'spawn' (never fork: the parent runs Ray and vLLM threads), so each one
-    re-imports the parent's ``__main__`` module: keep a script's work under
+    an item whose worker dies (a segfault in C code, the OOM killer, ``os._exit``) gets
+    "crashed" and the worker is replaced. Either way the item scores 0, the pool keeps its
+    size and training goes on, however many fail in a row. One `score` call is bounded too:
+    after ``timeout_s`` per item per worker plus one worker start-up (or the caller's
+    budget), what is left is scored "timeout": respawns after crashes could otherwise add up.
+    Workers are started with 'spawn' (never fork: the parent runs Ray and vLLM threads), so each
+    one re-imports the parent's ``__main__`` module: keep a script's work under
     ``if __name__ == "__main__"``. `score` may be called from any thread; calls are
     serialised. Use as a context manager, or call `close`.
+
+    `judge` grades one box in a worker: a module-level function, since each worker imports
+    it by name. Only tests change it, to make a worker die for real.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, max_answer_chars: int = 1000,
-                 answer_from: str = "boxed"):
+                 answer_from: str = "boxed", *, judge: Judge = judge_box):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
@@ -74,6 +86,7 @@ class RewardPool:
         self.timeout_s = timeout_s
         self.max_answer_chars = max_answer_chars
         self.answer_from = answer_from
+        self.judge = judge
         # math-verify's alarm takes whole seconds; at half the deadline most slow items end
         # inside the worker, which is cheaper than a respawn. The kill still bounds C code
         # that never yields to the alarm, and math-verify's per-pair alarms adding up.
@@ -96,16 +109,20 @@ class RewardPool:
         """Process ids of the current workers (for monitoring)."""
         return [w.process.pid for w in self._workers]
 
-    def score(self, responses: list[str], answers: list[str]) -> list[Verdict]:
+    def score(self, responses: list[str], answers: list[str],
+              budget_s: float | None = None) -> list[Verdict]:
         """Grade ``responses[i]`` against gold ``answers[i]``; verdicts in the same order.
 
         Missing, empty and over-long boxes are graded here without a worker; the rest run
-        in parallel on the workers. Raises TypeError for a non-str response or answer,
-        ValueError for an empty gold, and RuntimeError if a worker reports an error that
-        is not a grading outcome (e.g. a gold answer math-verify cannot read).
+        in parallel on the workers, within `budget_s` in all (default `call_budget_s`): what
+        is not graded by then is scored "timeout". Raises TypeError for a non-str response or
+        answer, ValueError for an empty gold, and RuntimeError if a worker reports an error
+        that is not a grading outcome (e.g. a gold answer math-verify cannot read).
         """
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} gold answers")
+        if budget_s is not None and not budget_s > 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
         verdicts: list[Verdict | None] = [None] * len(responses)
         jobs: deque[tuple[int, str, str]] = deque()
         for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
@@ -117,15 +134,28 @@ class RewardPool:
         with self._lock:
             if not self._workers:
                 raise RuntimeError("RewardPool is closed; create a new one")
-            self._run(jobs, verdicts)
+            if budget_s is None:
+                budget_s = self.call_budget_s(len(jobs))
+            self._run(jobs, verdicts, budget_s)
         return verdicts
 
-    def _run(self, jobs: deque[tuple[int, str, str]], verdicts: list[Verdict | None]) -> None:
+    def call_budget_s(self, num_jobs: int) -> float:
+        """How long grading `num_jobs` items may take in all: each worker's share at the full
+        per-item deadline, plus one worker start-up."""
+        return self.timeout_s * math.ceil(num_jobs / len(self._workers)) + _START_TIMEOUT_S
+
+    def _run(self, jobs: deque[tuple[int, str, str]], verdicts: list[Verdict | None],
+             budget_s: float) -> None:
         # Consumes `jobs`; each turn hands one job to every idle worker, then waits for
         # a message or a death from any started/busy worker, unblocked no later than the
-        # earliest deadline, when the overdue worker is killed.
+        # earliest deadline, when the overdue worker is killed, or the call's own deadline,
+        # when everything left is scored "timeout".
+        call_deadline = time.monotonic() + budget_s
         try:
             while jobs or any(w.job is not None for w in self._workers):
+                if time.monotonic() >= call_deadline:
+                    self._give_up(jobs, verdicts, f"reward call over its {budget_s:g} s budget")
+                    return
                 for slot, worker in enumerate(self._workers):
                     if not (jobs and worker.ready and worker.job is None):
                         continue
@@ -141,18 +171,29 @@ class RewardPool:
                         continue
                     worker.job = index
                     worker.deadline = time.monotonic() + self.timeout_s
-                self._wait_and_collect(verdicts)
+                self._wait_and_collect(verdicts, call_deadline)
         finally:
             # After an error, in-flight results would leak into the next call: drop them.
             for slot, worker in enumerate(self._workers):
                 if worker.job is not None:
                     self._replace(slot)
 
-    def _wait_and_collect(self, verdicts: list[Verdict | None]) -> None:
+    def _give_up(self, jobs: deque[tuple[int, str, str]], verdicts: list[Verdict | None],
+                 detail: str) -> None:
+        while jobs:
+            verdicts[jobs.popleft()[0]] = Verdict("timeout", detail)
+        for slot, worker in enumerate(self._workers):
+            if worker.job is not None:
+                verdicts[worker.job] = Verdict("timeout", detail)
+                worker.job = None
+                self._replace(slot)
+
+    def _wait_and_collect(self, verdicts: list[Verdict | None],
+                          call_deadline: float = math.inf) -> None:
         waiting = [(s, w) for s, w in enumerate(self._workers) if not w.ready or w.job is not None]
         if not waiting:
             return
-        earliest = min(w.deadline for _, w in waiting)
+        earliest = min(call_deadline, *(w.deadline for _, w in waiting))
         handles = [h for _, w in waiting for h in (w.conn, w.process.sentinel)]
         wait(handles, timeout=max(0.0, earliest - time.monotonic()))
         for slot, worker in waiting:
@@ -202,7 +243,7 @@ class RewardPool:
                 "check that 'python -c \"import tandem.reward\"' works"
             )
         if worker.job is not None:
-            verdicts[worker.job] = Verdict("crashed", f"exit code {worker.process.exitcode}")
+            verdicts[worker.job] = Verdict("crashed", _exit_reason(worker.process.exitcode))
             worker.job = None
         self._replace(slot)
 
@@ -210,7 +251,7 @@ class RewardPool:
         parent_conn, child_conn = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, self.math_timeout_s),
+            args=(child_conn, self.math_timeout_s, self.judge),
             name="tandem-reward",
             daemon=True,
         )
@@ -240,6 +281,15 @@ class RewardPool:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
 
 
 def _stop(worker: _Worker) -> None:

@@ -41,7 +41,7 @@ _BOX_LATEX = math_verify.LatexExtractionConfig(
 )
 # The one case the LaTeX reader misses and the expression reader gets: a plain number,
 # maybe with a percent sign ("10\%"). Only a box that is nothing else gets that second try.
-_PLAIN_NUMBER = re.compile(r"\s*-?\d[\d,. ]*\s*(?:\\?%)?\s*")
+_PLAIN_NUMBER = re.compile(r"-?\d[\d,. ]*(?:\\?%)?")  # one way to match: no backtracking
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ def _parse_box(box: str, math_timeout_s: int) -> list:
     # What math_verify.parse does (the same alarm, the string fallback last), on one candidate.
     whole = [([(_WHOLE_BOX, 0)], _BOX_LATEX)]
     pred = timeout(math_timeout_s)(extract_target_from_pred)(box, whole, "first_match")
-    if not any(isinstance(p, Basic | MatrixBase) for p in pred) and _PLAIN_NUMBER.fullmatch(box):
+    parsed = any(isinstance(p, Basic | MatrixBase) for p in pred)
+    if not parsed and _PLAIN_NUMBER.fullmatch(box.strip()):
         pred = math_verify.parse(f"${box}$", (math_verify.ExprExtractionConfig(),),
                                  parsing_timeout=math_timeout_s, raise_on_error=True)
     return pred

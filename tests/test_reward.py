@@ -30,7 +30,7 @@ from tandem.reward.grade import judge_box
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 TOWER = "\\boxed{9^{9^{9^{9^9}}}}"
-POOL_TIMEOUT_S = 3.0
+POOL_TIMEOUT_S = 5.0  # math-verify alarm 2 s: ordinary cases stay graded on a loaded machine
 
 # (response, gold answer, status): gold strings as DeepScaleR writes them, no "$...$".
 CASES = [
@@ -287,7 +287,7 @@ def test_a_call_stops_at_its_budget_and_scores_the_rest_timeout():
         start = time.monotonic()
         verdicts = small.score(["\\boxed{die:hang}", "\\boxed{42}", "no box"], ["42"] * 3,
                                budget_s=0.5)
-        assert time.monotonic() - start < 0.5 + 2
+        assert time.monotonic() - start < 0.5 + 5
         over = Verdict("timeout", "reward call over its 0.5 s budget")
         assert verdicts == [over, over, Verdict("no_box")]
         assert small.score(["\\boxed{42}"], ["42"]) == [Verdict("correct")]
@@ -305,7 +305,7 @@ def test_fuzz_adversarial_outputs_all_get_a_verdict_in_bounded_time():
     start = time.monotonic()
     for text in texts:  # the pure extraction of both modes, on everything
         answer_of(text, "boxed_or_number")
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 20  # linear scans: a backtracking regex takes minutes
     with RewardPool(num_workers=2, timeout_s=1.0) as fuzz_pool:
         start = time.monotonic()
         verdicts = fuzz_pool.score(texts, ["42"] * len(texts))

@@ -5,8 +5,9 @@ reserved before any actor starts, so a run either gets everything it asked for o
 seconds with a message that compares what was asked with what the Ray cluster has.
 
 - Disaggregated (default): one bundle per engine replica ({GPU: tensor_parallel_size} on cuda)
-  and one per learner rank ({GPU: 1}). The engines of both roles share one group that spreads
-  over nodes when `cluster.num_nodes > 1` (else packs); learner ranks pack.
+  and one per learner rank ({GPU: 1}). The learner's group is reserved first, on one node if
+  one can hold it (STRICT_PACK, else PACK); then the engines of both roles share one group
+  that spreads over nodes when `cluster.num_nodes > 1` (else packs).
 - Colocated (`cluster.colocated`, cuda only): one bundle per GPU that the learner rank, the
   senior replica and the junior replica on that GPU share, each taking a fraction of it for
   Ray's accounting. Memory is shared by time, not by fraction: the engines sleep while the
@@ -128,6 +129,22 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
                               "scheduling_strategy": strategy(group, i)}
                              for i in range(cluster.learner.world_size)]
     else:
+        # The learner group first, on one node where one can hold it (STRICT_PACK; its
+        # collectives then stay inside the node), and granted before the engines' group is
+        # asked for: a SPREAD engine group reserved first could take a core or GPU from every
+        # node and leave the learner ranks split across nodes.
+        learner = cluster.learner
+        bundle = {"CPU": float(learner.cpus_per_rank), **({"GPU": 1.0} if cuda else {})}
+        one_node = fits_one_node({name: amount * learner.world_size
+                                  for name, amount in bundle.items()})
+        group = placement_group([bundle] * learner.world_size,
+                                strategy="STRICT_PACK" if one_node else "PACK",
+                                name="tandem-learner")
+        groups.append(group)
+        _await_groups([group], groups, cluster, timeout_s)
+        options["learner"] = [{"num_cpus": learner.cpus_per_rank, "num_gpus": 1 if cuda else 0,
+                               "scheduling_strategy": strategy(group, i)}
+                              for i in range(learner.world_size)]
         # One group for the engines of both roles, so SPREAD can put them on different nodes.
         bundles, roles = [], []
         for role in ("senior", "junior"):
@@ -143,22 +160,29 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
         for index, (role, cpus, gpus) in enumerate(roles):
             options[role].append({"num_cpus": cpus, "num_gpus": gpus,
                                   "scheduling_strategy": strategy(group, index)})
-        learner = cluster.learner
-        bundle = {"CPU": float(learner.cpus_per_rank), **({"GPU": 1.0} if cuda else {})}
-        group = placement_group([bundle] * learner.world_size, strategy="PACK",
-                                name="tandem-learner")
-        groups.append(group)
-        options["learner"] = [{"num_cpus": learner.cpus_per_rank, "num_gpus": 1 if cuda else 0,
-                               "scheduling_strategy": strategy(group, i)}
-                              for i in range(learner.world_size)]
     placement = Placement(options["senior"], options["junior"], options["learner"], groups)
-    ready, _ = ray.wait([group.ready() for group in groups], num_returns=len(groups),
+    _await_groups(groups, groups, cluster, timeout_s)
+    return placement
+
+
+def fits_one_node(resources: dict[str, float]) -> bool:
+    """Whether some alive node of the Ray cluster has `resources` in total."""
+    return any(all(node.get("Resources", {}).get(name, 0.0) >= amount
+                   for name, amount in resources.items())
+               for node in ray.nodes() if node.get("Alive"))
+
+
+def _await_groups(waited: list[PlacementGroup], reserved: list[PlacementGroup],
+                  cluster: ClusterConfig, timeout_s: float) -> None:
+    """Wait for `waited` to be granted; if not within `timeout_s`, release every group
+    `reserved` so far and say why."""
+    ready, _ = ray.wait([group.ready() for group in waited], num_returns=len(waited),
                         timeout=timeout_s)
-    if len(ready) < len(groups):
-        placement.remove()
+    if len(ready) < len(waited):
+        for group in reserved:
+            remove_placement_group(group)
         raise PlacementError(
             f"the placement groups for cluster={cluster.name} were not granted within "
             f"{timeout_s:g} s (asked {demand(cluster)} over {cluster.num_nodes} node(s)); the "
             "cluster has the resources in total but not in the shapes asked (e.g. a bundle "
             "needs more CPUs or GPUs than any one node has)")
-    return placement

@@ -38,3 +38,41 @@ def test_colocated_needs_one_engine_of_each_role_per_learner_gpu():
     with pytest.raises(PlacementError, match="cluster.senior.replicas"):
         colocated_shares(cluster)
     colocated_shares(compose(["cluster=single_gpu"]).cluster)
+
+
+@pytest.mark.slow
+def test_the_learner_group_stays_on_one_node_whatever_the_engines_spread():
+    """Two 2-CPU nodes, two engines and a two-rank learner: reserved engines-first, SPREAD
+    takes a core on each node and the learner ranks split; reserved learner-first, they share
+    a node. A Ray cluster of its own, in another process (the session has one already)."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json, ray
+        from ray.cluster_utils import Cluster
+        from ray.util import placement_group_table
+        from tandem.config.compose import compose
+        from tandem.runtime.placement import reserve
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address)
+        try:
+            config = compose(["cluster.num_nodes=2", "cluster.learner.world_size=2"])
+            placement = reserve(config.cluster, 60)
+            nodes = {name: sorted(set(placement_group_table(group)["bundles_to_node_id"]
+                                      .values()))
+                     for name, group in zip(("learner", "engines"), placement.groups)}
+            print(json.dumps(nodes))
+            placement.remove()
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    nodes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(nodes["learner"]) == 1, nodes  # both ranks on one node

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
-from tandem.models import resolve_model
+from tandem.models import ModelNotFoundError, resolve_model
 from tandem.protocols import eval_context, generation_protocols
 from tandem.rollout import engine_settings
 from tandem.runtime.engines import shutdown_engines, start_engines
@@ -93,8 +93,8 @@ def resolve_checkpoint(spec: str, config: TandemConfig, run_dir: Path) -> Checkp
         if (path / "senior" / "config.json").is_file():
             return Checkpoint(f"{path.resolve().name}/senior", spec,
                               str((path / "senior").resolve()))
-        raise FileNotFoundError(f"eval.checkpoints: {spec} is neither a model directory nor a "
-                                "run directory with a complete checkpoint or an exported senior/")
+        raise ModelNotFoundError(f"eval.checkpoints: {spec} is neither a model directory nor a "
+                                 "run directory with a complete checkpoint or an exported senior/")
     model_dir = resolve_model(spec)
     name = spec if ":" in spec else model_dir.name
     return Checkpoint(name, spec, str(model_dir))
@@ -106,8 +106,8 @@ def _from_step_dir(spec: str, step_dir: Path, config: TandemConfig,
     train_dir = step_dir.resolve().parent.parent
     run_config = train_dir / "config.yaml"
     if not run_config.is_file():
-        raise FileNotFoundError(f"eval.checkpoints: {spec}: the run's {run_config} is missing; "
-                                "it names the model the checkpoint was trained from")
+        raise ModelNotFoundError(f"eval.checkpoints: {spec}: the run's {run_config} is missing; "
+                                 "it names the model the checkpoint was trained from")
     base = OmegaConf.load(run_config).model.senior.path
     name = f"{train_dir.name}/step_{step}"
     out = run_dir / "models" / f"{train_dir.name}-step_{step}"

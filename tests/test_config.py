@@ -325,7 +325,8 @@ def test_cli_accepts_a_good_config_and_names_a_bad_resume_path_before_ray(tmp_pa
                   tmp_path=tmp_path)
     out = done.stderr + done.stdout
     assert "config ok" in out
-    assert done.returncode != 0 and "trainer.resume=" in out and "not a complete checkpoint" in out
+    assert done.returncode == 2 and "trainer.resume=" in out and "not a complete checkpoint" in out
+    assert "tandem: error: trainer.resume=" in done.stderr and "Traceback" not in out
     assert "ray:" not in out  # failed before connecting to Ray
 
 

@@ -243,7 +243,7 @@ def _json_row(line: bytes) -> object:
     try:
         return json.loads(text)
     except ValueError as error:
-        return _BadRow(f"not valid JSON ({error.msg} at column {error.colno})"
+        return _BadRow(f"not valid JSON ({error.msg} at column {error.pos + 1})"
                        if isinstance(error, json.JSONDecodeError) else "not valid JSON")
 
 
@@ -266,7 +266,13 @@ def _read_hub(cfg: DataConfig) -> list[tuple[int, object]]:
                         "Hugging Face dataset id, which needs the datasets library: pip install "
                         "datasets (or point data.source at a .jsonl/.parquet file or "
                         "generated:arithmetic)") from None
-    dataset = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
+    try:
+        dataset = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
+    except (OSError, ValueError) as error:  # not found, offline, no such split or subset
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(f"data.source={cfg.source!r} (data.subset={cfg.subset!r}, data.split="
+                        f"{cfg.split!r}) does not load: {type(error).__name__}: {first}; check "
+                        "them, or point data.source at a local .jsonl/.parquet file") from None
     _check_columns(cfg, dataset.column_names)
     return list(enumerate(dataset))
 

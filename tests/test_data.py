@@ -375,6 +375,19 @@ def test_dataset_id_without_the_datasets_library_says_what_to_install(monkeypatc
         load_problems(DataConfig(source="openai/gsm8k", subset="main"))
 
 
+def test_a_dataset_id_that_does_not_load_names_source_subset_and_split(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/set' on the Hub (OfflineModeIsEnabled)\nmore")
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", offline, raising=False)
+    with pytest.raises(DataError) as error:
+        load_problems(DataConfig(source="org/set", subset="main", split="test"))
+    assert str(error.value).startswith("data.source='org/set' (data.subset='main', data.split="
+                                       "'test') does not load: ConnectionError: Couldn't reach")
+    assert "\n" not in str(error.value)
+
+
 def test_holdout_larger_than_the_data_names_the_field(tmp_path):
     # a generated set's size is known at compose time; a file's only once it is read
     with pytest.raises(ConfigError, match="data.holdout_size=50 .* data.num_generated=50"):

@@ -173,6 +173,10 @@ def total_steps(config: TandemConfig, num_train: int) -> int:
 
 def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     """Run tandem GRPO; returns the metrics logged for each step of this invocation."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = config.trainer
+    resume_from = ckpt.find_resume(trainer.resume, run_dir)  # a bad path fails in a second
     # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
     from tandem.advantage import group_advantages
     from tandem.data import PromptStream, load_prompts
@@ -181,10 +185,6 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.runtime.actors import Actors
     from tandem.runtime.cluster import connect
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = config.trainer
-    resume_from = ckpt.find_resume(trainer.resume, run_dir)
     start = ckpt.read_state(resume_from)["step"] if resume_from else 0
     prompts, senior_dir, junior_dir = load_prompts(config)
     stream = PromptStream(prompts.train, trainer.prompts_per_step, config.seed)

@@ -297,7 +297,7 @@ def test_a_corrupt_parquet_file_is_one_line_naming_the_source(tmp_path):
 def test_data_model_and_resume_errors_print_one_line_and_exit_2(capsys, tmp_path):
     # what `python -m tandem.train` / `tandem.evaluate` wrap their run in
     from tandem.checkpoint import find_resume
-    from tandem.models import ModelNotFoundError, resolve_model
+    from tandem.models import ModelNotFoundError, load_tokenizer, resolve_model
 
     def exit_line(run) -> str:
         with pytest.raises(SystemExit) as done, user_errors():
@@ -312,6 +312,10 @@ def test_data_model_and_resume_errors_print_one_line_and_exit_2(capsys, tmp_path
         lambda: load_problems(DataConfig(source=bad, holdout_size=0)))
     assert "trainer.resume=" in exit_line(lambda: find_resume(str(tmp_path), tmp_path))
     assert "does not exist" in exit_line(lambda: resolve_model(str(tmp_path / "nowhere")))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    assert "no tokenizer loads from" in exit_line(lambda: load_tokenizer(str(bare)))
     assert issubclass(ModelNotFoundError, FileNotFoundError)  # callers that catch it still do
     with pytest.raises(KeyError), user_errors():  # a bug stays a traceback
         raise KeyError("not the user's input")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tandem.config.checks import ConfigError, check
+from tandem.config.checks import ConfigError, check, looks_local
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -63,3 +63,31 @@ def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int | None:
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or hidden // heads
     return 2 * layers * kv_heads * head_dim * DTYPE_BYTES[dtype]  # keys and values
+
+
+def checked_context(path: str, max_context: int | None, field: str) -> int | None:
+    """The context of the local model at `path` (`field` = model.senior / model.junior):
+    `max_context`, or when None its config's. A set value may not exceed the config's."""
+    # A junior that names only its path inherits the senior's max_context; its own config.json
+    # is what vLLM enforces, so a larger value fails here instead of at engine start.
+    local = Path(path).expanduser()
+    check(local.is_dir(),
+          f"{field}.path={path!r} does not exist; point it at a Hugging Face "
+          "model directory (config.json + weights + tokenizer)")
+    config = read_config(local, f"{field}.path")
+    own = context_length(config)
+    if max_context is None:
+        return own
+    if own is not None and not stretches_context(config):
+        check(max_context <= own,
+              f"{field}.max_context={max_context} is more than the "
+              f"max_position_embeddings={own} in {local / 'config.json'}; set "
+              f"{field}.max_context=null (read it from there) or a value <= {own}")
+    return max_context
+
+
+def local_config(path: str) -> dict[str, Any] | None:
+    """The config.json of a local model (None for hub ids, `kit:` and `pypi:` specs)."""
+    if not looks_local(path):
+        return None
+    return read_config(Path(path).expanduser(), "model path")

@@ -4,7 +4,8 @@ This file and `cluster.py` (the topology) are the only places defaults live. YAM
 conf/ carry values only, and Hydra rejects any key they (or the command line) set that is not
 declared here. Range and cross-field checks run in `__post_init__`, which OmegaConf calls when
 `compose.to_config` turns the composed config into these dataclasses: every error names the
-field to change.
+field to change. Every float must be finite; the run-wide checks (budgets against each model's
+context, the CPU KV cache against one request) live in `fit.py`.
 
 Self-pairing: `model.junior` defaults to interpolations of `model.senior`, so a run that
 names only a senior gets the paper's set-up (the junior is the senior's starting checkpoint).
@@ -18,7 +19,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from tandem.config import local_model
+from tandem.config import fit, local_model
 from tandem.config.checks import (
     check,
     check_choice,
@@ -85,36 +86,11 @@ class ModelConfig:
             if spec.max_context is not None:
                 check_positive(spec.max_context, f"{name}.max_context")
             if looks_local(spec.path):
-                _check_local_model(spec, name)
+                spec.max_context = local_model.checked_context(spec.path, spec.max_context, name)
 
     @property
     def self_paired(self) -> bool:
         return self.junior.path == self.senior.path
-
-
-def _check_local_model(spec: ModelSpec, name: str) -> None:
-    # A junior that names only its path inherits the senior's max_context; its own config.json
-    # is what vLLM enforces, so a larger value fails here instead of at engine start.
-    local = Path(spec.path).expanduser()
-    check(local.is_dir(),
-          f"{name}.path={spec.path!r} does not exist; point it at a Hugging Face "
-          "model directory (config.json + weights + tokenizer)")
-    hf_config = local_model.read_config(local, f"{name}.path")
-    own = local_model.context_length(hf_config)
-    if spec.max_context is None:
-        spec.max_context = own
-    elif own is not None and not local_model.stretches_context(hf_config):
-        check(spec.max_context <= own,
-              f"{name}.max_context={spec.max_context} is more than the "
-              f"max_position_embeddings={own} in {local / 'config.json'}; set "
-              f"{name}.max_context=null (read it from there) or a value <= {own}")
-
-
-def local_config(spec: ModelSpec) -> dict[str, Any] | None:
-    """The config.json of a local model (None for hub ids, `kit:` and `pypi:` specs)."""
-    if not looks_local(spec.path):
-        return None
-    return local_model.read_config(Path(spec.path).expanduser(), "model path")
 
 
 @dataclass
@@ -502,8 +478,8 @@ class TandemConfig:
     def __post_init__(self) -> None:
         check_min(self.seed, 0, "seed")
         for role in ("senior", "junior"):
-            self._check_budgets(role)
-            self._check_kv_cache(role)
+            fit.check_budgets(self, role)
+            fit.check_kv_cache(self, role)
         check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")
@@ -514,39 +490,3 @@ class TandemConfig:
         return max(self.rollout.max_prompt_tokens + max(self.rollout.max_response_tokens,
                                                         self.eval.max_response_tokens),
                    self.eval.context_tokens or 0)
-
-    def _check_budgets(self, role: str) -> None:
-        # Both engines serve training episodes and evaluation/validation episodes (the junior
-        # writes in every hand-off protocol), so both budgets must fit each model.
-        context = getattr(self.model, role).max_context
-        if context is None:
-            return
-        for section in ("rollout", "eval"):
-            budget = self.rollout.max_prompt_tokens + getattr(self, section).max_response_tokens
-            check(budget <= context,
-                  f"rollout.max_prompt_tokens + {section}.max_response_tokens = {budget} does "
-                  f"not fit model.{role}.max_context = {context}; lower "
-                  f"{section}.max_response_tokens or rollout.max_prompt_tokens")
-        wanted = self.eval.context_tokens
-        check(wanted is None or wanted <= context,
-              f"eval.context_tokens = {wanted} does not fit model.{role}.max_context = "
-              f"{context}; lower eval.context_tokens")
-
-    def _check_kv_cache(self, role: str) -> None:
-        # On CPU the cache size is ours (cluster.cpu_kvcache_gib); vLLM refuses to start when
-        # one request of max_model_len does not fit, and its message names a GPU setting.
-        # A GPU's free memory is unknown until the engine starts, so only CPU is checked.
-        spec: ModelSpec = getattr(self.model, role)
-        hf_config = local_config(spec) if self.cluster.device == "cpu" else None
-        per_token = hf_config and local_model.kv_bytes_per_token(hf_config, spec.dtype)
-        if not per_token:
-            return
-        cache = self.cluster.cpu_kvcache_gib * 2**30
-        needed = self.engine_context * per_token
-        check(needed <= cache,
-              f"cluster.cpu_kvcache_gib={self.cluster.cpu_kvcache_gib:g} holds "
-              f"{int(cache // per_token)} tokens of model.{role} ({spec.path}, {spec.dtype}), "
-              f"fewer than one full-length request of {self.engine_context} tokens (prompt + "
-              f"response budgets); raise cluster.cpu_kvcache_gib to at least "
-              f"{needed / 2**30:.2f} or lower rollout.max_prompt_tokens / "
-              f"*.max_response_tokens")

@@ -180,6 +180,7 @@ UNCHECKED_BEFORE = [
     (["cluster.call_timeout_s=inf"], "cluster.call_timeout_s"),
     (["cluster.push_timeout_s=inf"], "cluster.push_timeout_s"),
     (["data.num_generated=10", "data.holdout_size=10"], "data.holdout_size"),
+    (["data.source=./conf"], "data.source"),  # a directory: failed at load before
     # the junior serves evaluation episodes too (every hand-off protocol)
     (["+model@model.junior=tiny", "rollout.max_prompt_tokens=256",
       "rollout.max_response_tokens=512", "eval.max_response_tokens=3000"],

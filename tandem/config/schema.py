@@ -45,6 +45,7 @@ BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WORD_BOUNDARIES = ("paper", "wide")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+DATA_FILE_TYPES = (".jsonl", ".parquet")
 # data.source=reasoning_gym:<task> (tandem.data reads it; the optional reasoning-gym package)
 REASONING_GYM_PREFIX = "reasoning_gym:"
 
@@ -144,9 +145,15 @@ class DataConfig:
                   f"data.holdout_size={self.holdout_size} leaves no training rows of the "
                   f"data.num_generated={self.num_generated} generated ones; lower "
                   "data.holdout_size or raise data.num_generated")
-        if looks_local(self.source):
-            check(Path(self.source).expanduser().exists(),
-                   f"data.source={self.source!r} does not exist")
+        if looks_local(self.source) or self.source.endswith(DATA_FILE_TYPES):
+            self._check_file()
+
+    def _check_file(self) -> None:
+        path = Path(self.source).expanduser()
+        check(path.exists(), f"data.source={self.source!r} does not exist")
+        check(path.is_file() and path.suffix in DATA_FILE_TYPES,
+              f"data.source={self.source!r} is not a .jsonl or .parquet file; convert it (one "
+              "JSON object a line), or give a dataset id or generated:arithmetic")
 
     def _check_generator_args(self) -> None:
         # The task's name and its config's fields are checked when the rows are drawn

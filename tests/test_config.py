@@ -13,7 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tandem.config.checks import ConfigError
 from tandem.config.cluster import check_devices
-from tandem.config.compose import CONF_DIR, compose, short_dirname
+from tandem.config.compose import CONF_DIR, compose, short_dirname, visible_gpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -295,6 +295,12 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_naming_the_key(override, k
     with pytest.raises((HydraException, OmegaConfBaseException, ConfigError)) as error:
         compose([override])
     assert key in str(error.value)
+
+
+@pytest.mark.parametrize(("visible", "gpus"), [("0,1", 2), ("3", 1), ("", 0), ("-1", 0)])
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, visible, gpus):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_gpus() == gpus
 
 
 def _train(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -80,8 +80,6 @@ class ClusterConfig:
                     open_low=True)
         for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb"):
             check_positive(getattr(self, name), f"cluster.{name}")
-        if self.colocated:
-            self._check_colocated()
         if self.device == "cpu":
             check(not self.colocated,
                    "cluster.colocated=true needs cluster.device=cuda (CPU engines and the "
@@ -89,6 +87,8 @@ class ClusterConfig:
             check(self.weight_transport in ("auto", "cpu"),
                    f"cluster.weight_transport={self.weight_transport!r} needs GPUs; "
                    "use auto or cpu with cluster.device=cpu")
+        if self.colocated:
+            self._check_colocated()
 
     def _check_colocated(self) -> None:
         # Each GPU holds one learner rank, one senior and one junior engine, and both engines
@@ -116,8 +116,6 @@ class ClusterConfig:
         if self.device == "cpu":
             return "cpu"
         return "cuda_ipc" if self.colocated else "nccl"
-
-
 
 
 def check_devices(cluster: ClusterConfig, gpus: int) -> None:

@@ -267,6 +267,10 @@ def test_cpu_kv_cache_must_hold_one_full_length_request(tmp_path):
     with pytest.raises(ConfigError, match="cluster.cpu_kvcache_gib"):
         compose([*local, "cluster.cpu_kvcache_gib=0.2", "eval.context_tokens=8192"])
     assert compose([*local[:2], "model.senior.dtype=bfloat16", "cluster.cpu_kvcache_gib=0.1"])
+    # a sliding window caches less than the formula says: not refused here (vLLM decides)
+    windowed = _model_dir(tmp_path / "windowed", **SMOLLM2_SHAPE, sliding_window=1024)
+    assert compose([f"model.senior.path={windowed}", "model.senior.max_context=null",
+                    "cluster.cpu_kvcache_gib=0.01"])
 
 
 @pytest.mark.parametrize(("preset", "gpus", "fits"), [

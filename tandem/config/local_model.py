@@ -52,9 +52,13 @@ def stretches_context(config: dict[str, Any]) -> bool:
 
 def kv_bytes_per_token(config: dict[str, Any], dtype: str) -> int | None:
     """Bytes one token's keys and values take in a vLLM cache of `dtype`, over all layers;
-    None for architectures this formula does not describe (MLA, missing fields)."""
+    None for architectures this formula does not describe (MLA, sliding-window or hybrid
+    layers, missing fields): an overestimate there would refuse a cache vLLM accepts."""
     text = _text_section(config)
     if "kv_lora_rank" in text:  # multi-head latent attention caches a compressed vector
+        return None
+    windowed = text.get("sliding_window") and text.get("use_sliding_window", True) is not False
+    if windowed or text.get("layer_types"):
         return None
     layers, heads, hidden = (text.get(k) for k in (
         "num_hidden_layers", "num_attention_heads", "hidden_size"))

@@ -292,7 +292,8 @@ class OptimConfig:
     """Max global gradient norm; 0 = no clipping."""
 
     def __post_init__(self) -> None:
-        # AdamW itself accepts nan, inf and eps=0 and then trains on nan weights
+        # AdamW accepts lr=inf, weight_decay=inf and eps=0, then trains on nan weights; it
+        # refuses a nan lr or beta only once the learner starts, minutes in
         check_positive(self.lr, "optim.lr")
         check_min(self.weight_decay, 0, "optim.weight_decay")
         check(len(self.betas) == 2, f"optim.betas must be two values, got {list(self.betas)}")

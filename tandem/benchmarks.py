@@ -50,6 +50,8 @@ def benchmark_config(entry: str, config: TandemConfig) -> DataConfig:
     name, _, file = entry.partition(":")
     if not file and Path(name).suffix in (".jsonl", ".parquet"):
         path = Path(name).expanduser()
+        if not path.is_file():
+            raise DataError(f"eval.benchmarks: {entry!r} is not a file")
         return DataConfig(name=path.stem, source=str(path), holdout_size=0)
     if name == config.data.name:
         data = config.data

@@ -16,10 +16,16 @@ import re
 import shutil
 from pathlib import Path
 
+from tandem.config.checks import InputError
+
 log = logging.getLogger("tandem")
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class ResumeError(InputError, FileNotFoundError):
+    """`trainer.resume` names no checkpoint this run can continue from."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -48,11 +54,11 @@ def find_resume(resume: str, run_dir: str | Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         hint = complete_checkpoints(path)  # a run directory was given
         if hint:
-            raise FileNotFoundError(f"trainer.resume={resume!r} is a run directory; give one of "
-                                    f"its checkpoints (newest: {hint[-1]}) or trainer.resume="
-                                    "auto with hydra.run.dir set to it")
-        raise FileNotFoundError(f"trainer.resume={resume!r} is not a complete checkpoint (no "
-                                f"{STATE_FILE}); checkpoints are <run dir>/checkpoints/step_N")
+            raise ResumeError(f"trainer.resume={resume!r} is a run directory; give one of "
+                              f"its checkpoints (newest: {hint[-1]}) or trainer.resume="
+                              "auto with hydra.run.dir set to it")
+        raise ResumeError(f"trainer.resume={resume!r} is not a complete checkpoint (no "
+                          f"{STATE_FILE}); checkpoints are <run dir>/checkpoints/step_N")
     return path
 
 
@@ -64,7 +70,12 @@ def write_state(directory: Path, state: dict) -> None:
 
 
 def read_state(directory: Path) -> dict:
-    return json.loads((directory / STATE_FILE).read_text())
+    try:
+        return json.loads((directory / STATE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ResumeError(f"checkpoint {directory}: {STATE_FILE} is unreadable "
+                          f"({type(error).__name__}); resume from another one with "
+                          "trainer.resume=<run dir>/checkpoints/step_N") from None
 
 
 def prune(run_dir: str | Path, keep: int) -> None:

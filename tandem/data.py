@@ -40,8 +40,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from tandem.arithmetic import generate_arithmetic, generate_drill
+from tandem.config.checks import InputError
 from tandem.config.schema import REASONING_GYM_PREFIX, DataConfig, TandemConfig
 from tandem.models import load_tokenizer, resolve_model
+from tandem.reward import gold_error
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ GENERATED_SEED = 0
 _LISTED_ROWS = 20
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """Training data a run cannot use; the message names the source and what to change."""
 
 
@@ -218,20 +220,40 @@ def reasoning_gym_rows(task: str, args: dict[str, Any], n: int,
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, object]]:
+    # Bytes, decoded line by line: one line of invalid UTF-8 is one skipped row, not a
+    # failed load.
     rows: list[tuple[int, object]] = []
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue  # a trailing newline or blank line is not a row
-            try:
-                rows.append((number, json.loads(line)))
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                rows.append((number, _BadRow("not valid JSON")))
+    try:
+        with path.open("rb") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue  # a trailing newline or blank line is not a row
+                rows.append((number, _json_row(line)))
+    except OSError as error:
+        raise DataError(f"data.source={str(path)!r} cannot be read ({error.strerror or error}); "
+                        "check the path and its permissions") from None
     return rows
 
 
+def _json_row(line: bytes) -> object:
+    try:
+        text = line.decode("utf-8-sig")  # -sig: a BOM on the first line is no error
+    except UnicodeDecodeError as error:
+        return _BadRow(f"not valid UTF-8 (byte {error.start + 1})")
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        return _BadRow(f"not valid JSON ({error.msg} at column {error.pos + 1})"
+                       if isinstance(error, json.JSONDecodeError) else "not valid JSON")
+
+
 def _read_parquet(path: Path, cfg: DataConfig) -> list[tuple[int, object]]:
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(f"data.source={str(path)!r} is not a readable Parquet file "
+                        f"({type(error).__name__}: {first}); re-export it or use .jsonl") from None
     _check_columns(cfg, table.column_names)
     return list(enumerate(table.to_pylist()))
 
@@ -244,7 +266,13 @@ def _read_hub(cfg: DataConfig) -> list[tuple[int, object]]:
                         "Hugging Face dataset id, which needs the datasets library: pip install "
                         "datasets (or point data.source at a .jsonl/.parquet file or "
                         "generated:arithmetic)") from None
-    dataset = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
+    try:
+        dataset = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
+    except (OSError, ValueError) as error:  # not found, offline, no such split or subset
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise DataError(f"data.source={cfg.source!r} (data.subset={cfg.subset!r}, data.split="
+                        f"{cfg.split!r}) does not load: {type(error).__name__}: {first}; check "
+                        "them, or point data.source at a local .jsonl/.parquet file") from None
     _check_columns(cfg, dataset.column_names)
     return list(enumerate(dataset))
 
@@ -275,6 +303,9 @@ def _parse_row(record: object, problem_field: str, answer_field: str,
     answer = _extract_answer(_answer_text(record.get(answer_field), answer_field), answer_format)
     if not answer:
         raise _BadRow(f"empty answer in {answer_field!r}")
+    why = gold_error(answer)  # here, not at the first episode that draws the row
+    if why:
+        raise _BadRow(why)
     return problem, answer  # the text as written: the authors' prompts do not strip it
 
 
@@ -460,12 +491,12 @@ class Prompts:
 def load_prompts(config: TandemConfig) -> tuple[Prompts, str, str]:
     """Training and held-out problems, tokenizers and the two resolved model directories of a
     run: long prompts dropped, the hold-out cut to `eval.val_problems`."""
+    train, holdout, _ = load_problems(config.data)  # first: a data error needs no model built
     senior_dir = str(resolve_model(config.model.senior.path))
     junior_dir = str(resolve_model(config.model.junior.path))
     senior_tok = load_tokenizer(senior_dir)
     junior_tok = load_tokenizer(junior_dir)
     cross = junior_tok.get_vocab() != senior_tok.get_vocab()
-    train, holdout, _ = load_problems(config.data)
     limit = config.rollout.max_prompt_tokens
     train, _ = drop_long_prompts(train, senior_tok, config.data.instruction, limit)
     holdout, _ = drop_long_prompts(holdout, senior_tok, config.data.instruction, limit)

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
-from tandem.models import resolve_model
+from tandem.models import ModelNotFoundError, resolve_model
 from tandem.protocols import eval_context, generation_protocols
 from tandem.rollout import engine_settings
 from tandem.runtime.engines import await_engines, launch_engines, shutdown_engines
@@ -64,11 +64,12 @@ class Checkpoint:
 def resolve_checkpoints(config: TandemConfig, run_dir: Path) -> list[Checkpoint]:
     """`eval.checkpoints` (default: model.senior.path), then `eval.start_senior` if set and not
     already listed (same model directory)."""
+    field = "eval.checkpoints" if config.eval.checkpoints else "model.senior.path"
     specs = list(config.eval.checkpoints) or [config.model.senior.path]
-    checkpoints = [resolve_checkpoint(spec, config, run_dir) for spec in specs]
+    checkpoints = [_named(field, spec, config, run_dir) for spec in specs]
     start = config.eval.start_senior
     if start is not None:
-        found = resolve_checkpoint(start, config, run_dir)
+        found = _named("eval.start_senior", start, config, run_dir)
         same = [i for i, c in enumerate(checkpoints) if c.model_dir == found.model_dir]
         if same:
             checkpoints[same[0]] = dataclasses.replace(checkpoints[same[0]], is_start=True)
@@ -79,6 +80,14 @@ def resolve_checkpoints(config: TandemConfig, run_dir: Path) -> list[Checkpoint]
         checkpoints = [dataclasses.replace(c, name=f"{i}:{c.name}")
                        for i, c in enumerate(checkpoints)]
     return checkpoints
+
+
+def _named(field: str, spec: str, config: TandemConfig, run_dir: Path) -> Checkpoint:
+    # resolve_model's errors name the spec, not the setting that gave it
+    try:
+        return resolve_checkpoint(spec, config, run_dir)
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"{field}: {error}") from None
 
 
 def resolve_checkpoint(spec: str, config: TandemConfig, run_dir: Path) -> Checkpoint:
@@ -93,8 +102,8 @@ def resolve_checkpoint(spec: str, config: TandemConfig, run_dir: Path) -> Checkp
         if (path / "senior" / "config.json").is_file():
             return Checkpoint(f"{path.resolve().name}/senior", spec,
                               str((path / "senior").resolve()))
-        raise FileNotFoundError(f"eval.checkpoints: {spec} is neither a model directory nor a "
-                                "run directory with a complete checkpoint or an exported senior/")
+        raise ModelNotFoundError(f"{spec} is neither a model directory nor a "
+                                 "run directory with a complete checkpoint or an exported senior/")
     model_dir = resolve_model(spec)
     name = spec if ":" in spec else model_dir.name
     return Checkpoint(name, spec, str(model_dir))
@@ -106,8 +115,8 @@ def _from_step_dir(spec: str, step_dir: Path, config: TandemConfig,
     train_dir = step_dir.resolve().parent.parent
     run_config = train_dir / "config.yaml"
     if not run_config.is_file():
-        raise FileNotFoundError(f"eval.checkpoints: {spec}: the run's {run_config} is missing; "
-                                "it names the model the checkpoint was trained from")
+        raise ModelNotFoundError(f"{spec}: the run's {run_config} is missing; "
+                                 "it names the model the checkpoint was trained from")
     base = OmegaConf.load(run_config).model.senior.path
     name = f"{train_dir.name}/step_{step}"
     out = run_dir / "models" / f"{train_dir.name}-step_{step}"

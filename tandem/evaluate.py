@@ -43,9 +43,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from tandem.config.compose import CONF_DIR, config_for_app
+from tandem.config.compose import CONF_DIR, config_for_app, user_errors
 from tandem.config.schema import TandemConfig
-from tandem.data import DataError, Problem
+from tandem.data import Problem
 from tandem.estimators import (
     bootstrap_ci,
     macro_average,
@@ -428,11 +428,8 @@ def _now() -> str:
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     config, run_dir = config_for_app(cfg)
-    try:
+    with user_errors():  # a benchmark, model or checkpoint it cannot use: one line, exit 2
         result = evaluate(config, run_dir)
-    except (DataError, FileNotFoundError) as error:  # a benchmark or checkpoint not found
-        print(f"tandem: {error}", file=sys.stderr)
-        sys.exit(2)
     for entry in result["checkpoints"]:
         shown = {k: round(v, 4) for k, v in entry["macro"].items() if not k.endswith("_ci")}
         print(f"{entry['name']}: {shown}")

@@ -37,6 +37,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandem import testkit
+from tandem.config.checks import InputError
 
 # Written last into every directory this module builds; a directory without it is garbage.
 _MARKER = "tandem_build.json"
@@ -51,7 +52,7 @@ _HUB_ETAG_TIMEOUT_S = 10.0
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(InputError, FileNotFoundError):
     """A model spec names nothing this machine has or can fetch."""
 
 
@@ -96,7 +97,15 @@ def resolve_model(path: str | Path) -> Path:
 
 def load_tokenizer(path: str | Path):
     """The Hugging Face tokenizer of a model spec (see ``resolve_model``)."""
-    return AutoTokenizer.from_pretrained(resolve_model(path))
+    directory = resolve_model(path)
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as error:  # no or broken tokenizer files: one line, not a trace
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ModelNotFoundError(
+            f"model {str(path)!r}: no tokenizer loads from {directory} ({type(error).__name__}: "
+            f"{first}); point model.*.path at a directory with the model's tokenizer files"
+        ) from None
 
 
 def load_causal_lm(path: str | Path, dtype="float32"):

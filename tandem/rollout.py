@@ -443,9 +443,7 @@ def engine_settings(config: TandemConfig, model_dir: str, role: str, boundaries:
     resources = getattr(cluster, role)
     spec = getattr(config.model, role)
     cores = os.cpu_count() or 1
-    max_len = max(config.rollout.max_prompt_tokens + max(config.rollout.max_response_tokens,
-                                                         config.eval.max_response_tokens),
-                  config.eval.context_tokens or 0)
+    max_len = config.engine_context  # the config checks fit it to each model and cache
     group_size = config.algorithm.group_size
     settings = []
     for replica in range(resources.replicas):

@@ -46,7 +46,7 @@ from omegaconf import DictConfig
 
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
-from tandem.config.compose import CONF_DIR, config_for_app
+from tandem.config.compose import CONF_DIR, config_for_app, user_errors
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
@@ -245,6 +245,10 @@ def total_steps(config: TandemConfig, num_train: int) -> int:
 
 def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     """Run tandem GRPO; returns the metrics logged for each step of this invocation."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = config.trainer
+    resume_from = ckpt.find_resume(trainer.resume, run_dir)  # a bad path fails in a second
     # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
     from tandem.advantage import group_advantages
     from tandem.data import PromptStream, load_prompts
@@ -254,12 +258,12 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.runtime.cluster import connect
     from tandem.transport.base import WeightPushError
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = config.trainer
-    resume_from = ckpt.find_resume(trainer.resume, run_dir)
     start = ckpt.read_state(resume_from)["step"] if resume_from else 0
     prompts, senior_dir, junior_dir = load_prompts(config)
+    stream = PromptStream(prompts.train, trainer.prompts_per_step, config.seed)
+    stream_start = stream.state_dict()  # where a learner restart without a checkpoint goes
+    if resume_from is not None:  # changed data fails here, before Ray starts
+        stream.load_state_dict(ckpt.read_state(resume_from)["stream"])
     total = total_steps(config, len(prompts.train))
     history: list[dict[str, float]] = []
 
@@ -292,8 +296,6 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                                                      weight_version=weight_version)
                 return episodes, metrics, [p.answer for p in batch]
 
-            stream = PromptStream(prompts.train, trainer.prompts_per_step, config.seed)
-            stream_start = stream.state_dict()  # where a learner restart without checkpoint goes
             prefetch = Prefetch(roll, actors.push_weights, stream,
                                 background if trainer.off_policy else None, total, stop)
             # the evaluation's protocols and code (tandem/evaluate.py), on the held-out problems
@@ -479,7 +481,8 @@ def main(cfg: DictConfig) -> None:
              " (self-paired)" if config.model.self_paired else "", config.data.name,
              config.algorithm.name, config.algorithm.schedule, config.algorithm.handoff_p,
              run_dir)
-    train(config, run_dir)
+    with user_errors():  # a data set, model or checkpoint it cannot use: one line, exit 2
+        train(config, run_dir)
 
 
 if __name__ == "__main__":

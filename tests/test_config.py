@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from tandem.config.checks import ConfigError
-from tandem.config.compose import CONF_DIR, compose, short_dirname
+from tandem.config.cluster import check_devices
+from tandem.config.compose import CONF_DIR, compose, short_dirname, visible_gpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +104,8 @@ def test_transport_follows_topology_unless_overridden():
     assert compose(["cluster=single_gpu"]).cluster.transport == "cuda_ipc"
     assert compose(["cluster=multi_node"]).cluster.transport == "nccl"
     auto = compose(["cluster=multi_node", "cluster.weight_transport=auto",
-                    "cluster.colocated=true"])
+                    "cluster.colocated=true", "cluster.senior.replicas=8",
+                    "cluster.junior.replicas=8", "cluster.gpu_memory_utilization=0.4"])
     assert auto.cluster.transport == "cuda_ipc"
 
 
@@ -156,13 +159,131 @@ BAD_VALUES = [
     (["seed=-1"], "seed"),
 ]
 
+# Accepted before the ranges were explicit; each failed minutes later in AdamW, vLLM or the
+# first validation, or trained on nan.
+UNCHECKED_BEFORE = [
+    (["optim.eps=0"], "optim.eps"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.weight_decay=inf"], "optim.weight_decay"),
+    (["optim.grad_clip=inf"], "optim.grad_clip"),
+    (["algorithm.clip_ratio_high=inf"], "algorithm.clip_ratio_high"),
+    (["algorithm.kl_coef=inf"], "algorithm.kl_coef"),
+    (["algorithm.tis_cap=inf"], "algorithm.tis_cap"),
+    (["rollout.temperature=inf"], "rollout.temperature"),
+    (["reward.timeout_s=inf"], "reward.timeout_s"),
+    (["eval.temperature=inf"], "eval.temperature"),
+    (["eval.pass_k=[]"], "eval.pass_k"),
+    (["eval.protocols=[]"], "eval.protocols"),
+    (["eval.dose_p=[]"], "eval.dose_p"),
+    (["cluster.learner.cpus_per_rank=0"], "cluster.learner.cpus_per_rank"),
+    (["cluster.cpu_kvcache_gib=inf"], "cluster.cpu_kvcache_gib"),
+    (["cluster.call_timeout_s=inf"], "cluster.call_timeout_s"),
+    (["cluster.push_timeout_s=inf"], "cluster.push_timeout_s"),
+    (["data.num_generated=10", "data.holdout_size=10"], "data.holdout_size"),
+    (["data.source=./conf"], "data.source"),  # a directory: failed at load before
+    # the junior serves evaluation episodes too (every hand-off protocol)
+    (["+model@model.junior=tiny", "rollout.max_prompt_tokens=256",
+      "rollout.max_response_tokens=512", "eval.max_response_tokens=3000"],
+     "eval.max_response_tokens"),
+    # topology: colocated puts one senior and one junior engine beside each learner rank
+    (["cluster=single_gpu", "cluster.gpu_memory_utilization=0.6"],
+     "cluster.gpu_memory_utilization"),
+    (["cluster=single_gpu", "cluster.senior.replicas=2"], "cluster.senior.replicas"),
+    (["cluster=multi_node", "cluster.colocated=true"], "cluster.senior.replicas"),
+    (["cluster=single_gpu", "cluster.junior.tensor_parallel_size=2"],
+     "cluster.junior.tensor_parallel_size"),
+]
 
-@pytest.mark.parametrize(("overrides", "field"), BAD_VALUES,
-                         ids=[" ".join(o) for o, _ in BAD_VALUES])
+
+@pytest.mark.parametrize(("overrides", "field"), BAD_VALUES + UNCHECKED_BEFORE,
+                         ids=[" ".join(o) for o, _ in BAD_VALUES + UNCHECKED_BEFORE])
 def test_bad_value_fails_at_compose_naming_the_field(overrides, field):
     with pytest.raises(ConfigError) as error:
         compose(overrides)
     assert field in str(error.value)
+    assert "\n" not in str(error.value)  # one line: the CLI prints it as it is
+
+
+def _model_dir(path: Path, **config) -> Path:
+    """A local model directory holding only a config.json (all the compose checks read)."""
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+# SmolLM2-135M's shape: 30 layers x 3 KV heads x 64 dims, so 46,080 bytes a token in float32
+SMOLLM2_SHAPE = {"max_position_embeddings": 8192, "num_hidden_layers": 30,
+                 "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+
+
+def test_local_model_without_a_readable_config_names_the_path(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="model.senior.path=.* has no config.json"):
+        compose([f"model.senior.path={empty}", "model.senior.max_context=null"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="model.junior.path: .* not readable JSON"):
+        compose([f"model.junior.path={broken}"])
+
+
+def test_a_local_juniors_own_context_bounds_what_it_inherits(tmp_path):
+    # model.junior.max_context follows the senior preset's 8192 unless set; the junior's own
+    # config.json says 2048, which vLLM would refuse at engine start
+    junior = _model_dir(tmp_path / "junior", max_position_embeddings=2048)
+    with pytest.raises(ConfigError) as error:
+        compose([f"model.junior.path={junior}"])
+    assert "model.junior.max_context=8192" in str(error.value)
+    assert "max_position_embeddings=2048" in str(error.value)
+    fits = compose([f"model.junior.path={junior}", "model.junior.max_context=null",
+                    "rollout.max_prompt_tokens=512", "rollout.max_response_tokens=1024",
+                    "eval.max_response_tokens=1024"])
+    assert fits.model.junior.max_context == 2048
+
+
+def test_rope_scaling_and_nested_text_configs_are_read(tmp_path):
+    scaled = _model_dir(tmp_path / "scaled", max_position_embeddings=2048,
+                        rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert compose([f"model.senior.path={scaled}", "model.senior.max_context=8192"]
+                   ).model.senior.max_context == 8192
+    nested = _model_dir(tmp_path / "nested", text_config={"max_position_embeddings": 2048})
+    with pytest.raises(ConfigError, match="model.senior.max_context = 2048"):
+        compose([f"model.senior.path={nested}", "model.senior.max_context=null"])
+
+
+def test_cpu_kv_cache_must_hold_one_full_length_request(tmp_path):
+    model = _model_dir(tmp_path / "smollm2", **SMOLLM2_SHAPE)
+    local = [f"model.senior.path={model}", "model.senior.max_context=null",
+             "model.senior.dtype=float32"]
+    # default budgets: 1024 + 3000 tokens x 46,080 bytes = 0.17 GiB
+    assert compose([*local, "cluster.cpu_kvcache_gib=0.2"]).cluster.cpu_kvcache_gib == 0.2
+    with pytest.raises(ConfigError) as error:
+        compose([*local, "cluster.cpu_kvcache_gib=0.1"])
+    message = str(error.value)
+    assert message.startswith("cluster.cpu_kvcache_gib=0.1 holds 2330 tokens of model.senior")
+    assert "4024 tokens" in message and "at least 0.17" in message
+    # eval.context_tokens widens every engine's requests; bfloat16 halves the bytes a token
+    with pytest.raises(ConfigError, match="cluster.cpu_kvcache_gib"):
+        compose([*local, "cluster.cpu_kvcache_gib=0.2", "eval.context_tokens=8192"])
+    assert compose([*local[:2], "model.senior.dtype=bfloat16", "cluster.cpu_kvcache_gib=0.1"])
+    # a sliding window caches less than the formula says: not refused here (vLLM decides)
+    windowed = _model_dir(tmp_path / "windowed", **SMOLLM2_SHAPE, sliding_window=1024)
+    assert compose([f"model.senior.path={windowed}", "model.senior.max_context=null",
+                    "cluster.cpu_kvcache_gib=0.01"])
+
+
+@pytest.mark.parametrize(("preset", "gpus", "fits"), [
+    ("single_gpu", 0, False), ("single_gpu", 1, True), ("multi_node", 15, False),
+    ("multi_node", 16, True), ("local_cpu", 0, True)])
+def test_topology_against_this_machines_gpus(preset, gpus, fits):
+    cluster = compose([f"cluster={preset}"]).cluster
+    if fits:
+        check_devices(cluster, gpus)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_devices(cluster, gpus)
+    assert "cluster.device=cuda" in str(error.value) and f"has {gpus}" in str(error.value)
 
 
 @pytest.mark.parametrize(("override", "key"), [
@@ -178,6 +299,12 @@ def test_unknown_keys_and_wrong_types_fail_at_compose_naming_the_key(override, k
     with pytest.raises((HydraException, OmegaConfBaseException, ConfigError)) as error:
         compose([override])
     assert key in str(error.value)
+
+
+@pytest.mark.parametrize(("visible", "gpus"), [("0,1", 2), ("3", 1), ("", 0), ("-1", 0)])
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch, visible, gpus):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert visible_gpus() == gpus
 
 
 def _train(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -209,7 +336,8 @@ def test_cli_accepts_a_good_config_and_names_a_bad_resume_path_before_ray(tmp_pa
                   tmp_path=tmp_path)
     out = done.stderr + done.stdout
     assert "config ok" in out
-    assert done.returncode != 0 and "trainer.resume=" in out and "not a complete checkpoint" in out
+    assert done.returncode == 2 and "trainer.resume=" in out and "not a complete checkpoint" in out
+    assert "tandem: error: trainer.resume=" in done.stderr and "Traceback" not in out
     assert "ray:" not in out  # failed before connecting to Ray
 
 

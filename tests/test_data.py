@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from tandem.arithmetic import drill_facts, generate_arithmetic, generate_drill
 from tandem.config.checks import ConfigError
-from tandem.config.compose import CONF_DIR
+from tandem.config.compose import CONF_DIR, user_errors
 from tandem.config.schema import PAPER_INSTRUCTION, DataConfig
 from tandem.data import (
     DataError,
@@ -227,7 +227,98 @@ def test_jsonl_malformed_rows_over_the_threshold_raise_naming_the_field(tmp_path
         load_problems(cfg)
     message = str(error.value)
     assert "data.max_bad_row_frac" in message and "train.jsonl" in message
-    assert "7 of 207" in message and "3 (not valid JSON)" in message
+    assert "7 of 207" in message and "3 (not valid JSON" in message
+
+
+UNREADABLE_GOLDS = ["$$", "\\text{}", "\\!"]
+
+
+@pytest.mark.parametrize("gold", UNREADABLE_GOLDS)
+def test_a_gold_answer_the_reward_cannot_read_is_a_reported_row_not_a_dead_run(tmp_path, gold,
+                                                                              caplog):
+    # Graded mid-run, such a gold raised in the reward pool and stopped the run (again after
+    # resume); now the load skips it and names its line.
+    with pytest.raises(ValueError, match="extracts nothing"):
+        verify_one("\\boxed{1}", gold)
+    rows = [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(30)]
+    rows.insert(6, {"problem": "What is the answer?", "answer": gold})
+    cfg = DataConfig(name="golds", source=_write_jsonl(tmp_path / "g.jsonl", rows),
+                     holdout_size=0, max_bad_row_frac=0.05)
+    with caplog.at_level(logging.WARNING, logger="tandem.data"):
+        train, _, report = load_problems(cfg)
+    assert [n for n, _ in report.bad_rows] == [7]
+    assert "gold answer" in report.bad_rows[0][1] and "g.jsonl" in caplog.text
+    assert "golds/7" not in {p.uid for p in train} and len(train) == 30
+    assert all(verify_one(f"\\boxed{{{p.answer}}}", p.answer).status == "correct" for p in train)
+
+
+def test_too_many_unreadable_golds_fail_the_load_naming_file_lines_and_field(tmp_path):
+    rows = [{"problem": f"Q{i}?", "answer": ("\\text{}" if i % 2 else f"{i}")} for i in range(10)]
+    cfg = DataConfig(source=_write_jsonl(tmp_path / "half.jsonl", rows), holdout_size=0)
+    with pytest.raises(DataError) as error:
+        load_problems(cfg)
+    message = str(error.value)
+    assert "half.jsonl: 5 of 10 rows" in message and "data.max_bad_row_frac" in message
+    assert "lines 2 (math-verify extracts nothing" in message
+
+
+def test_invalid_utf8_line_is_a_skipped_row_not_a_failed_load(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = [json.dumps({"problem": f"What is {i} + π?", "answer": f"{i} + \\pi"},
+                       ensure_ascii=False).encode() for i in range(40)]
+    lines = [b"\xef\xbb\xbf" + good[0], *good[1:20], b'{"problem": "caf\xe9", "answer": "1"}',
+             *good[20:]]  # a BOM on line 1; line 21 is Latin-1, not UTF-8
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = DataConfig(name="mixed", source=str(path), holdout_size=0, max_bad_row_frac=0.05)
+    train, _, report = load_problems(cfg)
+    assert report.bad_rows == ((21, "not valid UTF-8 (byte 17)"),)
+    assert len(train) == 40 and train[0].problem == "What is 0 + π?"
+
+
+def test_invalid_json_reports_where_on_the_line(tmp_path):
+    rows = [{"problem": f"Q{i}?", "answer": "1"} for i in range(50)]
+    rows.insert(9, '{"problem": "Q?", "answer": 1,}')
+    cfg = DataConfig(source=_write_jsonl(tmp_path / "comma.jsonl", rows), holdout_size=0,
+                     max_bad_row_frac=0.05)
+    (line, why), = load_problems(cfg)[2].bad_rows
+    assert line == 10 and why.startswith("not valid JSON (") and "column 31" in why
+
+
+def test_a_corrupt_parquet_file_is_one_line_naming_the_source(tmp_path):
+    path = tmp_path / "cut.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(DataError) as error:
+        load_problems(DataConfig(source=str(path), holdout_size=0))
+    message = str(error.value)
+    assert message.startswith(f"data.source={str(path)!r} is not a readable Parquet file")
+    assert "\n" not in message
+
+
+def test_data_model_and_resume_errors_print_one_line_and_exit_2(capsys, tmp_path):
+    # what `python -m tandem.train` / `tandem.evaluate` wrap their run in
+    from tandem.checkpoint import find_resume
+    from tandem.models import ModelNotFoundError, load_tokenizer, resolve_model
+
+    def exit_line(run) -> str:
+        with pytest.raises(SystemExit) as done, user_errors():
+            run()
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        return err
+
+    bad = _write_jsonl(tmp_path / "bad.jsonl", ["{", "[]"])
+    assert "bad.jsonl: 2 of 2 rows" in exit_line(
+        lambda: load_problems(DataConfig(source=bad, holdout_size=0)))
+    assert "trainer.resume=" in exit_line(lambda: find_resume(str(tmp_path), tmp_path))
+    assert "does not exist" in exit_line(lambda: resolve_model(str(tmp_path / "nowhere")))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    assert "no tokenizer loads from" in exit_line(lambda: load_tokenizer(str(bare)))
+    assert issubclass(ModelNotFoundError, FileNotFoundError)  # callers that catch it still do
+    with pytest.raises(KeyError), user_errors():  # a bug stays a traceback
+        raise KeyError("not the user's input")
 
 
 def test_gsm8k_answer_format_takes_the_text_after_the_marks(tmp_path):
@@ -288,10 +379,27 @@ def test_dataset_id_without_the_datasets_library_says_what_to_install(monkeypatc
         load_problems(DataConfig(source="openai/gsm8k", subset="main"))
 
 
-def test_holdout_larger_than_the_data_names_the_field():
-    cfg = DataConfig(source="generated:arithmetic", num_generated=50, holdout_size=50)
-    with pytest.raises(DataError, match="data.holdout_size"):
-        load_problems(cfg)
+def test_a_dataset_id_that_does_not_load_names_source_subset_and_split(monkeypatch):
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'org/set' on the Hub (OfflineModeIsEnabled)\nmore")
+
+    monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", offline, raising=False)
+    with pytest.raises(DataError) as error:
+        load_problems(DataConfig(source="org/set", subset="main", split="test"))
+    assert str(error.value).startswith("data.source='org/set' (data.subset='main', data.split="
+                                       "'test') does not load: ConnectionError: Couldn't reach")
+    assert "\n" not in str(error.value)
+
+
+def test_holdout_larger_than_the_data_names_the_field(tmp_path):
+    # a generated set's size is known at compose time; a file's only once it is read
+    with pytest.raises(ConfigError, match="data.holdout_size=50 .* data.num_generated=50"):
+        DataConfig(source="generated:arithmetic", num_generated=50, holdout_size=50)
+    source = _write_jsonl(tmp_path / "three.jsonl",
+                          [{"problem": f"{i} + 1?", "answer": str(i + 1)} for i in range(3)])
+    with pytest.raises(DataError, match="data.holdout_size=3 leaves no training rows"):
+        load_problems(DataConfig(source=source, holdout_size=3))
 
 
 # ----------------------------------------------------------------------------- hold-out

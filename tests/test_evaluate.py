@@ -417,6 +417,22 @@ def test_checkpoints_resolve_to_hf_directories(tiny_model_dir, tmp_path):
     assert plain.model_dir == str(tiny_model_dir.resolve()) and plain.step is None
 
 
+def test_a_checkpoint_not_found_names_the_setting_that_gave_it(tmp_path):
+    from tandem.eval_models import resolve_checkpoints
+    from tandem.models import ModelNotFoundError
+
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    for overrides, field in (([f"eval.checkpoints=[{tmp_path}/nowhere]"], "eval.checkpoints"),
+                             ([f"eval.checkpoints=[{empty}]"], "eval.checkpoints"),
+                             ([f"eval.start_senior={empty}"], "eval.start_senior")):
+        config = compose(["model@model.senior=tiny", "rollout.max_response_tokens=64",
+                          "eval.max_response_tokens=64", *overrides])
+        with pytest.raises(ModelNotFoundError) as error:
+            resolve_checkpoints(config, tmp_path)
+        assert str(error.value).startswith(f"{field}: "), error.value
+
+
 # ----------------------------------------------------------------------------- the command
 
 

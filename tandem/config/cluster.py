@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tandem.config.checks import check, check_choice, check_min, check_positive
+from tandem.config.checks import check, check_choice, check_min, check_positive, check_range
 
 TRANSPORTS = ("auto", "nccl", "cuda_ipc", "cpu")
 
@@ -90,9 +90,9 @@ class ClusterConfig:
                 check(engines.tensor_parallel_size == 1,
                        f"cluster.{role}.tensor_parallel_size must be 1 when cluster.device=cpu")
         check_min(self.learner.world_size, 1, "cluster.learner.world_size")
-        check(0.0 < self.gpu_memory_utilization <= 1.0,
-               f"cluster.gpu_memory_utilization must be in (0, 1], "
-               f"got {self.gpu_memory_utilization}")
+        check_min(self.learner.cpus_per_rank, 1, "cluster.learner.cpus_per_rank")
+        check_range(self.gpu_memory_utilization, 0, 1, "cluster.gpu_memory_utilization",
+                    open_low=True)
         for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb",
                      "heartbeat_s", "heartbeat_timeout_s"):
             check_positive(getattr(self, name), f"cluster.{name}")
@@ -105,6 +105,26 @@ class ClusterConfig:
             check(self.weight_transport in ("auto", "cpu"),
                    f"cluster.weight_transport={self.weight_transport!r} needs GPUs; "
                    "use auto or cpu with cluster.device=cpu")
+        if self.colocated:
+            self._check_colocated()
+
+    def _check_colocated(self) -> None:
+        # Each GPU holds one learner rank, one senior and one junior engine, and both engines
+        # are awake during rollouts: vLLM refuses the second engine if the first took half.
+        gpus = self.learner.world_size
+        for role in ("senior", "junior"):
+            engines: EngineResources = getattr(self, role)
+            check(engines.tensor_parallel_size == 1,
+                  f"cluster.colocated=true needs cluster.{role}.tensor_parallel_size=1 (one "
+                  "engine per GPU)")
+            check(engines.replicas == gpus,
+                  f"cluster.colocated=true shares each GPU between a learner rank and a {role} "
+                  f"engine: cluster.{role}.replicas={engines.replicas} must equal "
+                  f"cluster.learner.world_size={gpus}")
+        check(self.gpu_memory_utilization < 0.5,
+              f"cluster.colocated=true runs a senior and a junior engine on each GPU, each "
+              f"taking cluster.gpu_memory_utilization={self.gpu_memory_utilization:g} of it; "
+              "use < 0.5 so both fit beside the learner")
 
     @property
     def transport(self) -> str:
@@ -116,3 +136,15 @@ class ClusterConfig:
         return "cuda_ipc" if self.colocated else "nccl"
 
 
+def check_devices(cluster: ClusterConfig, gpus: int) -> None:
+    """The topology against the GPUs of the machine a local Ray cluster starts on (no
+    RAY_ADDRESS): a cuda topology there fails now, naming the counts, not after Ray starts."""
+    if cluster.device != "cuda":
+        return
+    engines = [getattr(cluster, role) for role in ("senior", "junior")]
+    wanted = cluster.learner.world_size if cluster.colocated else (
+        cluster.learner.world_size + sum(e.replicas * e.tensor_parallel_size for e in engines))
+    check(gpus >= wanted,
+          f"cluster.device=cuda: cluster={cluster.name} needs {wanted} GPU(s) (learner ranks "
+          f"+ engine replicas x tensor_parallel_size), this machine has {gpus}; use "
+          "cluster=local_cpu, a smaller topology, or set RAY_ADDRESS to a cluster with GPUs")

@@ -8,9 +8,12 @@ imports it. The schema lives in tandem/config/schema.py and cluster.py, its chec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from hydra import compose as hydra_compose
@@ -20,7 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tandem.config.checks import ConfigError
+from tandem.config.checks import ConfigError, InputError
+from tandem.config.cluster import check_devices
 from tandem.config.schema import TandemConfig
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -68,15 +72,40 @@ def to_config(cfg: DictConfig) -> TandemConfig:
     return config
 
 
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around a Hydra app's `main`: an `InputError` (a config value, data set, model or
+    checkpoint the run cannot use) prints its one line and exits 2. Left to Hydra it would
+    print a traceback that buries the line naming the field."""
+    try:
+        yield
+    except InputError as error:
+        kind = "config error" if isinstance(error, ConfigError) else "error"
+        print(f"tandem: {kind}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def visible_gpus() -> int:
+    """GPUs a local Ray cluster would get on this machine: CUDA_VISIBLE_DEVICES when set, else
+    the NVIDIA driver's device list (no torch import: this runs before anything heavy)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    driver = Path("/proc/driver/nvidia/gpus")
+    if driver.is_dir():
+        return sum(1 for _ in driver.iterdir())
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))
+
+
 def config_for_app(cfg: DictConfig) -> tuple[TandemConfig, Path]:
     """For a Hydra app's `main`: the validated config and the run directory, with the resolved
     config written to `<run dir>/config.yaml`. A config error prints one line naming the field
-    and exits 2, before anything heavy loads."""
-    try:
+    and exits 2, before anything heavy loads; so does a cuda topology that a local cluster
+    (no RAY_ADDRESS) could not place on this machine's GPUs."""
+    with user_errors():
         config = to_config(cfg)
-    except ConfigError as error:
-        print(f"tandem: config error: {error}", file=sys.stderr)
-        sys.exit(2)
+        if not os.environ.get("RAY_ADDRESS"):
+            check_devices(config.cluster, visible_gpus())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
     return config, run_dir

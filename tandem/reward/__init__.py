@@ -19,8 +19,15 @@ box as one expression, never a part of it it could match (`grade`). A box longer
 """
 
 from tandem.reward.answer import answer_of, last_boxed, last_number
-from tandem.reward.grade import STATUSES, Status, Verdict, reward_metrics, verify_one
+from tandem.reward.grade import (
+    STATUSES,
+    Status,
+    Verdict,
+    gold_error,
+    reward_metrics,
+    verify_one,
+)
 from tandem.reward.pool import RewardPool
 
-__all__ = ["STATUSES", "RewardPool", "Status", "Verdict", "answer_of", "last_boxed", "last_number",
-           "reward_metrics", "verify_one"]
+__all__ = ["STATUSES", "RewardPool", "Status", "Verdict", "answer_of", "gold_error", "last_boxed",
+           "last_number", "reward_metrics", "verify_one"]

@@ -126,6 +126,38 @@ def _parse_gold(answer: str, math_timeout_s: int) -> tuple:
     return tuple(gold)
 
 
+_PLAIN_GOLD = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def gold_error(answer: str, math_timeout_s: int = 5) -> str | None:
+    """Why the reward could not grade against this gold answer, or None when it can.
+
+    The data loader calls it on every row, so a gold answer that would stop the run at its
+    first episode (an empty one, or one math-verify extracts nothing from) is a skipped,
+    reported row instead. Plain numbers, most of every data set, skip sympy. Off the main
+    thread math-verify's alarm cannot run, so there the parse is unbounded.
+    """
+    if not answer.strip():
+        return "empty gold answer"
+    if _PLAIN_GOLD.fullmatch(answer.strip()):
+        return None
+    on_main = threading.current_thread() is threading.main_thread()
+    try:
+        _parse_gold(answer, math_timeout_s if on_main else 0)
+    except TimeoutException:
+        return f"math-verify timed out on the gold answer {_shown(answer)}"
+    except ValueError:  # _parse_gold: nothing extracted
+        return f"math-verify extracts nothing from the gold answer {_shown(answer)}"
+    except Exception as error:  # latex2sympy raises arbitrary types; the row is skipped
+        return (f"math-verify cannot parse the gold answer {_shown(answer)} "
+                f"({type(error).__name__})")
+    return None
+
+
+def _shown(answer: str) -> str:
+    return repr(answer if len(answer) <= 40 else answer[:37] + "...")
+
+
 def judge_box(box: str, answer: str, math_timeout_s: int) -> Verdict:
     """Grade a box's content with math-verify; main thread only (its ``signal.alarm``)."""
     if threading.current_thread() is not threading.main_thread():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tandem.config.checks import ConfigError
 from tandem.config.compose import compose
 from tandem.runtime.placement import PlacementError, check_fits, colocated_shares, demand
 
@@ -34,10 +35,14 @@ def test_cpu_topology_counts_cores_not_gpus():
 
 
 def test_colocated_needs_one_engine_of_each_role_per_learner_gpu():
-    cluster = compose(["cluster=single_gpu", "cluster.senior.replicas=2"]).cluster
+    # compose refuses it first (tests/test_config.py); placement checks again what it reserves
+    with pytest.raises(ConfigError, match="cluster.senior.replicas"):
+        compose(["cluster=single_gpu", "cluster.senior.replicas=2"])
+    cluster = compose(["cluster=single_gpu"]).cluster
+    colocated_shares(cluster)
+    cluster.senior.replicas = 2
     with pytest.raises(PlacementError, match="cluster.senior.replicas"):
         colocated_shares(cluster)
-    colocated_shares(compose(["cluster=single_gpu"]).cluster)
 
 
 @pytest.mark.slow

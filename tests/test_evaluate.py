@@ -446,8 +446,10 @@ def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path, eval_mod
                f"eval.start_senior={start}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # start_new_session: the kill takes the engines' processes with it, as a real kill would
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "first.log"  # a file, not a pipe: vLLM's logs would fill a pipe
+    with open(log, "w") as sink:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
     solo = None
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and first.poll() is None:
@@ -458,7 +460,7 @@ def test_smoke_eval_writes_eval_json_and_resumes_after_a_kill(tmp_path, eval_mod
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert solo is not None and not (run_dir / "eval.json").exists()
+    assert solo is not None and not (run_dir / "eval.json").exists(), log.read_text()[-3000:]
     before = solo.read_text()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)

@@ -275,3 +275,17 @@ def build_reweighted_copy(model_dir: Path | str, out_dir: Path | str, seed: int)
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def tiny_run(senior: Path | str, junior: Path | str) -> list[str]:
+    """Config overrides of a training run of tiny models that takes seconds a step on 2 CPU
+    cores (2 prompts x 2 episodes, short budgets, small KV caches, no compile): the fault
+    tests' runs, which add their own."""
+    return [
+        "model@model.senior=tiny", f"model.senior.path={senior}", f"model.junior.path={junior}",
+        "data.num_generated=32", "data.holdout_size=2", "rollout.max_prompt_tokens=96",
+        "rollout.max_response_tokens=24", "eval.max_response_tokens=16",
+        "algorithm.group_size=2", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
+        "reward.num_workers=1", "cluster.cpu_kvcache_gib=0.25", "cluster.call_timeout_s=300",
+        "cluster.enforce_eager=true", "trainer.val_every=0", "trainer.export_final=false",
+    ]

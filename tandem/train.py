@@ -309,9 +309,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             if resume_from is not None:
                 # the learners' weights, optimizer, schedule and RNG; the data position; the
                 # senior engines serving the saved weights
-                state = ckpt.read_state(resume_from)
-                actors.learners.load_checkpoint(str(resume_from))
-                actors.learned_version = state["step"]
+                state = _restore(resume_from, actors)
                 prefetch.resume(state["stream"], state["step"])
                 logger.stage(f"resumed from {resume_from}: step {start}, the senior engines serve "
                              "the saved weights")
@@ -432,14 +430,21 @@ def _restart_learners(error: Exception, run_dir: Path, actors: Any, prefetch: Pr
     actors.restart_learners()
     state = {"step": 0, "stream": stream_start}
     if checkpoint is not None:
-        state = ckpt.read_state(checkpoint)
-        actors.learners.load_checkpoint(str(checkpoint))
-    actors.learned_version = state["step"]
+        state = _restore(checkpoint, actors)
     prefetch.restart(state["stream"], state["step"])
     logger.stage(f"learner restarted ({actors.learner_restarts} of trainer.max_learner_restarts"
                  f"={trainer.max_learner_restarts}) after a rank died ({reason}); going on from "
                  f"{checkpoint or 'the starting senior'} at step {state['step']}")
     return state["step"]
+
+
+def _restore(checkpoint: Path, actors: Any) -> dict:
+    """Load a checkpoint into the learners (weights, optimizer, schedule, RNG); its state
+    (step, stream position)."""
+    state = ckpt.read_state(checkpoint)
+    actors.learners.load_checkpoint(str(checkpoint))
+    actors.learned_version = state["step"]
+    return state
 
 
 def _keep_last_step(run_dir: Path, done: int, saved: int, learners: Learners,

@@ -67,21 +67,17 @@ def test_dead_and_hung_engines_are_restarted_then_the_run_stops_checkpointed(
         tiny_model_dir, tmp_path, ray_cluster, injected):
     from tandem.checkpoint import find_resume
     from tandem.runtime.actors import EngineFailure
-    from tandem.testkit import build_reweighted_copy
+    from tandem.testkit import build_reweighted_copy, tiny_run
     from tandem.train import train
 
     junior = build_reweighted_copy(tiny_model_dir, tmp_path / "junior", seed=31)
     config = compose([
-        "model@model.senior=tiny", f"model.senior.path={tiny_model_dir}",
-        f"model.junior.path={junior}", "data.num_generated=32", "data.holdout_size=2",
-        "rollout.max_prompt_tokens=96", "rollout.max_response_tokens=24",
-        "eval.max_response_tokens=16", "rollout.temperature=1.0", f"algorithm.group_size={GROUP}",
-        f"trainer.prompts_per_step={PROMPTS}", f"trainer.mini_batch_prompts={PROMPTS}",
-        "algorithm.entropy_coef=0.05", "optim.lr=1e-3", "reward.num_workers=1",
-        "cluster.cpu_kvcache_gib=0.25", "cluster.call_timeout_s=300",
-        "cluster.enforce_eager=true", "cluster.heartbeat_s=1", "cluster.heartbeat_timeout_s=5",
-        "cluster.max_engine_restarts=2", "trainer.total_steps=4", "trainer.val_every=0",
-        "trainer.save_episodes_every=1", "trainer.export_final=false", "seed=11",
+        *tiny_run(tiny_model_dir, junior), "rollout.temperature=1.0",
+        f"algorithm.group_size={GROUP}", f"trainer.prompts_per_step={PROMPTS}",
+        f"trainer.mini_batch_prompts={PROMPTS}", "algorithm.entropy_coef=0.05", "optim.lr=1e-3",
+        "cluster.heartbeat_s=1", "cluster.heartbeat_timeout_s=5",
+        "cluster.max_engine_restarts=2", "trainer.total_steps=4",
+        "trainer.save_episodes_every=1", "seed=11",
     ])
     with pytest.raises(EngineFailure, match="max_engine_restarts=2") as stopped:
         train(config, tmp_path / "run")

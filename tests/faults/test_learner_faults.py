@@ -28,6 +28,7 @@ def test_a_dead_learner_restarts_from_the_checkpoint_then_the_run_stops(
         tiny_model_dir, tmp_path, ray_cluster, monkeypatch):
     from tandem.data import PromptStream, load_prompts
     from tandem.runtime.actors import Actors
+    from tandem.testkit import tiny_run
     from tandem.train import LearnerFailure, train
 
     original = Actors.train
@@ -43,15 +44,10 @@ def test_a_dead_learner_restarts_from_the_checkpoint_then_the_run_stops(
 
     monkeypatch.setattr(Actors, "train", train_with_faults)
     config = compose([
-        "model@model.senior=tiny", f"model.senior.path={tiny_model_dir}",
-        f"model.junior.path={tiny_model_dir}", "data.num_generated=32", "data.holdout_size=2",
-        "rollout.max_prompt_tokens=96", "rollout.max_response_tokens=16",
-        "eval.max_response_tokens=16", "algorithm.group_size=2", "trainer.prompts_per_step=2",
-        "trainer.mini_batch_prompts=2", "reward.num_workers=1", "cluster.cpu_kvcache_gib=0.25",
-        "cluster.call_timeout_s=300", "cluster.enforce_eager=true", "trainer.total_steps=5",
-        "trainer.save_every=2", "trainer.keep_checkpoints=0", "trainer.val_every=0",
-        "trainer.save_episodes_every=1", "trainer.export_final=false",
-        "trainer.restart_on_learner_failure=true", "trainer.max_learner_restarts=1", "seed=17",
+        *tiny_run(tiny_model_dir, tiny_model_dir), "rollout.max_response_tokens=16",
+        "trainer.total_steps=5", "trainer.save_every=2", "trainer.keep_checkpoints=0",
+        "trainer.save_episodes_every=1", "trainer.restart_on_learner_failure=true",
+        "trainer.max_learner_restarts=1", "seed=17",
     ])
     run = tmp_path / "run"
     with pytest.raises(LearnerFailure, match="max_learner_restarts=1") as stopped:

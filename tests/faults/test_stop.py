@@ -23,15 +23,9 @@ pytestmark = pytest.mark.slow
 
 
 def _config(senior: Path, junior: Path, *overrides: str):
-    return compose([
-        "model@model.senior=tiny", f"model.senior.path={senior}", f"model.junior.path={junior}",
-        "data.num_generated=32", "data.holdout_size=2", "rollout.max_prompt_tokens=96",
-        "rollout.max_response_tokens=24", "eval.max_response_tokens=16",
-        "algorithm.group_size=2", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
-        "reward.num_workers=1", "cluster.cpu_kvcache_gib=0.25", "cluster.call_timeout_s=300",
-        "cluster.enforce_eager=true", "trainer.val_every=0", "trainer.export_final=false",
-        "seed=13", *overrides,
-    ])
+    from tandem.testkit import tiny_run
+
+    return compose([*tiny_run(senior, junior), "seed=13", *overrides])
 
 
 def test_sigterm_during_start_up_stops_at_once(tiny_model_dir, tmp_path, ray_cluster,

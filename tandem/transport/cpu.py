@@ -90,6 +90,8 @@ class CpuSender:
             raise
         if local:
             self._shm.mapped(bucket, local)
+            if bucket == num_buckets - 1:  # applied: the engines unmapped any later buckets
+                self._shm.keep(num_buckets)
         return {"bytes": float(layout.nbytes * len(engines)), "write_s": written - started,
                 "stage_s": max(load["stage_s"] for load in loads),
                 "apply_s": max(load["apply_s"] for load in loads)}

@@ -84,6 +84,15 @@ class ShmWriter:
             os.unlink(buffer.path)
             buffer.linked = False
 
+    def keep(self, num_buckets: int) -> None:
+        """Forget buffers of bucket indices a push no longer has, as the readers unmap them
+        (`ShmReader.keep`): a later push with more buckets must not reuse a buffer a reader
+        has let go."""
+        for bucket in [b for b in self._buffers if b >= num_buckets]:
+            buffer = self._buffers.pop(bucket)
+            if buffer.linked:
+                os.unlink(buffer.path)
+
     def drop(self) -> None:
         """Never write the current buffers again (a reader may still be loading from them);
         later pushes get new files."""

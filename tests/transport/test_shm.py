@@ -132,3 +132,19 @@ def test_an_engine_process_sees_the_second_push_through_the_mapping_it_kept():
         if child.is_alive():
             child.kill()
         writer.close()
+
+
+def test_a_push_with_fewer_buckets_lets_writer_and_reader_forget_the_same_ones(writer):
+    """After a 1-bucket push both ends let bucket 1 go; a 2-bucket push then gets a new file
+    for it, which the reader maps (reusing the old one would name a buffer it dropped)."""
+    reader = ShmReader()
+    for bucket in (0, 1):
+        reader.read(_write(writer, _masters(bucket), version=1, readers=["engine"],
+                           bucket=bucket))
+        writer.mapped(bucket, ["engine"])
+    reader.read(_write(writer, _masters(0), version=2, readers=["engine"]))
+    writer.mapped(0, ["engine"])
+    reader.keep(1)
+    writer.keep(1)
+    got = reader.read(_write(writer, _masters(3), version=3, readers=["engine"], bucket=1))
+    assert torch.equal(got[0][1], _masters(3)[0][1].to(torch.bfloat16))

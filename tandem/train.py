@@ -184,6 +184,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = config.trainer
+    ckpt.remove_partial(run_dir)  # what a killed or failed save left: never resumed from
     resume_from = ckpt.find_resume(trainer.resume, run_dir)
     start = ckpt.read_state(resume_from)["step"] if resume_from else 0
     prompts, senior_dir, junior_dir = load_prompts(config)
@@ -301,10 +302,10 @@ def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: 
 
 def _save(run_dir: Path, step: int, learners: Learners, stream_state: dict,
           config: TandemConfig) -> None:
-    directory = ckpt.checkpoint_dir(run_dir, step)
-    directory.mkdir(parents=True, exist_ok=True)
-    learners.save_checkpoint(str(directory))
-    ckpt.write_state(directory, {"step": step, "stream": stream_state, "seed": config.seed})
+    # atomic (tandem/checkpoint.py): the ranks write into a partial directory, renamed into
+    # place once complete and synced; a failed save deletes it and raises CheckpointError
+    ckpt.save(run_dir, step, lambda partial: learners.save_checkpoint(str(partial)),
+              {"step": step, "stream": stream_state, "seed": config.seed})
     ckpt.prune(run_dir, config.trainer.keep_checkpoints)
 
 

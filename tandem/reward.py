@@ -244,8 +244,10 @@ def _self_check() -> None:
 
 
 def _worker_main(conn: Connection, math_timeout_s: int) -> None:
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    # Ctrl-C reaches the whole process group, and `ray job stop` / Slurm SIGTERM every process
+    # of the job: the parent decides when workers stop, after finishing its step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         _self_check()
     except Exception:  # reported to the parent, which raises it

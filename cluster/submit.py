@@ -64,6 +64,8 @@ DEFAULT_STOP_WAIT_S = 900
 a paper-size run (Ray's own default is 3 s)."""
 MAX_VALIDATED_POINTS = 64
 """A sweep's points composed locally before submitting (the first ones, if there are more)."""
+# Hydra flags after which tandem.train only prints (a config, help) and trains nothing
+HYDRA_PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
 # Hydra flags that take a value (the value is not an override)
 HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn",
                           "--config-path", "-cp", "--config-dir", "-cd")
@@ -118,8 +120,9 @@ def build_entrypoint(spec: JobSpec) -> str:
 def validate_overrides(args: Sequence[str]) -> int:
     """Compose conf/ with the job's overrides and run the schema checks, as `tandem.train`
     will; every point of a `-m` sweep (up to MAX_VALIDATED_POINTS). Returns how many configs
-    were checked; raises ValueError naming the field. Local paths are the cluster nodes' paths:
-    whether they exist is not checked here."""
+    were checked (0 for `--cfg`, `--info` or `--help`, which train nothing); raises ValueError
+    naming the field. Local paths are the cluster nodes' paths: whether they exist is not
+    checked here."""
     # why here: the checkout's own tandem (the one uploaded), importable without an install
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
@@ -129,6 +132,8 @@ def validate_overrides(args: Sequence[str]) -> int:
     from tandem.config import schema
     from tandem.config.compose import compose
 
+    if any(arg in HYDRA_PRINT_ONLY for arg in args):
+        return 0  # Hydra prints the config or its help and runs nothing: nothing to refuse
     overrides, config_name, multirun = _split_hydra_args(args)
     points = _sweep_points(overrides) if multirun else [overrides]
     for point in points[:MAX_VALIDATED_POINTS]:

@@ -352,7 +352,8 @@ def test_validation_composes_every_sweep_point_and_leaves_node_paths_to_the_node
                                       "trainer.total_steps=2,3"]) == 4
     # the paths are the cluster nodes': not checked on the submitting machine
     assert submit.validate_overrides(["model.senior.path=/only/on/the/nodes"]) == 1
-    assert submit.validate_overrides(["--cfg", "job", "algorithm.handoff_p=0.5"]) == 1
+    assert submit.validate_overrides(["--cfg", "job", "algorithm.handoff_p=0.5"]) == 0
+    assert submit.validate_overrides(["-cn", "config", "algorithm.handoff_p=0.5"]) == 1
 
 
 def test_gcs_address_is_rejected_with_the_form_to_use(tmp_path):

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tandem import checkpoint as ckpt
@@ -51,6 +53,7 @@ from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
 from tandem.rollout import Rollout
+from tandem.sweep import run_point
 
 if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` imports late
     from tandem.data import PromptStream
@@ -311,6 +314,16 @@ def _save(run_dir: Path, step: int, learners: Learners, stream_state: dict,
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:
+        # a failed point is recorded in its run dir and the sweep goes on (tandem/sweep.py)
+        run_point(lambda: _train_app(cfg), Path(hydra_config.runtime.output_dir),
+                  list(hydra_config.overrides.task))
+    else:
+        _train_app(cfg)
+
+
+def _train_app(cfg: DictConfig) -> None:
     config, run_dir = config_for_app(cfg)
     log.info("config ok: senior=%s junior=%s%s data=%s algorithm=%s(schedule=%s, handoff_p=%s) "
              "run dir %s", config.model.senior.path, config.model.junior.path,

@@ -24,6 +24,9 @@ learner trains and wake the senior's weights just for the push.
 Pre-emption: SIGTERM or SIGINT lets the current step finish, writes a checkpoint and exits 0;
 `trainer.resume=auto` (with the same `hydra.run.dir`) continues exactly where it stopped: the
 same next batch, the same optimizer state, and the senior engines serving the saved weights.
+Checkpoints are atomic and load without running code from the run directory
+(tandem/checkpoint.py, tandem/learner/state.py). In a multirun (`-m`) a point that fails is
+recorded in its run directory and the sweep goes on (tandem/sweep.py).
 """
 
 from __future__ import annotations
@@ -289,6 +292,8 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         if trainer.export_final and done == total and stop.signal is None:
             actors.learners.export_hf(str(run_dir / "senior"))
             logger.stage(f"export: the trained senior is in {run_dir / 'senior'}")
+    # the last line of a run that ended on its own (a stop that ran out of grace never gets here)
+    log.info("shut down: engines, learners, reward workers and the Ray connection closed")
     return history
 
 

@@ -10,6 +10,7 @@ round.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shlex
@@ -205,6 +206,13 @@ def _submit_env(extra: dict[str, str], home: Path) -> dict[str, str]:
     return env
 
 
+def _log_time(text: str, marker: str) -> float:
+    """The Unix time of the first job-log line holding `marker` (Hydra's `[date time,ms]`)."""
+    line = next(line for line in text.splitlines() if marker in line)
+    stamp = line[line.index("[") + 1:line.index("]")]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 def _metrics_steps(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
@@ -246,12 +254,13 @@ def test_submitted_training_job_logs_and_ray_job_stop_leaves_its_last_step(head,
             follower.kill()
             follower.wait()
     text = out_path.read_text()
-    print(f"ray job stop: the job stopped {stop_s:.1f} s after the command")
     assert "(auth: token)" in text and f"{head.address}/#/jobs/tandem-" in text
     assert TRAIN_LOG_MARKER.replace("1/1", "1/1000") in text, text[-4000:]
     assert "ray: connected to" in text  # the job attached to the head, not a cluster of its own
     assert follower.returncode == submit.EXIT_FAILED and "STOPPED" in text
     assert "stopped by SIGTERM after step" in text, text[-4000:]
+    # the driver ended on its own, after its teardown: not killed when its grace ran out
+    assert "shut down: engines, learners" in text, text[-4000:]
 
     from tandem import checkpoint as ckpt
 
@@ -261,6 +270,11 @@ def test_submitted_training_job_logs_and_ray_job_stop_leaves_its_last_step(head,
     assert newest is not None and newest.name == f"step_{steps[-1]:06d}", (steps, newest)
     assert ckpt.read_state(newest)["step"] == steps[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [newest.name]
+    sigterm = _log_time(text, "SIGTERM: finishing this step")
+    saved_s = (newest / ckpt.STATE_FILE).stat().st_mtime - sigterm
+    print(f"ray job stop: {stop_s:.1f} s for the command; after the SIGTERM the checkpoint was "
+          f"complete in {saved_s:.1f} s, the driver shut down in "
+          f"{_log_time(text, 'shut down: engines') - sigterm:.1f} s")
 
 
 @pytest.mark.slow

@@ -11,14 +11,23 @@ dashboard URL, follows the job's logs and exits with its status:
     0 SUCCEEDED, 1 FAILED or STOPPED, 3 cluster unreachable / refused,
     124 --timeout-s passed (the job keeps running), 130 interrupted (the job keeps running).
 
+Before anything is uploaded the overrides are composed and validated here, with the same
+conf/ and schema the job will use (every point of a `-m` sweep): a bad override fails in one
+line without touching the cluster. Paths are the nodes' paths, so whether they exist is left to
+the job. The job gets `RAY_JOB_STOP_WAIT_TIME_S` (--stop-wait-s): Ray's `ray job stop` sends
+SIGTERM, then SIGKILL after that many seconds (Ray's default, 3 s, leaves no time for "finish the
+step, checkpoint, exit").
+
 Every request to the cluster and the wait for the job are bounded (--request-timeout-s,
---timeout-s). Importable: `build_runtime_env`, `build_entrypoint` and `submit` are the pieces.
+--timeout-s). Importable: `validate_overrides`, `build_runtime_env`, `build_entrypoint` and
+`submit` are the pieces.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shlex
@@ -30,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, TypeVar
+from unittest import mock
 
 import requests
 from ray.exceptions import AuthenticationError
@@ -48,6 +58,17 @@ WORKING_DIR_EXCLUDES = (
     "*.egg-info/", "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
     "*.distcp", "tb/",
 )
+
+DEFAULT_STOP_WAIT_S = 900
+"""Seconds `ray job stop` waits after SIGTERM before SIGKILL: one step plus one checkpoint of
+a paper-size run (Ray's own default is 3 s)."""
+MAX_VALIDATED_POINTS = 64
+"""A sweep's points composed locally before submitting (the first ones, if there are more)."""
+# Hydra flags after which tandem.train only prints (a config, help) and trains nothing
+HYDRA_PRINT_ONLY = ("--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help")
+# Hydra flags that take a value (the value is not an override)
+HYDRA_FLAGS_WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-name", "-cn",
+                          "--config-path", "-cp", "--config-dir", "-cd")
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -83,6 +104,9 @@ class JobSpec:
     uv: str | None = None
     """Same as pip, installed with uv (faster)."""
     working_dir: Path = REPO_ROOT
+    stop_wait_s: int = DEFAULT_STOP_WAIT_S
+    """`ray job stop`: seconds between SIGTERM and SIGKILL (RAY_JOB_STOP_WAIT_TIME_S); must
+    cover finishing a step and writing its checkpoint."""
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -93,15 +117,84 @@ def build_entrypoint(spec: JobSpec) -> str:
     return shlex.join([spec.python, "-m", ENTRY_MODULE, *spec.overrides])
 
 
+def validate_overrides(args: Sequence[str]) -> int:
+    """Compose conf/ with the job's overrides and run the schema checks, as `tandem.train`
+    will; every point of a `-m` sweep (up to MAX_VALIDATED_POINTS). Returns how many configs
+    were checked (0 for `--cfg`, `--info` or `--help`, which train nothing); raises ValueError
+    naming the field. Local paths are the cluster nodes' paths: whether they exist is not
+    checked here."""
+    # why here: the checkout's own tandem (the one uploaded), importable without an install
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tandem.config import schema
+    from tandem.config.compose import compose
+
+    if any(arg in HYDRA_PRINT_ONLY for arg in args):
+        return 0  # Hydra prints the config or its help and runs nothing: nothing to refuse
+    overrides, config_name, multirun = _split_hydra_args(args)
+    points = _sweep_points(overrides) if multirun else [overrides]
+    for point in points[:MAX_VALIDATED_POINTS]:
+        try:
+            with mock.patch.object(schema, "looks_local", lambda path: False):
+                compose(point, config_name=config_name)
+        except (ValueError, HydraException, OmegaConfBaseException) as error:
+            where = f" (sweep point {' '.join(point)})" if multirun else ""
+            first = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ValueError(f"config error{where}: {first}") from None
+    return min(len(points), MAX_VALIDATED_POINTS)
+
+
+def _split_hydra_args(args: Sequence[str]) -> tuple[list[str], str, bool]:
+    """(overrides, config name, multirun) from a `tandem.train` command line."""
+    overrides, config_name, multirun = [], "config", False
+    items = iter(args)
+    for arg in items:
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif arg in HYDRA_FLAGS_WITH_VALUE:
+            value = next(items, "")
+            if arg in ("--config-name", "-cn"):
+                config_name = value
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, config_name, multirun
+
+
+def _sweep_points(overrides: list[str]) -> list[list[str]]:
+    """Every combination of a multirun's swept values, as plain override lists."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for text, override in zip(overrides, parsed, strict=True):
+        if override.is_sweep_override():
+            prefix = text[:len(text) - len(text.lstrip("+~"))]
+            key = f"{prefix}{override.key_or_group}"
+            if override.package:
+                key += f"@{override.package}"
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    return [list(point) for point in itertools.product(*choices)]
+
+
 def build_runtime_env(spec: JobSpec, auth_mode: str) -> dict:
     """The Ray runtime_env of the job. `auth_mode` is the cluster's ("token" or "disabled"):
     the driver's `ray.init` must use the same mode as the nodes it attaches to."""
     if spec.pip and spec.uv:
         raise ValueError("choose one of --pip and --uv, not both")
+    if spec.stop_wait_s < 1:
+        raise ValueError(f"--stop-wait-s must be >= 1, got {spec.stop_wait_s}")
     env_vars = {
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",  # log lines reach `ray job logs` as they are written
         "RAY_AUTH_MODE": auth_mode,
+        # read by the job's supervisor, which runs in this runtime_env: SIGTERM, then this
+        # long to finish the step and checkpoint before SIGKILL
+        "RAY_JOB_STOP_WAIT_TIME_S": str(spec.stop_wait_s),
     }
     if spec.offline:
         env_vars["HF_HUB_OFFLINE"] = "1"
@@ -293,7 +386,9 @@ class Submission:
 
 def submit(spec: JobSpec, address: str | None = None, *, auth_mode: str = "auto",
            submission_id: str | None = None, request_timeout_s: float = 60.0) -> Submission:
-    """Submit the job and return at once. Raises SubmitError naming what was tried."""
+    """Submit the job and return at once. Raises ValueError for bad overrides (checked before
+    the cluster is contacted) and SubmitError naming what was tried."""
+    validate_overrides(spec.overrides)
     url, source = resolve_address(address)
     cluster_mode = cluster_auth_mode(url, source, request_timeout_s)
     mode, headers = resolve_auth(auth_mode, cluster_mode)
@@ -347,6 +442,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="install this requirements file on each node for the job "
                       "(default: none, the nodes' image has the dependencies)")
     deps.add_argument("--uv", metavar="REQUIREMENTS", help="same as --pip, with uv")
+    parser.add_argument("--stop-wait-s", type=int, default=DEFAULT_STOP_WAIT_S,
+                        help="`ray job stop`: seconds from SIGTERM to SIGKILL, time to finish "
+                        f"the step and checkpoint (default {DEFAULT_STOP_WAIT_S}; Ray's is 3)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the entrypoint and runtime_env; contact no cluster")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for tandem.train")
@@ -358,8 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         spec = JobSpec(overrides=list(args.overrides), python=args.python,
                        env=parse_env(args.env), offline=args.offline, pip=args.pip,
-                       uv=args.uv)
+                       uv=args.uv, stop_wait_s=args.stop_wait_s)
         if args.dry_run:
+            checked = validate_overrides(spec.overrides)
+            print(f"config: ok ({checked} composed)")
             # auto: the real mode is asked from the cluster at submit time
             mode = "<the cluster's>" if args.auth_mode == "auto" else args.auth_mode
             print(f"entrypoint: {build_entrypoint(spec)}")

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
+from tandem.learner.state import load_sharded
 from tandem.models import ModelNotFoundError, resolve_model
 from tandem.protocols import eval_context, generation_protocols
 from tandem.rollout import engine_settings
@@ -131,7 +131,7 @@ def export_checkpoint(step_dir: Path, base_dir: Path, out_dir: Path, dtype: str)
     process reads every shard."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     state = model.state_dict()  # the tensors themselves: loading fills the model in place
-    dcp.load({"model": state}, checkpoint_id=str(step_dir))
+    load_sharded({"model": state}, step_dir)  # refuses a file that would run code
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:

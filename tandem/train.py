@@ -24,6 +24,9 @@ learner trains and wake the senior's weights just for the push.
 Pre-emption: SIGTERM or SIGINT lets the current step finish, writes a checkpoint and exits 0;
 `trainer.resume=auto` (with the same `hydra.run.dir`) continues exactly where it stopped: the
 same next batch, the same optimizer state, and the senior engines serving the saved weights.
+Checkpoints are atomic and load without running code from the run directory
+(tandem/checkpoint.py, tandem/learner/state.py). In a multirun (`-m`) a point that fails is
+recorded in its run directory and the sweep goes on (tandem/sweep.py).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tandem import checkpoint as ckpt
@@ -51,6 +56,7 @@ from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
 from tandem.rollout import EngineLost, Rollout
+from tandem.sweep import run_point
 
 if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` imports late
     from tandem.data import PromptStream
@@ -248,6 +254,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = config.trainer
+    ckpt.remove_partial(run_dir)  # what a killed or failed save left: never resumed from
     resume_from = ckpt.find_resume(trainer.resume, run_dir)  # a bad path fails in a second
     # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
     from tandem.advantage import group_advantages
@@ -400,6 +407,8 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
         if trainer.export_final and done == total and stop.signal is None:
             actors.learners.export_hf(str(run_dir / "senior"))
             logger.stage(f"export: the trained senior is in {run_dir / 'senior'}")
+    # the last line of a run that ended on its own (a stop that ran out of grace never gets here)
+    log.info("shut down: engines, learners, reward workers and the Ray connection closed")
     return history
 
 
@@ -471,15 +480,25 @@ def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: 
 
 def _save(run_dir: Path, step: int, learners: Learners, stream_state: dict,
           config: TandemConfig) -> None:
-    directory = ckpt.checkpoint_dir(run_dir, step)
-    directory.mkdir(parents=True, exist_ok=True)
-    learners.save_checkpoint(str(directory))
-    ckpt.write_state(directory, {"step": step, "stream": stream_state, "seed": config.seed})
+    # atomic (tandem/checkpoint.py): the ranks write into a partial directory, renamed into
+    # place once complete and synced; a failed save deletes it and raises CheckpointError
+    ckpt.save(run_dir, step, lambda partial: learners.save_checkpoint(str(partial)),
+              {"step": step, "stream": stream_state, "seed": config.seed})
     ckpt.prune(run_dir, config.trainer.keep_checkpoints)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode == RunMode.MULTIRUN:
+        # a failed point is recorded in its run dir and the sweep goes on (tandem/sweep.py)
+        run_point(lambda: _train_app(cfg), Path(hydra_config.runtime.output_dir),
+                  list(hydra_config.overrides.task))
+    else:
+        _train_app(cfg)
+
+
+def _train_app(cfg: DictConfig) -> None:
     config, run_dir = config_for_app(cfg)
     log.info("config ok: senior=%s junior=%s%s data=%s algorithm=%s(schedule=%s, handoff_p=%s) "
              "run dir %s", config.model.senior.path, config.model.junior.path,

@@ -10,6 +10,7 @@ round.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shlex
@@ -189,42 +190,100 @@ def head(tmp_path_factory):
 
 def _run_submit(args: list[str], env_extra: dict[str, str], home: Path,
                 timeout_s: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE",
-                        "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    # a private HOME: the user's ~/.ray/auth_token must not stand in for the test's token
-    env.update({"HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}, **env_extra)
-    return subprocess.run([sys.executable, str(SUBMIT), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout_s, cwd=home)
+    return subprocess.run([sys.executable, str(SUBMIT), *args], env=_submit_env(env_extra, home),
+                          capture_output=True, text=True, timeout=timeout_s, cwd=home)
 
 
 # ----------------------------------------------------------------------------- real head
 
 
+def _submit_env(extra: dict[str, str], home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE",
+                        "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    # a private HOME: the user's ~/.ray/auth_token must not stand in for the test's token
+    env.update({"HOME": str(home), "PYTHONPATH": str(REPO_ROOT)}, **extra)
+    return env
+
+
+def _log_time(text: str, marker: str) -> float:
+    """The Unix time of the first job-log line holding `marker` (Hydra's `[date time,ms]`)."""
+    line = next(line for line in text.splitlines() if marker in line)
+    stamp = line[line.index("[") + 1:line.index("]")]
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
 @pytest.mark.slow
-def test_submitted_training_job_succeeds_and_its_log_comes_back(head, tmp_path):
+def test_submitted_training_job_logs_and_ray_job_stop_leaves_its_last_step(head, tmp_path):
+    """A real training job through submit.py: its log comes back while it runs, and `ray job
+    stop` (SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, which submit.py raises from
+    Ray's 3 s) lets it finish the step, checkpoint that step and exit."""
     run_dir = tmp_path / "run"
-    result = _run_submit(
-        ["--address", head.address, "--timeout-s", str(JOB_TIMEOUT_S), "--", *TRAIN_JOB,
-         f"hydra.run.dir={run_dir}"],
-        {"RAY_AUTH_TOKEN_PATH": str(head.token_path)}, tmp_path)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out
-    assert "(auth: token)" in result.stdout
-    assert f"{head.address}/#/jobs/tandem-" in result.stdout
-    assert TRAIN_LOG_MARKER in result.stdout, out
-    assert "SUCCEEDED" in result.stdout
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1]
-    assert "ray: connected to" in out  # the job attached to the head, not a cluster of its own
+    job = [o for o in TRAIN_JOB if not o.startswith("trainer.total_steps=")]
+    env = _submit_env({"RAY_AUTH_TOKEN_PATH": str(head.token_path)}, tmp_path)
+    out_path = tmp_path / "submit.out"
+    with open(out_path, "w") as out:
+        follower = subprocess.Popen(
+            [sys.executable, str(SUBMIT), "--address", head.address, "--timeout-s",
+             str(JOB_TIMEOUT_S), "--", *job, "trainer.total_steps=1000", "trainer.save_every=0",
+             f"hydra.run.dir={run_dir}"], env=env, stdout=out, stderr=subprocess.STDOUT,
+            text=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not _metrics_steps(run_dir) and time.monotonic() < deadline:
+            assert follower.poll() is None, out_path.read_text()[-4000:]
+            time.sleep(1)
+        assert _metrics_steps(run_dir), f"no step within {JOB_TIMEOUT_S} s"
+        job_id = out_path.read_text().split("submit: job ", 1)[1].split()[0]
+        stop_started = time.monotonic()
+        stop = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "stop", "--address", head.address,
+             job_id], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+            timeout=JOB_TIMEOUT_S)
+        stop_s = time.monotonic() - stop_started
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        follower.wait(120)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    text = out_path.read_text()
+    assert "(auth: token)" in text and f"{head.address}/#/jobs/tandem-" in text
+    assert TRAIN_LOG_MARKER.replace("1/1", "1/1000") in text, text[-4000:]
+    assert "ray: connected to" in text  # the job attached to the head, not a cluster of its own
+    assert follower.returncode == submit.EXIT_FAILED and "STOPPED" in text
+    assert "stopped by SIGTERM after step" in text, text[-4000:]
+    # the driver ended on its own, after its teardown: not killed when its grace ran out
+    assert "shut down: engines, learners" in text, text[-4000:]
+
+    from tandem import checkpoint as ckpt
+
+    steps = _metrics_steps(run_dir)
+    assert steps == list(range(1, steps[-1] + 1))
+    newest = ckpt.find_resume("auto", run_dir)
+    assert newest is not None and newest.name == f"step_{steps[-1]:06d}", (steps, newest)
+    assert ckpt.read_state(newest)["step"] == steps[-1]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [newest.name]
+    sigterm = _log_time(text, "SIGTERM: finishing this step")
+    saved_s = (newest / ckpt.STATE_FILE).stat().st_mtime - sigterm
+    print(f"ray job stop: {stop_s:.1f} s for the command; after the SIGTERM the checkpoint was "
+          f"complete in {saved_s:.1f} s, the driver shut down in "
+          f"{_log_time(text, 'shut down: engines') - sigterm:.1f} s")
 
 
 @pytest.mark.slow
 def test_failing_job_exits_nonzero_with_its_error(head, tmp_path):
-    result = _run_submit(["--address", head.address, "--", "algorithm.handoff_p=1.5"],
+    # the nodes' paths are not checked locally: this one passes submit.py and fails in the job
+    result = _run_submit(["--address", head.address, "--", "model.senior.path=/absent/model"],
                          {"RAY_AUTH_TOKEN": head.token_path.read_text()}, tmp_path)
     assert result.returncode == submit.EXIT_FAILED, result.stdout + result.stderr
-    assert "handoff_p must be in [0, 1]" in result.stdout
+    assert "model.senior.path='/absent/model' does not exist" in result.stdout
     assert "FAILED" in result.stdout
 
 
@@ -239,8 +298,8 @@ def test_missing_or_wrong_token_is_refused_before_anything_runs(head, tmp_path):
     assert wrong.returncode == submit.EXIT_UNREACHABLE
     assert "Authentication failed" in wrong.stderr, wrong.stderr
 
-    forced = _run_submit(["--address", head.address, "--auth-mode", "disabled", "--", "x=1"],
-                         {}, tmp_path)
+    forced = _run_submit(["--address", head.address, "--auth-mode", "disabled", "--",
+                          "algorithm.handoff_p=0.5"], {}, tmp_path)
     assert forced.returncode == submit.EXIT_UNREACHABLE
     assert "RAY_AUTH_MODE=token" in forced.stderr
 
@@ -277,15 +336,43 @@ def test_no_wait_and_timeout_leave_the_job_running(head, tmp_path):
 def test_unreachable_address_names_what_was_tried(tmp_path):
     (port,) = _free_ports(1)
     address = f"http://127.0.0.1:{port}"
-    result = _run_submit(["--address", address, "--request-timeout-s", "5", "--", "x=1"], {},
-                         tmp_path, timeout_s=60)
+    result = _run_submit(["--address", address, "--request-timeout-s", "5", "--",
+                          "algorithm.handoff_p=0.5"], {}, tmp_path, timeout_s=60)
     assert result.returncode == submit.EXIT_UNREACHABLE
     assert f"cannot reach the Ray dashboard at {address} (address from --address)" in result.stderr
     assert f"GET {address}/api/authentication_mode" in result.stderr
 
 
+def test_bad_override_fails_in_one_line_before_any_upload(tmp_path):
+    """Validated here, before the cluster is contacted: the address is unreachable, and the
+    error is the config's, not the network's. A sweep is checked point by point."""
+    (port,) = _free_ports(1)
+    address = f"http://127.0.0.1:{port}"
+    for args, expected in (
+            (["algorithm.handoff_p=1.5"], "config error: algorithm.handoff_p must be in [0, 1]"),
+            (["trainer.stepz=3"], "config error: "),
+            (["-m", "algorithm.handoff_p=0.5,2"],
+             "config error (sweep point algorithm.handoff_p=2): algorithm.handoff_p")):
+        result = _run_submit(["--address", address, "--request-timeout-s", "5", "--", *args],
+                             {}, tmp_path, timeout_s=120)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"submit: {expected}"), result.stderr
+        assert "cannot reach" not in result.stderr
+
+
+def test_validation_composes_every_sweep_point_and_leaves_node_paths_to_the_nodes():
+    assert submit.validate_overrides(["-m", "algorithm.handoff_p=0.25,0.5",
+                                      "trainer.total_steps=2,3"]) == 4
+    # the paths are the cluster nodes': not checked on the submitting machine
+    assert submit.validate_overrides(["model.senior.path=/only/on/the/nodes"]) == 1
+    assert submit.validate_overrides(["--cfg", "job", "algorithm.handoff_p=0.5"]) == 0
+    assert submit.validate_overrides(["-cn", "config", "algorithm.handoff_p=0.5"]) == 1
+
+
 def test_gcs_address_is_rejected_with_the_form_to_use(tmp_path):
-    result = _run_submit(["--address", "10.0.0.1:6379", "--", "x=1"], {}, tmp_path, timeout_s=60)
+    result = _run_submit(["--address", "10.0.0.1:6379", "--", "algorithm.handoff_p=0.5"], {},
+                         tmp_path, timeout_s=60)
     assert result.returncode == 2
     assert "http://HEAD:8265" in result.stderr
 
@@ -319,6 +406,12 @@ def test_runtime_env_carries_the_repo_auth_mode_and_requested_env(tmp_path):
     assert runtime_env["env_vars"]["HF_HOME"] == "/shared/hf"
     assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
     assert runtime_env["uv"] == str(requirements) and "pip" not in runtime_env
+    # `ray job stop`: SIGTERM, then SIGKILL after this long (Ray's own default is 3 s)
+    assert runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == str(submit.DEFAULT_STOP_WAIT_S)
+    assert int(submit.build_runtime_env(submit.JobSpec(stop_wait_s=60), "token")
+               ["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) == 60
+    with pytest.raises(ValueError, match="--stop-wait-s"):
+        submit.build_runtime_env(submit.JobSpec(stop_wait_s=0), "token")
     # the token itself never goes into the runtime_env: the dashboard shows it to everyone
     assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(runtime_env["env_vars"])
     plain = submit.build_runtime_env(submit.JobSpec(), "disabled")
@@ -379,13 +472,23 @@ def test_kuberay_manifest_runs_the_trainer_on_a_gpu_worker_group():
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     spec = manifest["spec"]
     entrypoint = shlex.split(spec["entrypoint"])
-    assert entrypoint[:3] == ["python", "-m", "tandem.train"]
+    python = entrypoint.index("python")
+    assert entrypoint[python:python + 3] == ["python", "-m", "tandem.train"]
     assert "cluster=multi_node" in entrypoint
+    assert "trainer.resume=auto" in entrypoint  # a retry continues from the last checkpoint
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
-    assert spec["activeDeadlineSeconds"] > 0
+    # the run's own deadline (`timeout`: SIGTERM, then SIGKILL after --kill-after) ends it,
+    # checkpointed, before KubeRay's deadline tears the cluster down
+    assert entrypoint[0] == "timeout" and "--signal=TERM" in entrypoint[:python]
+    kill_after = int(next(a for a in entrypoint if a.startswith("--kill-after="))
+                     .split("=", 1)[1])
+    run_deadline = int(entrypoint[python - 1])
+    assert kill_after >= 600
+    assert run_deadline + kill_after < spec["activeDeadlineSeconds"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert int(runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]) >= 600
 
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
@@ -411,10 +514,14 @@ def test_slurm_script_is_valid_bash_and_uses_the_submit_path():
     assert "ray start --head" in text and "ray start --address" in text
     assert "cluster/submit.py" in text
     assert "RAY_AUTH_MODE=token" in text
+    # stopped before the time limit, requeued, resumed from its checkpoint
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
+    assert "trainer.resume=auto" in text and "ray job stop" in text
 
 
 FAKE_SRUN = """#!/bin/bash
-# srun on one machine: drop srun's own options, run the command here
+# srun on one machine: log the call, drop srun's own options, run the command here
+echo "srun $*" >> "$FAKE_SRUN_LOG"
 while [[ $# -gt 0 && $1 == -* ]]; do
   case $1 in -w|-n|-N) shift 2;; *) shift;; esac
 done
@@ -453,9 +560,19 @@ def test_slurm_script_runs_a_one_node_job_end_to_end(tmp_path):
         "TANDEM_RAY_START_ARGS": " ".join(f"{f}={p}" for f, p in zip(flags, others, strict=True)),
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     })
+    env["FAKE_SRUN_LOG"] = str(tmp_path / "srun.log")
     script = REPO_ROOT / "cluster" / "slurm.sbatch"
+
+    # no shared run dir: refused before any Ray process starts
+    refused = subprocess.run(["bash", str(script), *JOB_OVERRIDES, "cluster=local_cpu"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "give hydra.run.dir=/shared/" in refused.stderr
+    assert not (tmp_path / "srun.log").exists()
+
     # its own session, so that a timeout here can still stop everything it started
-    process = subprocess.Popen(["bash", str(script), *JOB_OVERRIDES, "cluster=local_cpu"],
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(["bash", str(script), *JOB_OVERRIDES, "cluster=local_cpu",
+                                f"hydra.run.dir={run_dir}"],
                                env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -467,7 +584,13 @@ def test_slurm_script_runs_a_one_node_job_end_to_end(tmp_path):
         left = _survivors(process.pid, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert process.returncode == 0, out[-4000:]
-    assert "tandem: 1 nodes joined" in out
+    assert "tandem: 1 nodes joined, 0 GPUs" in out
     assert JOB_LOG_MARKER in out and "SUCCEEDED" in out
+    assert "trainer.resume=auto" in out.split("submit: entrypoint:", 1)[1].splitlines()[0]
+    srun_calls = (tmp_path / "srun.log").read_text().splitlines()
+    assert any("test -f" in call for call in srun_calls)  # the run dir checked on every node
+    ray_calls = [call for call in srun_calls if "ray start" in call]
+    assert ray_calls and all("--cpus-per-task=2" in call and "--num-cpus=2" in call
+                             and "--num-gpus=0" in call for call in ray_calls), ray_calls
     assert not left, f"Ray processes left after the script ended: {left}"
     assert not list((home / ".ray").iterdir()), "the job's auth token was not removed"

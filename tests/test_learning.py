@@ -38,6 +38,8 @@ def test_reward_rises_within_a_handful_of_steps(tmp_path, ray_cluster):
         "rollout.max_response_tokens=64", "reward.num_workers=1", "seed=0",
         # 1024-token micro-batches: SmolLM2's 49k-entry fp32 logits of 4096 tokens take GBs
         "trainer.micro_batch_tokens=1024",
+        # p = 1: the junior engine idles, so the senior samples on both cores
+        "cluster.senior.cpus=2",
     ])
     history = train(config, tmp_path)
 

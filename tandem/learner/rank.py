@@ -20,12 +20,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import random
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -41,6 +38,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner import batching
+from tandem.learner.state import (
+    load_rank_state,
+    load_sharded,
+    rng_state,
+    save_rank_state,
+    set_rng_state,
+)
 from tandem.loss import grpo_loss
 from tandem.transport.buckets import BucketLayout
 
@@ -331,26 +335,29 @@ class Learner:
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
-        """Sharded model + optimizer (torch.distributed.checkpoint), plus per-rank state."""
+        """Sharded model + optimizer (torch.distributed.checkpoint), plus per-rank state in a
+        form `weights_only=True` loads (tandem.learner.state). `directory` is the driver's
+        partial directory: tandem.checkpoint renames it into place once every rank is done."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=directory)
-        torch.save({
+        save_rank_state(directory, self.rank, {
             "step": self.step, "scheduler": self.scheduler.state_dict(),
-            "rng": _rng_state(), "extra": extra or {},
-        }, Path(directory) / f"rank{self.rank}.pt")
+            "rng": rng_state(), "extra": extra or {},
+        })
         dist.barrier()
 
     def load_checkpoint(self, directory: str) -> dict:
-        """Restore what save_checkpoint wrote; returns the `extra` dict saved with it."""
+        """Restore what save_checkpoint wrote; returns the `extra` dict saved with it. Every
+        file is read by a loader that builds only tensors and plain values."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=directory)
+        load_sharded(state, directory)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
-        own = torch.load(Path(directory) / f"rank{self.rank}.pt", weights_only=False)
+        own = load_rank_state(directory, self.rank)
         self.step = own["step"]
         self.scheduler.load_state_dict(own["scheduler"])
-        _set_rng_state(own["rng"])
+        set_rng_state(own["rng"])
         return own["extra"]
 
     def export_hf(self, directory: str) -> None:
@@ -371,18 +378,3 @@ def _mean_over(updates: list[dict[str, float]]) -> dict[str, float]:
     names = {n for u in updates for n in u}
     return {n: sum(u.get(n, 0.0) for u in updates) / len(updates) for n in sorted(names)}
 
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

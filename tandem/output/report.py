@@ -4,7 +4,8 @@ A Hydra multirun (`python -m tandem.train -m algorithm.handoff_p=0.25,0.5,0.75`)
 directory per value; this finds every directory under the given one (any depth) holding a
 metrics.jsonl, reads its `.hydra/overrides.yaml`, and writes `report.md` (one row per run, the
 overrides that differ between runs as columns) and PNG plots next to it. A run whose metrics
-are empty or corrupt is reported and skipped, never fatal.
+are empty or corrupt is reported and skipped, never fatal. Sweep points that failed (their
+`failed.json`, tandem/sweep.py) are listed with their error.
 
 A run evaluated with `python -m tandem.evaluate` into `<run>/eval.json` or `<run>/eval/eval.json`
 also gets its final checkpoint's macro eval results as columns, and the evaluated runs side by
@@ -36,6 +37,7 @@ from tandem.output.eval_results import (
 )
 from tandem.output.plots import fmt, last_value, markdown_table, read_rows, series, tail_mean
 from tandem.output.tracking import METRICS_FILE, MetricsError, Row
+from tandem.sweep import failed_points
 
 FINAL_METRICS = ("reward/mean", "tandem/senior_token_frac")
 LAST_METRICS = ("val/solo_accuracy", "val/handoff_accuracy")
@@ -69,6 +71,8 @@ class Report:
     """eval.json files that could not be read; their runs are reported without eval results."""
     table: str = ""
     files: list[Path] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    """Sweep points that failed (their failed.json, tandem/sweep.py): overrides and error."""
 
 
 def read_overrides(run_dir: Path) -> dict[str, str]:
@@ -233,15 +237,17 @@ def build_report(root: str | Path, out: str | Path | None = None, last: int = 3)
         raise ReportError(f"{root} is not a directory")
     out = Path(out) if out is not None else root
     runs, skipped, eval_errors = find_runs(root)
+    failed = failed_points(root)
     if not runs:
         reasons = "".join(f"\n  skipped {d}: {why}" for d, why in skipped)
+        reasons += "".join(f"\n  failed {f['run_dir']}: {f['error']}" for f in failed)
         raise ReportError(
             f"no runs found under {root.resolve()}: a run directory holds {METRICS_FILE} with "
             "at least one step (written by `python -m tandem.train`) and, for the sweep columns, "
             f"Hydra's .hydra/overrides.yaml{reasons}")
     swept = swept_keys(runs)
     runs.sort(key=lambda run: _sort_key(run, swept))
-    report = Report(runs, swept, skipped, eval_errors)
+    report = Report(runs, swept, skipped, eval_errors, failed=failed)
     report.table = results_table(runs, swept, root, last)
     out.mkdir(parents=True, exist_ok=True)
     report.files.append(plot_rewards(runs, swept, root, out / "reward.png"))
@@ -266,7 +272,8 @@ def _markdown(report: Report, root: Path, out: Path, last: int) -> str:
               and all(r.overrides.get(k) == v for r in report.runs)}
     lines = [f"# Sweep report: {root.resolve()}", "",
              f"{len(report.runs)} runs" + (f", {len(report.skipped)} skipped" if report.skipped
-                                            else "") + ".",
+                                            else "")
+             + (f", {len(report.failed)} failed" if report.failed else "") + ".",
              "Swept: " + (", ".join(report.swept) or "nothing (no override differs)") + ".",
              "Common overrides: " + (" ".join(f"{k}={v}" for k, v in common.items()) or "none")
              + ".", "", report.table, "",
@@ -276,6 +283,14 @@ def _markdown(report: Report, root: Path, out: Path, last: int) -> str:
         lines += ["eval = the macro average over the evaluated benchmarks of the run's final "
                   "checkpoint (`python -m tandem.evaluate`), with its 95% bootstrap interval; "
                   "the evaluated runs side by side: [eval/report.md](eval/report.md).", ""]
+    if report.failed:
+        lines += ["## Failed points", "", "The sweep went on past these; a failed run that "
+                  "logged steps is also in the table above.", ""]
+        for failure in report.failed:
+            where = Path(failure["run_dir"])
+            where = where.relative_to(root) if where.is_relative_to(root) else where
+            lines.append(f"- `{where}` ({' '.join(failure['overrides'])}): {failure['error']}")
+        lines.append("")
     if report.skipped:
         lines += ["## Skipped runs", ""] + [f"- `{d}`: {why}" for d, why in report.skipped]
         lines.append("")
@@ -304,11 +319,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tandem.output.report: {error}", file=sys.stderr)
         return 2
     print(report.table)
+    for failure in report.failed:
+        print(f"failed {failure['run_dir']} ({' '.join(failure['overrides'])}): "
+              f"{failure['error']}", file=sys.stderr)
     for directory, why in report.skipped:
         print(f"skipped {directory}: {why}", file=sys.stderr)
     for directory, why in report.eval_errors:
         print(f"eval results of {directory} unreadable: {why}", file=sys.stderr)
-    print(f"{len(report.runs)} runs, {len(report.skipped)} skipped; wrote "
+    print(f"{len(report.runs)} runs, {len(report.skipped)} skipped, {len(report.failed)} "
+          "failed; wrote "
           + ", ".join(str(p) for p in report.files))
     return 0
 

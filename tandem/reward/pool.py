@@ -24,8 +24,10 @@ Judge = Callable[[str, str, int], Verdict]
 
 
 def _worker_main(conn: Connection, math_timeout_s: int, judge: Judge) -> None:
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    # Ctrl-C reaches the whole process group, and `ray job stop` / Slurm SIGTERM every process
+    # of the job: the parent decides when workers stop, after finishing its step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         self_check()
     except Exception:  # reported to the parent, which raises it

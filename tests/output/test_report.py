@@ -156,6 +156,26 @@ def test_corrupt_and_empty_runs_are_counted_and_skipped_a_cut_line_is_not(
     assert run_dir(root, 0.25).name in line  # the cut-short run still reports its 4 steps
 
 
+def test_failed_sweep_points_are_listed_next_to_the_runs(multirun, tmp_path, capsys):
+    """A point that failed before logging (tandem.sweep.run_point wrote its failed.json) is
+    listed with its error; one that failed after some steps is in the table and the list."""
+    from tandem.sweep import run_point
+
+    def crash():
+        raise RuntimeError("engine died")
+
+    root = copy_of(multirun, tmp_path)
+    run_point(crash, root / "3_algorithm.handoff_p=2", ["algorithm.handoff_p=2"])
+    run_point(crash, run_dir(root, 0.75), ["algorithm.handoff_p=0.75"])
+    assert report.main([str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "3 runs, 0 skipped, 2 failed" in captured.out
+    assert "(algorithm.handoff_p=2): RuntimeError: engine died" in captured.err
+    text = (root / "report.md").read_text()
+    assert "3 runs, 2 failed." in text and "## Failed points" in text
+    assert "- `3_algorithm.handoff_p=2` (algorithm.handoff_p=2): RuntimeError: engine died" in text
+
+
 def test_no_runs_says_where_it_looked_and_what_a_run_holds(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2

@@ -227,9 +227,9 @@ class RolloutEngine:
         seconds spent staging and applying (`stage_s`, `apply_s`).
 
         `named_tensors` is a list of (name, tensor), or a `tandem.transport.shm.ShmBucket`
-        written by a
-        learner on this engine's node — the fast path: the worker maps the learner's buffer
-        (once, then keeps it) instead of receiving a copy.
+        written by a learner on this engine's node — the fast path: the worker maps the
+        learner's buffer (once, then keeps it) instead of receiving a copy, and refuses it
+        unless its bytes match the bucket's digest.
 
         All or nothing: buckets 0 .. num_buckets - 1 are staged on the worker and the last one
         applies them together; until then, and after any failure (staged buckets are dropped),
@@ -239,7 +239,8 @@ class RolloutEngine:
         """
         if isinstance(named_tensors, ShmBucket):
             method = "tandem_stage_shared"
-            args = (named_tensors.path, named_tensors.layout, version, bucket)
+            args = (named_tensors.path, named_tensors.layout, named_tensors.digest, version,
+                    bucket)
         else:
             blob = safetensors_blob(named_tensors)
             method, args = "tandem_stage_weights", (blob, version, bucket)

@@ -78,10 +78,13 @@ class WeightLoadExtension:
         and drops whatever an interrupted earlier push left staged. `blob`: safetensors bytes."""
         return self._tandem_stage(self._tandem_cpu().from_blob(blob), version, bucket)
 
-    def tandem_stage_shared(self, path: str, layout: bytes, version: int, bucket: int) -> int:
+    def tandem_stage_shared(self, path: str, layout: bytes, digest: bytes, version: int,
+                            bucket: int) -> int:
         """`tandem_stage_weights` for a bucket the learner wrote into shared memory on this node:
-        staged as views of the buffer, mapped once and kept between pushes."""
-        return self._tandem_stage(self._tandem_cpu().from_shared(path, layout), version, bucket)
+        staged as views of the buffer, mapped once and kept between pushes, if its bytes match
+        the learner's `digest`."""
+        return self._tandem_stage(self._tandem_cpu().from_shared(path, layout, digest), version,
+                                  bucket)
 
     def _tandem_cpu(self) -> CpuReceiver:
         receiver = getattr(self, "_tandem_cpu_receiver", None)

@@ -261,13 +261,15 @@ class RolloutEngine:
         return await self._load("tandem_stage_ipc", (exports, version, bucket), version, bucket,
                                 num_buckets)
 
-    async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                                timeout_s: float, backend: str = "nccl") -> int:
-        """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl); returns
-        the number of ranks this engine holds (its tensor-parallel workers)."""
+    async def join_weight_group(self, host: str, port: int, secret: str, rank_offset: int,
+                                world_size: int, timeout_s: float, backend: str = "nccl") -> int:
+        """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl) with the
+        group's `secret`; returns the number of ranks this engine holds (its tensor-parallel
+        workers)."""
         self._check_open()
         await self._llm.collective_rpc(
-            "tandem_group_join", args=(host, port, rank_offset, world_size, timeout_s, backend))
+            "tandem_group_join",
+            args=(host, port, secret, rank_offset, world_size, timeout_s, backend))
         return self.settings.tensor_parallel_size
 
     async def leave_weight_group(self) -> None:

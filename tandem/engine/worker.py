@@ -105,14 +105,15 @@ class WeightLoadExtension:
 
     # ----------------------------------------------- nccl / gloo: the learner's broadcast group
 
-    def tandem_group_join(self, host: str, port: int, rank_offset: int, world_size: int,
-                          timeout_s: float, backend: str) -> None:
+    def tandem_group_join(self, host: str, port: int, secret: str, rank_offset: int,
+                          world_size: int, timeout_s: float, backend: str) -> None:
         """Join the learner's dedicated broadcast group as rank `rank_offset` + this worker's
-        tensor-parallel rank (every TP rank receives whole buckets; the loader shards them)."""
+        tensor-parallel rank (every TP rank receives whole buckets; the loader shards them);
+        `secret` signs the group's store keys."""
         self.tandem_group_leave()
         device = getattr(self, "device", "cpu")
-        receiver = NcclReceiver(host, port, rank_offset + getattr(self, "rank", 0), world_size,
-                                device, timeout_s, backend=backend)
+        receiver = NcclReceiver(host, port, secret, rank_offset + getattr(self, "rank", 0),
+                                world_size, device, timeout_s, backend=backend)
         receiver.connect()
         self._tandem_nccl = receiver
 

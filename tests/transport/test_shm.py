@@ -159,13 +159,19 @@ def test_a_file_laid_in_the_writers_way_is_refused_and_left_untouched(writer, tm
                                                                       monkeypatch):
     """Another process guessed the name: a file or a symlink to a victim is there first."""
     monkeypatch.setattr(shm.secrets, "token_hex", lambda _: "guessed")
+    guessed = os.path.join(writer.directory, "tandem-push-guessed-b0")
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
-    _other_process(f"import os; os.symlink({str(victim)!r}, "
-                   f"{os.path.join(writer.directory, 'tandem-push-guessed-b0')!r})")
-    with pytest.raises(FileExistsError, match="another process made it.*refusing"):
-        _write(writer, _masters(0), version=1, readers=["engine"])
-    assert victim.read_bytes() == b"precious" and writer.files == []
+    for lay in (f"open({guessed!r}, 'wb').write(b'theirs')",
+                f"import os; os.symlink({str(victim)!r}, {guessed!r})"):
+        _other_process(lay)
+        with pytest.raises(FileExistsError, match="another process made it.*refusing"):
+            _write(writer, _masters(0), version=1, readers=["engine"])
+        assert writer.files == []
+        if not os.path.islink(guessed):
+            assert open(guessed, "rb").read() == b"theirs"
+            os.unlink(guessed)
+    assert victim.read_bytes() == b"precious"
 
 
 def test_bytes_overwritten_by_another_process_are_refused_never_loaded(writer):

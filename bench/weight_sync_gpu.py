@@ -82,6 +82,7 @@ def _sender(transport, model, bucket_bytes, pushes, port, to_receiver, to_sender
                    for n, s in shapes.items()}
         if transport == "nccl":
             end = NcclSender(2, device, WAIT_S, port=port)
+            to_receiver.put(end.secret)  # the group's secret, as Ray would carry it
             end.connect()
         else:
             end = IpcSender(device)
@@ -115,7 +116,8 @@ def _receiver(transport, model, bucket_bytes, pushes, port, to_receiver, to_send
         torch.cuda.set_device(device)
         _, buckets, _ = _plan(model, bucket_bytes)
         if transport == "nccl":
-            end = NcclReceiver("127.0.0.1", port, 1, 2, device, WAIT_S)
+            end = NcclReceiver("127.0.0.1", port, to_receiver.get(timeout=WAIT_S), 1, 2, device,
+                               WAIT_S)
             end.connect()
         else:
             end = IpcReceiver(device)

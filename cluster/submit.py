@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import itertools
 import json
 import os
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO, TypeVar
 from unittest import mock
+from urllib.parse import urlparse
 
 import requests
 from ray.exceptions import AuthenticationError
@@ -96,7 +98,8 @@ class JobSpec:
     """The interpreter on the cluster's nodes (the image's, or a venv path shared by all)."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the driver and every actor (values are visible in
-    the dashboard: pass secrets through the nodes' environment instead)."""
+    the dashboard: pass secrets through the nodes' environment instead; the Ray token is
+    refused here)."""
     offline: bool = False
     """Set HF_HUB_OFFLINE=1: models and data must already be on the nodes."""
     pip: str | None = None
@@ -255,6 +258,43 @@ def find_token() -> tuple[str, str] | None:
     return None
 
 
+def refuse_token_leaks(spec: JobSpec, token: str | None) -> None:
+    """Raise if the Ray token would travel inside the job: its entrypoint, runtime_env and
+    metadata are stored by the cluster and shown to everyone who can see the dashboard (and the
+    overrides land in the run's config.yaml). The nodes must hold the token themselves."""
+    if "RAY_AUTH_TOKEN" in spec.env:
+        raise ValueError("--env RAY_AUTH_TOKEN would put the cluster's token in the job's "
+                         "runtime_env, which the dashboard shows; every node already needs it "
+                         "(RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token there)")
+    if not token:
+        return
+    for name, value in spec.env.items():
+        if token in value or token in name:
+            raise ValueError(f"--env {name}: its value holds the cluster's Ray token, which "
+                             "the dashboard would show; pass it through the nodes' environment")
+    if any(token in part for part in (spec.python, *spec.overrides)):
+        raise ValueError("an override (or --python) holds the cluster's Ray token: the "
+                         "entrypoint is shown in the dashboard and written to config.yaml")
+
+
+def plain_http_warning(address: str) -> str | None:
+    """What to say when the token would cross the network unencrypted: `http://` to a host
+    that is not this machine's loopback (anyone on the path reads the Bearer header)."""
+    parsed = urlparse(address)
+    if parsed.scheme != "http":
+        return None
+    host = parsed.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if loopback:
+        return None
+    return (f"the Ray token goes to {host} over plain http://: anyone on the network path can "
+            "read it. Put TLS in front of the dashboard (https://) or use an SSH tunnel "
+            "(ssh -L 8265:127.0.0.1:8265 HEAD, then --address http://127.0.0.1:8265)")
+
+
 # ----------------------------------------------------------------------------- the cluster
 
 
@@ -387,11 +427,17 @@ class Submission:
 def submit(spec: JobSpec, address: str | None = None, *, auth_mode: str = "auto",
            submission_id: str | None = None, request_timeout_s: float = 60.0) -> Submission:
     """Submit the job and return at once. Raises ValueError for bad overrides (checked before
-    the cluster is contacted) and SubmitError naming what was tried."""
+    the cluster is contacted) or if the job would carry the Ray token, and SubmitError naming
+    what was tried."""
     validate_overrides(spec.overrides)
     url, source = resolve_address(address)
+    found = find_token()
+    refuse_token_leaks(spec, found[0] if found else None)
     cluster_mode = cluster_auth_mode(url, source, request_timeout_s)
     mode, headers = resolve_auth(auth_mode, cluster_mode)
+    warning = plain_http_warning(url) if mode == "token" else None
+    if warning:
+        print(f"submit: warning: {warning}", file=sys.stderr)
     runtime_env = build_runtime_env(spec, mode)
     entrypoint = build_entrypoint(spec)
     try:
@@ -462,6 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config: ok ({checked} composed)")
             # auto: the real mode is asked from the cluster at submit time
             mode = "<the cluster's>" if args.auth_mode == "auto" else args.auth_mode
+            found = find_token()
+            refuse_token_leaks(spec, found[0] if found else None)
             print(f"entrypoint: {build_entrypoint(spec)}")
             print(f"runtime_env: {json.dumps(build_runtime_env(spec, mode), indent=2)}")
             return EXIT_SUCCEEDED

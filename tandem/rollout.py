@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ from typing import Any
 from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
 from tandem.config.schema import TandemConfig
 from tandem.engine.api import EngineSettings, Sampling
-from tandem.engine.channel import TurnChannel
+from tandem.engine.channel import ChannelTicket, TurnChannel, loopback_scope
 from tandem.episode import JUNIOR, ROLE_NAMES, SENIOR, Episode
 
 log = logging.getLogger("tandem")
@@ -117,7 +118,7 @@ class Rollout:
         rollout = config.rollout
         self.sampling = sampling or Sampling(temperature=rollout.temperature,
                                              top_p=rollout.top_p, top_k=rollout.top_k)
-        self._addresses: dict[int, str] = {}  # id(engine actor) -> its TurnChannel address
+        self._tickets: dict[int, ChannelTicket] = {}  # id(engine actor) -> its channel
         self._dead: set[int] = set()  # id(caller) of an engine lost mid-attempt
 
     def generate(self, prompts: list[list[int]], step: int,
@@ -235,7 +236,7 @@ class Rollout:
             finally:
                 if lost is not None:  # cancelled episodes skip the lost engine's sessions
                     self._dead.add(id(callers[id(lost.engine)]))
-                    self._addresses.pop(id(lost.engine), None)
+                    self._tickets.pop(id(lost.engine), None)
                 for task in (*running, heartbeat):
                     task.cancel()
                 await asyncio.gather(*running, heartbeat, return_exceptions=True)
@@ -292,8 +293,10 @@ class Rollout:
         written = 0  # budget used, counted in each writer's own tokens
         segments = 1
         finish, version = "length", weight_version
-        # one session per role: in solo benchmarks one engine may serve both roles
-        sessions = {role: f"{step}-{index}-{name}" for role, name in ROLE_NAMES.items()}
+        # one session per role: in solo benchmarks one engine may serve both roles. The random
+        # part keeps another client from naming (closing, extending) an episode's session.
+        tag = secrets.token_hex(8)
+        sessions = {role: f"{step}-{index}-{name}-{tag}" for role, name in ROLE_NAMES.items()}
         # reproducible sampling: one seeded request per segment, seeds drawn apart from hand-offs
         seeds = random.Random(f"tandem/sampling/{self.config.seed}/{step}/{index}")
         seeded = self.config.rollout.reproducible_sampling
@@ -386,7 +389,7 @@ class Rollout:
 
     async def _connect(self) -> tuple[dict[int, Any], list[Any]]:
         """What each engine's turns go through, by id(engine): a new `TurnChannel` for a Ray
-        actor (its address asked once per engine) if `cluster.turn_channel`, else the engine
+        actor (its ticket asked once per engine) if `cluster.turn_channel`, else the engine
         itself (Ray calls, or direct calls for a plain object); and the new channels, to close
         when the batch is done."""
         callers: dict[int, Any] = {}
@@ -397,9 +400,10 @@ class Rollout:
             if not self.config.cluster.turn_channel or not hasattr(engine.turn, "remote"):
                 callers[id(engine)] = engine
                 continue
-            if id(engine) not in self._addresses:
-                self._addresses[id(engine)] = await self._call(engine, "open_channel")
-            callers[id(engine)] = TurnChannel(self._addresses[id(engine)])
+            if id(engine) not in self._tickets:
+                self._tickets[id(engine)] = await self._call(engine, "open_channel",
+                                                             loopback_scope())
+            callers[id(engine)] = TurnChannel(self._tickets[id(engine)])
             channels.append(callers[id(engine)])
         return callers, channels
 

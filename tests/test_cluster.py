@@ -275,6 +275,16 @@ def test_submitted_training_job_logs_and_ray_job_stop_leaves_its_last_step(head,
     print(f"ray job stop: {stop_s:.1f} s for the command; after the SIGTERM the checkpoint was "
           f"complete in {saved_s:.1f} s, the driver shut down in "
           f"{_log_time(text, 'shut down: engines') - sigterm:.1f} s")
+    # The token is nowhere the job leaves a trace: its logs, the run's files (config.yaml,
+    # metrics, topology, checkpoints' metadata) and the job's stored info.
+    token = head.token_path.read_text().strip()
+    assert token not in text
+    for path in run_dir.rglob("*"):
+        if path.is_file() and path.stat().st_size < 2**24:
+            assert token.encode() not in path.read_bytes(), path
+    info = submit.JobSubmissionClient(head.address, headers={
+        "Authorization": f"Bearer {token}"}).get_job_info(job_id)
+    assert token not in json.dumps([info.entrypoint, info.metadata, info.runtime_env])
 
 
 @pytest.mark.slow
@@ -462,6 +472,55 @@ def test_auth_follows_the_cluster_and_reads_the_token_in_rays_order(tmp_path, mo
     assert submit.resolve_auth("token", "unknown")[0] == "token"
     with pytest.raises(submit.SubmitError, match="RAY_AUTH_MODE=disabled"):
         submit.resolve_auth("token", "disabled")
+
+
+class _RecordingClient:
+    """Stands in for Ray's JobSubmissionClient: keeps what would reach the cluster."""
+
+    def __init__(self, headers):
+        self.headers, self.jobs = headers, []
+
+    def submit_job(self, **job):
+        self.jobs.append(job)
+
+
+def test_the_token_never_travels_inside_the_job(monkeypatch, capsys):
+    token = "0123456789abcdef-the-clusters-token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    monkeypatch.setattr(submit, "cluster_auth_mode", lambda *_: "token")
+    monkeypatch.setattr(submit, "connect", lambda url, headers, _: _RecordingClient(headers))
+    spec = submit.JobSpec(overrides=["trainer.total_steps=1"], env={"HF_HOME": "/hf"})
+    job = submit.submit(spec, "http://127.0.0.1:8265")
+    assert job.client.headers == {"Authorization": f"Bearer {token}"}  # only in the header
+    [sent] = job.client.jobs
+    assert token not in json.dumps(sent) and token not in repr(job)
+    assert capsys.readouterr().err == ""  # loopback: no warning
+
+    for leaky in (submit.JobSpec(env={"RAY_AUTH_TOKEN": token}),
+                  submit.JobSpec(env={"MY_SECRET": f"x{token}"}),
+                  submit.JobSpec(overrides=[f"+tracking.key={token}"])):
+        with pytest.raises(ValueError, match="token"):
+            submit.submit(leaky, "http://127.0.0.1:8265")
+    assert len(job.client.jobs) == 1
+    # the dry run prints the runtime_env: never with the token in it
+    assert submit.main(["--dry-run", "--env", f"LEAK={token}", "--", "x=1"]) == 2
+    assert submit.main(["--dry-run", "--", "x=1"]) == 0
+    assert token not in capsys.readouterr().out
+
+
+def test_a_token_sent_over_plain_http_to_another_host_is_warned_about(monkeypatch, capsys):
+    for address in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265",
+                    "https://head.example:8265"):
+        assert submit.plain_http_warning(address) is None, address
+    assert "plain http://" in submit.plain_http_warning("http://head.example:8265")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    monkeypatch.setattr(submit, "connect", lambda url, headers, _: _RecordingClient(headers))
+    monkeypatch.setattr(submit, "cluster_auth_mode", lambda *_: "token")
+    submit.submit(submit.JobSpec(), "http://10.1.2.3:8265")
+    assert "warning: the Ray token goes to 10.1.2.3 over plain http://" in capsys.readouterr().err
+    monkeypatch.setattr(submit, "cluster_auth_mode", lambda *_: "disabled")  # nothing to leak
+    submit.submit(submit.JobSpec(), "http://10.1.2.3:8265")
+    assert capsys.readouterr().err == ""
 
 
 # ----------------------------------------------------------------------------- launch files

@@ -9,8 +9,9 @@ the number of tokens sampled. Nothing is re-tokenized. Each segment ends by a
   reuses full 128-token blocks on CPU and recomputes the rest).
 - `turn(session_id, new_ids, stop, sampling)`: a streaming session keeps the episode's KV cache
   resident between turns, so a turn prefills only the other writer's tokens (`sessions.py`).
-- `open_channel()` + `TurnChannel(address)`: `turn`, `close_session` and `generate` over a ZMQ
-  socket (msgpack), for a driver talking to engine actors. A Ray call per turn costs ~1 ms of
+- `open_channel(scope)` + `TurnChannel(ticket)`: `turn`, `close_session` and `generate` over a
+  ZMQ socket (msgpack, every message signed with the engine's key), for a driver talking to
+  engine actors. A Ray call per turn costs ~1 ms of
   CPU and 5-10 ms of latency on a loaded machine, about as long as a word-schedule turn; the
   channel batches the calls of one driver loop iteration and the replies of one engine step.
 - `score(sequences, from_positions)`: teacher-forced log-probs at temperature 1 (prompt_logprobs).
@@ -53,7 +54,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from tandem.alternation import StopRule
 from tandem.engine.api import EngineSettings, Sampling, Segment
-from tandem.engine.channel import ChannelServer
+from tandem.engine.channel import ChannelServer, ChannelTicket
 from tandem.engine.processes import process_ids
 from tandem.engine.scheduler import REASON_BOUNDARY_DROPPED, TOKEN_SETS_KEY, stop_args
 from tandem.engine.sessions import Sessions
@@ -66,8 +67,8 @@ class RolloutEngine:
     """One vLLM engine. Plain async Python; `tandem.runtime.engines` runs it as a Ray actor.
 
     Call the coroutines from one event loop; any number of `generate`/`turn`/`score` calls may
-    be in flight at once and the engine batches them. `channel_host`: the address the turn
-    channel listens on (loopback: drivers in this process or on this machine only).
+    be in flight at once and the engine batches them. `channel_host`: the node's address, where
+    the turn channel listens for drivers that cannot reach it over loopback.
     """
 
     def __init__(self, settings: EngineSettings, channel_host: str = "127.0.0.1") -> None:
@@ -177,20 +178,23 @@ class RolloutEngine:
         """End an episode's session and free its KV blocks (they stay in the prefix cache)."""
         await self._sessions.close(session_id)
 
-    async def open_channel(self) -> str:
-        """Serve `turn` and `close_session` to `TurnChannel`s on a ZMQ socket; returns its
-        address (the same one on every call).
+    async def open_channel(self, driver_scope: str | None = None) -> ChannelTicket:
+        """Serve `turn`, `close_session` and `generate` to `TurnChannel`s on a ZMQ socket;
+        returns its address and key (the same key on every call, so keep the ticket as secret
+        as a Ray call's result). `driver_scope`: the driver's `channel.loopback_scope()`; a
+        driver sharing this process's network namespace gets a loopback address, others
+        `channel_host`.
 
         A Ray actor call costs ~0.5 ms of CPU on each side and several ms of latency on a busy
         machine: more than a whole word-schedule turn of a small model. The channel sends the
         calls of one driver loop iteration, and the replies of one engine step, as one message.
-        It listens on `channel_host` without authentication, like Ray's own ports: the cluster's
-        network must be trusted.
+        Messages not signed with the key are refused before they are read (Ray's own ports are
+        authenticated; this one must be too); a malformed call gets an error reply.
         """
         self._check_open()
         if self._channel is None:
             self._channel = ChannelServer(self, self._channel_host)
-        return self._channel.address
+        return self._channel.ticket(driver_scope)
 
     # --------------------------------------------------------------- scoring, weights, state
 
@@ -228,9 +232,9 @@ class RolloutEngine:
         seconds spent staging and applying (`stage_s`, `apply_s`).
 
         `named_tensors` is a list of (name, tensor), or a `tandem.transport.shm.ShmBucket`
-        written by a
-        learner on this engine's node — the fast path: the worker maps the learner's buffer
-        (once, then keeps it) instead of receiving a copy.
+        written by a learner on this engine's node — the fast path: the worker maps the
+        learner's buffer (once, then keeps it) instead of receiving a copy, and refuses it
+        unless its bytes match the bucket's digest.
 
         All or nothing: buckets 0 .. num_buckets - 1 are staged on the worker and the last one
         applies them together; until then, and after any failure (staged buckets are dropped),
@@ -240,7 +244,8 @@ class RolloutEngine:
         """
         if isinstance(named_tensors, ShmBucket):
             method = "tandem_stage_shared"
-            args = (named_tensors.path, named_tensors.layout, version, bucket)
+            args = (named_tensors.path, named_tensors.layout, named_tensors.digest, version,
+                    bucket)
         else:
             blob = safetensors_blob(named_tensors)
             method, args = "tandem_stage_weights", (blob, version, bucket)
@@ -261,13 +266,15 @@ class RolloutEngine:
         return await self._load("tandem_stage_ipc", (exports, version, bucket), version, bucket,
                                 num_buckets)
 
-    async def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                                timeout_s: float, backend: str = "nccl") -> int:
-        """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl); returns
-        the number of ranks this engine holds (its tensor-parallel workers)."""
+    async def join_weight_group(self, host: str, port: int, secret: str, rank_offset: int,
+                                world_size: int, timeout_s: float, backend: str = "nccl") -> int:
+        """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl) with the
+        group's `secret`; returns the number of ranks this engine holds (its tensor-parallel
+        workers)."""
         self._check_open()
         await self._llm.collective_rpc(
-            "tandem_group_join", args=(host, port, rank_offset, world_size, timeout_s, backend))
+            "tandem_group_join",
+            args=(host, port, secret, rank_offset, world_size, timeout_s, backend))
         return self.settings.tensor_parallel_size
 
     async def leave_weight_group(self) -> None:

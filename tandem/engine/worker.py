@@ -78,10 +78,13 @@ class WeightLoadExtension:
         and drops whatever an interrupted earlier push left staged. `blob`: safetensors bytes."""
         return self._tandem_stage(self._tandem_cpu().from_blob(blob), version, bucket)
 
-    def tandem_stage_shared(self, path: str, layout: bytes, version: int, bucket: int) -> int:
+    def tandem_stage_shared(self, path: str, layout: bytes, digest: bytes, version: int,
+                            bucket: int) -> int:
         """`tandem_stage_weights` for a bucket the learner wrote into shared memory on this node:
-        staged as views of the buffer, mapped once and kept between pushes."""
-        return self._tandem_stage(self._tandem_cpu().from_shared(path, layout), version, bucket)
+        staged as views of the buffer, mapped once and kept between pushes, if its bytes match
+        the learner's `digest`."""
+        return self._tandem_stage(self._tandem_cpu().from_shared(path, layout, digest), version,
+                                  bucket)
 
     def _tandem_cpu(self) -> CpuReceiver:
         receiver = getattr(self, "_tandem_cpu_receiver", None)
@@ -102,14 +105,15 @@ class WeightLoadExtension:
 
     # ----------------------------------------------- nccl / gloo: the learner's broadcast group
 
-    def tandem_group_join(self, host: str, port: int, rank_offset: int, world_size: int,
-                          timeout_s: float, backend: str) -> None:
+    def tandem_group_join(self, host: str, port: int, secret: str, rank_offset: int,
+                          world_size: int, timeout_s: float, backend: str) -> None:
         """Join the learner's dedicated broadcast group as rank `rank_offset` + this worker's
-        tensor-parallel rank (every TP rank receives whole buckets; the loader shards them)."""
+        tensor-parallel rank (every TP rank receives whole buckets; the loader shards them);
+        `secret` signs the group's store keys."""
         self.tandem_group_leave()
         device = getattr(self, "device", "cpu")
-        receiver = NcclReceiver(host, port, rank_offset + getattr(self, "rank", 0), world_size,
-                                device, timeout_s, backend=backend)
+        receiver = NcclReceiver(host, port, secret, rank_offset + getattr(self, "rank", 0),
+                                world_size, device, timeout_s, backend=backend)
         receiver.connect()
         self._tandem_nccl = receiver
 

@@ -15,7 +15,7 @@ from tandem.learner.rank import Learner
 from tandem.runtime.cluster import wait
 from tandem.transport.cpu import CpuSender
 from tandem.transport.ipc import IpcSender
-from tandem.transport.nccl import NcclSender
+from tandem.transport.nccl import LOOPBACK, NcclSender
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,16 @@ class LearnerActor:
         if self._ipc is not None:
             self._ipc.release(version, bucket)
 
-    def open_weight_group(self, world_size: int, timeout_s: float,
-                          backend: str) -> tuple[str, int]:
+    def open_weight_group(self, world_size: int, timeout_s: float, backend: str,
+                          loopback: bool) -> tuple[str, int, str]:
         """nccl transport, rank 0: host a dedicated broadcast group to the senior engines'
-        workers; returns its store's address."""
+        workers; returns its store's address (loopback if every member is on this node) and the
+        group's secret, for the members only."""
         self.leave_weight_group()
         device = "cuda" if self.learner.device == "cuda" else "cpu"
-        self._nccl = NcclSender(world_size, device, timeout_s, backend=backend)
-        return ray.util.get_node_ip_address(), self._nccl.port
+        host = LOOPBACK if loopback else ray.util.get_node_ip_address()
+        self._nccl = NcclSender(world_size, device, timeout_s, host=host, backend=backend)
+        return host, self._nccl.port, self._nccl.secret
 
     def join_weight_group(self) -> None:
         self._nccl.connect()

@@ -134,10 +134,12 @@ class CpuReceiver:
     def __init__(self) -> None:
         self._shm = ShmReader()
 
-    def from_shared(self, path: str, layout: bytes) -> list[tuple[str, torch.Tensor]]:
+    def from_shared(self, path: str, layout: bytes,
+                    digest: bytes) -> list[tuple[str, torch.Tensor]]:
         """Views of the learner's shared-memory buffer on this node (a `ShmBucket` sent as its
-        fields): valid until the learner rewrites it in the next push."""
-        return self._shm.read(ShmBucket(path, layout))
+        fields), once its bytes match `digest`: valid until the learner rewrites it in the next
+        push."""
+        return self._shm.read(ShmBucket(path, layout, digest))
 
     def from_blob(self, blob: bytes) -> list[tuple[str, torch.Tensor]]:
         """The tensors of a `safetensors_blob`."""

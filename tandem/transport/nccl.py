@@ -16,10 +16,21 @@ receiver is a clear timeout, never a collective that hangs. NCCL refuses two ran
 Every wait is bounded: store waits by their timeout, collectives by a polling watchdog that
 aborts the group past its deadline (the group's own timeout is longer: a backstop). After any
 failure an end is unusable (`TransportError` says so): rebuild both ends.
+
+The store has no authentication and lists its keys to any client, so: it listens on one
+address (loopback when every member shares the learner's node, else the node's IP, never all
+interfaces), and every value tandem puts in it carries an HMAC of its key and bytes under a
+per-group secret that reaches the members only through Ray; a forged join, layout or readiness
+is refused loudly. torch's own rendezvous keys (under "pg") and NCCL's bootstrap port cannot be
+signed: across nodes the cluster network must keep strangers out during the group's set-up.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
+import secrets
+import socket
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -37,6 +48,8 @@ except ImportError:  # a GPU machine with torch only runs the two ends, not Broa
     ray = None
 
 _PG_GRACE_S = 60.0  # the process group's own timeout trails ours, so our watchdog fires first
+_MAC = 32  # HMAC-SHA256
+LOOPBACK = "127.0.0.1"
 
 
 def check_distinct_gpus(uuids: Sequence[str]) -> None:
@@ -51,22 +64,77 @@ def check_distinct_gpus(uuids: Sequence[str]) -> None:
         first.setdefault(uuid, rank)
 
 
+def listening_store(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """A TCPStore server listening on `host` only (TCPStore alone binds every interface): our
+    own socket, handed over as its listening descriptor."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        listener.bind((host, port))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+    except OSError:
+        listener.close()
+        raise
+    descriptor = listener.detach()
+    try:
+        return dist.TCPStore(host, port, world_size, True, timedelta(seconds=timeout_s),
+                             wait_for_workers=False, master_listen_fd=descriptor, use_libuv=True)
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+class SignedStore:
+    """The group's control keys: each value carries an HMAC of its key and bytes under the
+    group's secret, checked on every read, so a client of the store without the secret cannot
+    forge a join, a layout or a readiness (nor move a signed value to another key)."""
+
+    def __init__(self, store: dist.Store, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("a weight group's secret must have at least 16 bytes")
+        self._store, self._secret = store, secret
+
+    def set(self, key: str, value: bytes | str) -> None:
+        value = value.encode() if isinstance(value, str) else value
+        self._store.set(key, self._sign(key, value) + value)
+
+    def get(self, key: str) -> bytes:
+        raw = self._store.get(key)
+        if not hmac.compare_digest(raw[:_MAC], self._sign(key, raw[_MAC:])):
+            raise TransportError(f"nccl weight group: the store's {key!r} is not signed with "
+                                 "this group's secret: another process wrote to the group's "
+                                 "store. Refusing it; rebuild the transport")
+        return raw[_MAC:]
+
+    def wait(self, keys: list[str], timeout: timedelta) -> None:
+        self._store.wait(keys, timeout)
+
+    def check(self, keys: list[str]) -> bool:
+        return self._store.check(keys)
+
+    def delete_key(self, key: str) -> bool:
+        return self._store.delete_key(key)
+
+    def _sign(self, key: str, value: bytes) -> bytes:
+        return hmac.digest(self._secret, key.encode() + b"\0" + value, "sha256")
+
 
 class _BroadcastEnd:
     """One rank of the dedicated broadcast group: rank 0 sends, ranks 1.. receive.
 
-    Store keys (under "ctl"): join/<rank> = GPU UUID; layout/<v>/<b> = the bucket's layout, set
-    by the sender; ready/<v>/<b>/<rank>, set by a receiver just before it enters the broadcast.
+    Store keys (under "ctl", signed: `SignedStore`): join/<rank> = GPU UUID; layout/<v>/<b> =
+    the bucket's layout, set by the sender; ready/<v>/<b>/<rank>, set by a receiver just before
+    it enters the broadcast.
     """
 
-    def __init__(self, store: dist.TCPStore, rank: int, world_size: int,
+    def __init__(self, store: dist.TCPStore, secret: bytes, rank: int, world_size: int,
                  device: torch.device | str, timeout_s: float, backend: str) -> None:
         if backend not in ("nccl", "gloo"):
             raise ValueError(f"unknown broadcast backend: {backend!r}")
         self.store, self.rank, self.world_size = store, rank, world_size
         self.device, self.timeout_s = resolve_device(device), timeout_s
         self.backend = backend
-        self._ctl = dist.PrefixStore("ctl", store)
+        self._ctl = SignedStore(dist.PrefixStore("ctl", store), secret)
         self._pg: dist.Backend | None = None
         self._broken: str | None = None
         self._budget = timeout_s  # seconds the current call may take, for error messages
@@ -152,15 +220,16 @@ class _BroadcastEnd:
 
 
 class NcclSender(_BroadcastEnd):
-    """Learner rank 0: hosts the group's store (port 0 picks a free one: read `.port`)."""
+    """Learner rank 0: hosts the group's store on `host` (loopback unless a member is on another
+    node; port 0 picks a free one: read `.port`) and makes the group's secret (`.secret`, hex),
+    which the receivers must be given through Ray."""
 
     def __init__(self, world_size: int, device: torch.device | str, timeout_s: float, *,
-                 port: int = 0, backend: str = "nccl") -> None:
-        # The store's server listens on every interface; the host is this end's own connection.
-        store = dist.TCPStore("127.0.0.1", port, world_size, True, timedelta(seconds=timeout_s),
-                              wait_for_workers=False)
-        super().__init__(store, 0, world_size, device, timeout_s, backend)
-        self.port = store.port
+                 host: str = LOOPBACK, port: int = 0, backend: str = "nccl") -> None:
+        store = listening_store(host, port, world_size, timeout_s)
+        secret = secrets.token_bytes(32)
+        super().__init__(store, secret, 0, world_size, device, timeout_s, backend)
+        self.host, self.port, self.secret = host, store.port, secret.hex()
 
     def send(self, named_tensors: Sequence[tuple[str, torch.Tensor]], version: int, bucket: int,
              timeout_s: float | None = None) -> int:
@@ -172,6 +241,8 @@ class NcclSender(_BroadcastEnd):
         self._ctl.set(f"layout/{version}/{bucket}", layout.to_bytes())
         ready = [f"ready/{version}/{bucket}/{rank}" for rank in range(1, self.world_size)]
         self._await(ready, deadline, f"{what} (waiting for the receivers)")
+        for key in ready:  # each signed by a receiver, not by a stranger who wants a timeout
+            self._ctl.get(key)
         self._broadcast(buffer, deadline, what)
         for key in [f"layout/{version}/{bucket}", *ready]:  # each receiver read its layout
             self._ctl.delete_key(key)
@@ -179,9 +250,10 @@ class NcclSender(_BroadcastEnd):
 
 
 class NcclReceiver(_BroadcastEnd):
-    """One engine worker (rank >= 1): joins the store that learner rank 0 hosts."""
+    """One engine worker (rank >= 1): joins the store that learner rank 0 hosts, with the
+    group's `secret` (hex) that the sender made."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int,
+    def __init__(self, host: str, port: int, secret: str, rank: int, world_size: int,
                  device: torch.device | str, timeout_s: float, *, backend: str = "nccl") -> None:
         if not 0 < rank < world_size:
             raise ValueError(f"receiver rank {rank} is outside [1, {world_size})")
@@ -190,7 +262,8 @@ class NcclReceiver(_BroadcastEnd):
         except dist.DistError as error:
             raise TransportError(f"nccl weight group: rank {rank} cannot reach the learner's "
                                  f"store at {host}:{port} within {timeout_s} s: {error}") from error
-        super().__init__(store, rank, world_size, device, timeout_s, backend)
+        super().__init__(store, bytes.fromhex(secret), rank, world_size, device, timeout_s,
+                         backend)
 
     def receive(self, version: int, bucket: int,
                 timeout_s: float | None = None) -> list[tuple[str, torch.Tensor]]:
@@ -224,12 +297,15 @@ class BroadcastTransport(WeightTransport):
             return
         workers = ray.get([engine.workers.remote() for engine in engines], timeout=self.timeout_s)
         world = 1 + sum(workers)
-        host, port = ray.get(learners[0].open_weight_group.remote(world, self.timeout_s,
-                                                                   self.backend),
-                             timeout=self.timeout_s)
+        # every member on the learner's node: the store listens on loopback only
+        nodes = ray.get([handle.node_id.remote() for handle in (learners[0], *engines)],
+                        timeout=self.timeout_s)
+        loopback = len(set(nodes)) == 1
+        host, port, secret = ray.get(learners[0].open_weight_group.remote(
+            world, self.timeout_s, self.backend, loopback), timeout=self.timeout_s)
         offsets = [1 + sum(workers[:i]) for i in range(len(engines))]
         joins = [learners[0].join_weight_group.remote()] + [
-            engine.join_weight_group.remote(host, port, offset, world, self.timeout_s,
+            engine.join_weight_group.remote(host, port, secret, offset, world, self.timeout_s,
                                             self.backend)
             for engine, offset in zip(engines, offsets, strict=True)]
         ray.get(joins, timeout=self.timeout_s)

@@ -18,7 +18,7 @@ from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
 from tandem.alternation import StopRule
 from tandem.engine.api import EngineSettings, Sampling, Segment
-from tandem.engine.channel import ChannelServer, TurnChannel
+from tandem.engine.channel import ChannelServer, TurnChannel, loopback_scope
 from tandem.engine.rollout_engine import RolloutEngine
 from tandem.engine.scheduler import read_stop_args, stop_args
 from tandem.runtime.engines import shutdown_engines, start_engines
@@ -425,7 +425,7 @@ def test_a_stop_rule_reaches_the_engine_core_and_the_channel_unchanged():
 
     async def round_trip():
         server = ChannelServer(Echo(), "127.0.0.1")
-        channel = TurnChannel(server.address)
+        channel = TurnChannel(server.ticket(loopback_scope()))
         try:
             return await asyncio.wait_for(channel.turn("s", [5, 6], rule, GREEDY), 30)
         finally:
@@ -462,11 +462,16 @@ def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):
 
         # The same turns over the actor's channel; engine errors come back as errors, and a call
         # pending when the engine goes away fails at once rather than at the call timeout.
-        address = ray.get(engine.open_channel.remote())
-        assert ray.get(engine.open_channel.remote()) == address
+        # A driver on this machine gets a loopback address, others the node's IP; one key.
+        ticket = ray.get(engine.open_channel.remote(loopback_scope()))
+        assert ticket.address.startswith("tcp://127.0.0.1:")
+        assert ray.get(engine.open_channel.remote(loopback_scope())) == ticket
+        remote = ray.get(engine.open_channel.remote("another-machine"))
+        assert remote.key == ticket.key
+        assert remote.address.startswith(f"tcp://{ray.util.get_node_ip_address()}:")
 
         async def through_channel():
-            channel = TurnChannel(address)
+            channel = TurnChannel(ticket)
             segments = await asyncio.gather(*(
                 channel.turn(f"c{i}", prompt, StopRule(max_tokens=8), GREEDY)
                 for i in range(4)))

@@ -4,16 +4,19 @@ processes on CPU, and the CUDA paths themselves under the `gpu` marker."""
 from __future__ import annotations
 
 import io
+import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tandem.transport.base import TransportError
 from tandem.transport.buckets import ALIGN, BucketLayout, cast_into, from_buffer, to_buffer
 from tandem.transport.ipc import IpcBucket, IpcReceiver, IpcSender, bucket_for_gpu
-from tandem.transport.nccl import NcclReceiver, NcclSender, check_distinct_gpus
+from tandem.transport.nccl import NcclReceiver, NcclSender, SignedStore, check_distinct_gpus
 
 WAIT = 120  # seconds a test waits for a child process (spawning imports torch)
 
@@ -117,10 +120,10 @@ def _bucket(version: int, bucket: int, device: str = "cpu"):
     return _mixed_tensors(10 * version + bucket, device)
 
 
-def _receiver(port, rank, world_size, backend, device, results, timeout_s):
+def _receiver(port, secret, rank, world_size, backend, device, results, timeout_s):
     """Child process: join, receive every push in PUSHES, hand CPU copies back."""
     try:
-        end = NcclReceiver("127.0.0.1", port, rank, world_size, device, timeout_s,
+        end = NcclReceiver("127.0.0.1", port, secret, rank, world_size, device, timeout_s,
                            backend=backend)
         end.connect()
         got = [_to_wire(end.receive(v, b)) for v, b in PUSHES]
@@ -130,11 +133,11 @@ def _receiver(port, rank, world_size, backend, device, results, timeout_s):
         results.put(("error", f"{type(error).__name__}: {error}"))
 
 
-def _stalled_receiver(port, results):
+def _stalled_receiver(port, secret, results):
     """Child process: join, then wait for a bucket the sender never sends."""
     started = time.monotonic()
     try:
-        end = NcclReceiver("127.0.0.1", port, 1, 2, "cpu", timeout_s=30, backend="gloo")
+        end = NcclReceiver("127.0.0.1", port, secret, 1, 2, "cpu", timeout_s=30, backend="gloo")
         end.connect()
         started = time.monotonic()
         end.receive(version=3, bucket=1, timeout_s=2)
@@ -178,8 +181,8 @@ def _broadcast_round_trip(backend: str, devices: list[str]):
     world_size = len(devices)
     sender = NcclSender(world_size, devices[0], timeout_s=60, backend=backend)
     results = mp.get_context("spawn").Queue()
-    children = [_spawn(_receiver, sender.port, rank, world_size, backend, devices[rank], results,
-                       60) for rank in range(1, world_size)]
+    children = [_spawn(_receiver, sender.port, sender.secret, rank, world_size, backend,
+                       devices[rank], results, 60) for rank in range(1, world_size)]
     sender.connect()
     sent = sum(sender.send(_bucket(v, b, devices[0]), v, b) for v, b in PUSHES)
     sender.close()
@@ -207,7 +210,7 @@ def test_sender_raises_within_its_timeout_when_a_receiver_never_joins():
 def test_a_stalled_push_raises_on_both_ends_naming_version_and_bucket():
     sender = NcclSender(2, "cpu", timeout_s=30, backend="gloo")
     results = mp.get_context("spawn").Queue()
-    child = _spawn(_stalled_receiver, sender.port, results)
+    child = _spawn(_stalled_receiver, sender.port, sender.secret, results)
     sender.connect()
     started = time.monotonic()
     with pytest.raises(TransportError, match=r"nccl push v5 bucket 0 \(waiting for the receivers"):
@@ -216,6 +219,41 @@ def test_a_stalled_push_raises_on_both_ends_naming_version_and_bucket():
     [(status, message, waited)] = _results(results, [child])
     assert status == "error" and "nccl push v3 bucket 1 (waiting for the sender)" in message
     assert waited < 10
+
+
+def test_the_weight_group_store_listens_on_loopback_only():
+    sender = NcclSender(2, "cpu", timeout_s=5, backend="gloo")
+    try:
+        socket.create_connection(("127.0.0.1", sender.port), timeout=5).close()
+        with pytest.raises(ConnectionRefusedError):  # another address of this machine
+            socket.create_connection(("127.0.0.2", sender.port), timeout=5)
+    finally:
+        sender.close()
+
+
+def test_a_store_value_without_the_groups_secret_is_refused():
+    """TCPStore lets any client in and lists its keys: what a stranger writes must not pass
+    for a layout, a join or a readiness."""
+    sender = NcclSender(2, "cpu", timeout_s=5, backend="gloo")
+    try:
+        stranger = dist.TCPStore("127.0.0.1", sender.port, 2, False, timedelta(seconds=5))
+        assert len(bytes.fromhex(sender.secret)) == 32
+        member = SignedStore(dist.PrefixStore("ctl", stranger), bytes.fromhex(sender.secret))
+        _, layout = to_buffer(_mixed_tensors(4), version=1, bucket=0, device="cpu")
+        member.set("layout/1/0", layout.to_bytes())
+        assert BucketLayout.from_bytes(member.get("layout/1/0")) == layout
+        forged = BucketLayout.plan([("model.norm.weight", torch.float32, (7,))], 2, 0)
+        stranger.set("ctl/layout/2/0", forged.to_bytes())
+        with pytest.raises(TransportError, match="'layout/2/0' is not signed with this group"):
+            member.get("layout/2/0")
+        stranger.set("ctl/layout/2/0", stranger.get("ctl/layout/1/0"))  # a signed value, moved
+        with pytest.raises(TransportError, match="not signed"):
+            member.get("layout/2/0")
+        other_group = SignedStore(dist.PrefixStore("ctl", stranger), b"x" * 32)
+        with pytest.raises(TransportError, match="not signed"):
+            other_group.get("layout/1/0")
+    finally:
+        sender.close()
 
 
 # ----------------------------------------------------------------------------- CUDA (gpu)
@@ -232,7 +270,7 @@ def test_nccl_broadcast_between_two_gpus_is_bit_identical():
 def test_nccl_on_one_gpu_is_refused_with_a_pointer_to_cuda_ipc():
     sender = NcclSender(2, "cuda:0", timeout_s=60)
     results = mp.get_context("spawn").Queue()
-    child = _spawn(_receiver, sender.port, 1, 2, "nccl", "cuda:0", results, 60)
+    child = _spawn(_receiver, sender.port, sender.secret, 1, 2, "nccl", "cuda:0", results, 60)
     with pytest.raises(TransportError, match="same GPU.*cuda_ipc"):
         sender.connect()
     [(status, message)] = _results(results, [child])

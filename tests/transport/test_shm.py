@@ -1,14 +1,19 @@
 """Shared-memory push buffers (`tandem.transport.shm`): cast on write, map once, reuse, never
-a torn read."""
+a torn read, and never a buffer another process made or changed."""
 
 from __future__ import annotations
 
 import os
+import re
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tandem.transport import shm
 from tandem.transport.buckets import BucketLayout
 from tandem.transport.shm import ShmBucket, ShmReader, ShmWriter
 
@@ -148,3 +153,71 @@ def test_a_push_with_fewer_buckets_lets_writer_and_reader_forget_the_same_ones(w
     writer.keep(1)
     got = reader.read(_write(writer, _masters(3), version=3, readers=["engine"], bucket=1))
     assert torch.equal(got[0][1], _masters(3)[0][1].to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- other processes
+
+
+def _other_process(code: str) -> None:
+    """Run `code` in a separate Python process (no torch import: ~50 ms)."""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=WAIT)
+
+
+def test_buffers_have_unguessable_names_and_only_their_owner_may_open_them(writer):
+    first = _write(writer, _masters(0), version=1, readers=["a"])
+    second = _write(ShmWriter(writer.directory), _masters(0), version=1, readers=["a"])
+    assert first.path != second.path
+    assert re.fullmatch(r"tandem-push-[0-9a-f]{32}-b0", os.path.basename(first.path))
+    assert stat.S_IMODE(os.stat(first.path).st_mode) == 0o600
+
+
+def test_a_file_laid_in_the_writers_way_is_refused_and_left_untouched(writer, tmp_path,
+                                                                      monkeypatch):
+    """Another process guessed the name: a file or a symlink to a victim is there first."""
+    monkeypatch.setattr(shm.secrets, "token_hex", lambda _: "guessed")
+    guessed = os.path.join(writer.directory, "tandem-push-guessed-b0")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    for lay in (f"open({guessed!r}, 'wb').write(b'theirs')",
+                f"import os; os.symlink({str(victim)!r}, {guessed!r})"):
+        _other_process(lay)
+        with pytest.raises(FileExistsError, match="another process made it.*refusing"):
+            _write(writer, _masters(0), version=1, readers=["engine"])
+        assert writer.files == []
+        if not os.path.islink(guessed):
+            assert open(guessed, "rb").read() == b"theirs"
+            os.unlink(guessed)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_bytes_overwritten_by_another_process_are_refused_never_loaded(writer):
+    reader = ShmReader()
+    bucket = _write(writer, _masters(0), version=1, readers=["engine"])
+    _other_process(f"f = open({bucket.path!r}, 'r+b'); f.seek(0); f.write(b'evil')")
+    with pytest.raises(PermissionError, match="v1 bucket 0.*another process changed them"):
+        reader.read(bucket)
+    # the same after the engine has mapped the buffer once: every push is checked
+    again = _write(writer, _masters(1), version=2, readers=["engine"])
+    assert len(reader.read(again)) == 3
+    _other_process(f"f = open({again.path!r}, 'r+b'); f.seek(100); f.write(b'evil')")
+    with pytest.raises(PermissionError, match="v2 bucket 0.*digest mismatch"):
+        reader.read(again)
+
+
+def test_a_file_put_in_place_of_the_learners_buffer_is_refused(writer):
+    bucket = _write(writer, _masters(0), version=4, readers=["engine"])
+    size = os.path.getsize(bucket.path)
+    # replaced by a look-alike of the right size, readable by all
+    _other_process(f"import os; os.unlink({bucket.path!r}); "
+                   f"f = open({bucket.path!r}, 'wb'); f.write(bytes({size}))")
+    os.chmod(bucket.path, 0o644)
+    with pytest.raises(PermissionError, match="v4 bucket 0.*not the learner's buffer.*0600"):
+        ShmReader().read(bucket)
+    os.chmod(bucket.path, 0o600)  # right mode, wrong bytes
+    with pytest.raises(PermissionError, match="digest mismatch"):
+        ShmReader().read(bucket)
+    os.unlink(bucket.path)
+    os.symlink(os.devnull, bucket.path)
+    with pytest.raises(PermissionError, match="symlink"):
+        ShmReader().read(bucket)
+    os.unlink(bucket.path)

@@ -132,7 +132,7 @@ def validate_overrides(args: Sequence[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tandem.config import schema
+    from tandem.config import local_model, schema
     from tandem.config.compose import compose
 
     if any(arg in HYDRA_PRINT_ONLY for arg in args):
@@ -141,7 +141,9 @@ def validate_overrides(args: Sequence[str]) -> int:
     points = _sweep_points(overrides) if multirun else [overrides]
     for point in points[:MAX_VALIDATED_POINTS]:
         try:
-            with mock.patch.object(schema, "looks_local", lambda path: False):
+            # every module that asks whether a path is local, not only the schema
+            with (mock.patch.object(schema, "looks_local", lambda path: False),
+                  mock.patch.object(local_model, "looks_local", lambda path: False)):
                 compose(point, config_name=config_name)
         except (ValueError, HydraException, OmegaConfBaseException) as error:
             where = f" (sweep point {' '.join(point)})" if multirun else ""
@@ -429,10 +431,10 @@ def submit(spec: JobSpec, address: str | None = None, *, auth_mode: str = "auto"
     """Submit the job and return at once. Raises ValueError for bad overrides (checked before
     the cluster is contacted) or if the job would carry the Ray token, and SubmitError naming
     what was tried."""
+    found = find_token()
+    refuse_token_leaks(spec, found[0] if found else None)  # before the token meets anything
     validate_overrides(spec.overrides)
     url, source = resolve_address(address)
-    found = find_token()
-    refuse_token_leaks(spec, found[0] if found else None)
     cluster_mode = cluster_auth_mode(url, source, request_timeout_s)
     mode, headers = resolve_auth(auth_mode, cluster_mode)
     warning = plain_http_warning(url) if mode == "token" else None
@@ -504,12 +506,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        env=parse_env(args.env), offline=args.offline, pip=args.pip,
                        uv=args.uv, stop_wait_s=args.stop_wait_s)
         if args.dry_run:
+            found = find_token()
+            refuse_token_leaks(spec, found[0] if found else None)
             checked = validate_overrides(spec.overrides)
             print(f"config: ok ({checked} composed)")
             # auto: the real mode is asked from the cluster at submit time
             mode = "<the cluster's>" if args.auth_mode == "auto" else args.auth_mode
-            found = find_token()
-            refuse_token_leaks(spec, found[0] if found else None)
             print(f"entrypoint: {build_entrypoint(spec)}")
             print(f"runtime_env: {json.dumps(build_runtime_env(spec, mode), indent=2)}")
             return EXIT_SUCCEEDED

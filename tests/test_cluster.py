@@ -503,8 +503,8 @@ def test_the_token_never_travels_inside_the_job(monkeypatch, capsys):
             submit.submit(leaky, "http://127.0.0.1:8265")
     assert len(job.client.jobs) == 1
     # the dry run prints the runtime_env: never with the token in it
-    assert submit.main(["--dry-run", "--env", f"LEAK={token}", "--", "x=1"]) == 2
-    assert submit.main(["--dry-run", "--", "x=1"]) == 0
+    assert submit.main(["--dry-run", "--env", f"LEAK={token}", "--", "trainer.total_steps=1"]) == 2
+    assert submit.main(["--dry-run", "--", "trainer.total_steps=1"]) == 0
     assert token not in capsys.readouterr().out
 
 

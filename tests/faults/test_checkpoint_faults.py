@@ -33,7 +33,7 @@ from tandem.learner.state import (
     set_rng_state,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 
@@ -89,7 +89,7 @@ _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_checkpoint import _learner_files, _model
+    from test_checkpoint_faults import _learner_files, _model
     from tandem import checkpoint as ckpt
 
     run_dir, step = Path(sys.argv[1]), int(sys.argv[2])
@@ -113,7 +113,7 @@ def test_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path, killed_
     before = _save(tmp_path, 1, seed=1)
     started = time.monotonic()
     writer = subprocess.Popen(
-        [sys.executable, "-c", _WRITER.format(tests=str(REPO_ROOT / "tests")), str(tmp_path),
+        [sys.executable, "-c", _WRITER.format(tests=str(Path(__file__).parent)), str(tmp_path),
          str(killed_step)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:

@@ -23,7 +23,7 @@ from tandem.config.compose import compose
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+STEPS = 5
 MARGIN = 0.2
 """Mean reward of the last two steps minus that of the first two, at least."""
 

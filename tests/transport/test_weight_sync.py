@@ -13,7 +13,7 @@ from tandem.alternation import Boundaries
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.rollout import engine_settings
-from tandem.runtime.engines import shutdown_engines, start_engines
+from tandem.runtime.engines import await_engines, launch_engines, shutdown_engines
 from tandem.runtime.learners import Learners
 from tandem.transport.base import WeightPushError, make_transport
 from tandem.transport.buckets import plan_buckets
@@ -63,10 +63,13 @@ def setup(tiny_model_dir, ray_cluster):
     """A world-size-2 learner, a senior and a junior engine, all on the tiny model."""
     config = _config(tiny_model_dir)
     boundaries = Boundaries.from_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir))
-    engines = {role: start_engines(engine_settings(config, str(tiny_model_dir), role,
-                                                   boundaries, first_core=index))
+    # both engines and the learner ranks load at once
+    engines = {role: launch_engines(engine_settings(config, str(tiny_model_dir), role,
+                                                    boundaries, first_core=index))
                for index, role in enumerate(("senior", "junior"))}
     learners = Learners.start(config, str(tiny_model_dir))
+    for group in engines.values():
+        await_engines(group, str(tiny_model_dir), TIMEOUT)
     yield config, learners, engines
     learners.close()
     for group in engines.values():

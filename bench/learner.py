@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
-from tandem.learner.rank import Learner, token_logprobs
+from tandem.learner.logprobs import TokenLogprobs, token_logprobs
+from tandem.learner.rank import Learner
 from tandem.loss import grpo_loss
 from tandem.models import resolve_model
 
@@ -80,6 +81,7 @@ def _run_plain(config, path, batch, steps, queue):
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.train()
+    policy = TokenLogprobs(model, config.trainer.logprob_chunk_tokens)  # the learner's head
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr)
     episodes_, advantages = batch
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes_]
@@ -92,7 +94,7 @@ def _run_plain(config, path, batch, steps, queue):
         optimizer.zero_grad(set_to_none=True)
         total = sum(m.senior_tokens for m in micros)
         for micro in micros:
-            logprobs, _ = token_logprobs(model, micro, config.rollout.temperature)
+            logprobs, _ = token_logprobs(policy, micro, config.rollout.temperature)
             loss, _ = grpo_loss(logprobs, old_logprobs=logprobs.detach(),
                                 advantages=micro.advantages, response_mask=micro.response_mask,
                                 author_mask=micro.author_mask, algorithm=config.algorithm)

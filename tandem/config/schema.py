@@ -316,6 +316,10 @@ class TrainerConfig:
     """Prompts per optimizer update; prompts_per_step / mini_batch_prompts updates a step."""
     micro_batch_tokens: int = 16384
     """Token budget of one padded forward/backward micro-batch (per learner rank)."""
+    logprob_chunk_tokens: int = 1024
+    """Response positions whose fp32 logits exist at once when computing log-probs and
+    entropies (the output head runs chunk by chunk, recomputed in backward): bounds the head's
+    memory at a few [chunk, vocab] fp32 tensors whatever micro_batch_tokens is."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward: less memory, ~30% more compute."""
     save_every: int = 20
@@ -366,6 +370,7 @@ class TrainerConfig:
                f"trainer.mini_batch_prompts={self.mini_batch_prompts} must divide "
                f"trainer.prompts_per_step={self.prompts_per_step}")
         check_min(self.micro_batch_tokens, 1, "trainer.micro_batch_tokens")
+        check_min(self.logprob_chunk_tokens, 1, "trainer.logprob_chunk_tokens")
         for name in ("save_every", "val_every", "save_episodes_every", "keep_checkpoints"):
             check_min(getattr(self, name), 0, f"trainer.{name}")
         check(bool(self.resume), "trainer.resume is empty: use none, auto or a checkpoint path")

@@ -12,7 +12,10 @@ A train step, as in the paper (16 prompts, mini-batch 8 -> 2 optimizer updates):
   3. log the gap between the learner's and the rollout engine's log-probs on senior tokens
      (peers found it predicts collapse), entropy, clip fraction, KL, grad norm, LR, tokens/s.
 Log-probs use logits / rollout.temperature: the engine samples (and reports log-probs) at
-that temperature, so ratios compare like with like.
+that temperature, so ratios compare like with like. They come from `logprobs.TokenLogprobs`,
+`trainer.logprob_chunk_tokens` response positions at a time, never the whole-vocabulary fp32
+logits of a micro-batch; on GPU the cached memory is released after each step, before
+colocated engines wake (`release_memory`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner import batching
+from tandem.learner.logprobs import TokenLogprobs, check_head, token_logprobs
 from tandem.learner.state import (
     load_rank_state,
     load_sharded,
@@ -60,13 +64,15 @@ except ImportError:
     CUDA_ATTENTION = "sdpa"
 
 
-def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: bool,
+def shard_model(policy: TokenLogprobs, device: str, activation_checkpointing: bool,
                 world_size: int) -> None:
-    """FSDP2: shard each decoder block, then the root (embeddings, norm, head).
+    """FSDP2: shard each decoder block, then the root (embeddings, norm, head), which is the
+    `TokenLogprobs` around the causal LM: the chunked head runs inside the root's forward.
 
     One CPU rank is left unsharded: FSDP would only copy parameters in and out around every
     forward and backward, with nothing to shard and fp32 anyway.
     """
+    model = policy.causal_lm
     blocks = model.model.layers
     if activation_checkpointing:
         # transformers' own per-layer checkpointing: its decoder layers take many keyword
@@ -76,34 +82,11 @@ def shard_model(model: torch.nn.Module, device: str, activation_checkpointing: b
         return
     # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; on CPU plain
     # fp32, which is what the world-size equivalence test needs.
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device == "cuda" else MixedPrecisionPolicy())
+    mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+             if device == "cuda" else MixedPrecisionPolicy())
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-
-
-def token_logprobs(model: torch.nn.Module, micro: batching.MicroBatch, temperature: float,
-                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-prob of each target token and the entropy of each next-token distribution.
-
-    The entropy carries a gradient only with `entropy_grad` (an entropy bonus); otherwise it
-    is a detached metric. It is computed at senior-written positions only (0 elsewhere): it is
-    a pass over the whole vocabulary per position, and only senior tokens are trained.
-    """
-    device = next(model.parameters()).device
-    logits = model(input_ids=micro.input_ids.to(device),
-                   attention_mask=micro.attention_mask.to(device)).logits  # [batch, seq, vocab]
-    logits = logits[:, :-1].float() / temperature  # [batch, seq - 1, vocab]
-    log_probs = torch.log_softmax(logits, dim=-1)  # [batch, seq - 1, vocab]
-    targets = micro.targets.to(device)[..., None]  # [batch, seq - 1, 1]
-    chosen = log_probs.gather(-1, targets).squeeze(-1)  # [batch, seq - 1]
-    senior = (micro.response_mask * micro.author_mask).to(device).bool()  # [batch, seq - 1]
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        rows = log_probs[senior]  # [senior tokens, vocab]
-        entropy = torch.zeros_like(chosen).index_put(
-            (senior.nonzero(as_tuple=True)), -(rows.exp() * rows).sum(-1))  # [batch, seq - 1]
-    return chosen, entropy
+        fully_shard(block, mp_policy=mixed)
+    fully_shard(policy, mp_policy=mixed)
 
 
 def _loss_weight(micro: batching.MicroBatch, junior_token_weight: float,
@@ -138,8 +121,9 @@ class Learner:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.model = self._load(model_path)
-        self.model.train()
+        self.policy = self._load(model_path)
+        self.model = self.policy.causal_lm  # its parameter names are the Hugging Face ones
+        self.policy.train()
         self.reference = None
         if config.algorithm.kl_coef > 0:
             self.reference = self._load(model_path)
@@ -155,22 +139,26 @@ class Learner:
         self.step = 0
         log.info("learner rank %d/%d ready: %s on %s", rank, world_size, model_path, self.device)
 
-    def _load(self, model_path: str) -> torch.nn.Module:
+    def _load(self, model_path: str) -> TokenLogprobs:
         attention = CUDA_ATTENTION if self.device == "cuda" else "sdpa"
         # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute.
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                      attn_implementation=attention)
         if self.device == "cuda":
             model = model.to("cuda")
-        shard_model(model, self.device, self.config.trainer.activation_checkpointing,
+        check_head(model)
+        policy = TokenLogprobs(model, self.config.trainer.logprob_chunk_tokens)
+        shard_model(policy, self.device, self.config.trainer.activation_checkpointing,
                     self.world_size)
-        return model
+        return policy
 
     # ------------------------------------------------------------------------- training
 
     def train_step(self, episodes: list[Episode], advantages: list[float]) -> dict[str, float]:
         """One GRPO step over a batch of groups; every rank receives the same batch."""
         started = time.perf_counter()
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         trainer = self.config.trainer
         lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
         groups = sorted({e.group for e in episodes})
@@ -209,13 +197,24 @@ class Learner:
             "perf/learner_tokens_per_s": sum(lengths) / elapsed,
             "time/train": elapsed,
         })
+        if self.device == "cuda":
+            metrics["memory/learner_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.release_memory()
         self.step += 1
         return metrics
+
+    def release_memory(self) -> None:
+        """Return the CUDA caching allocator's free blocks to the device: a colocated engine
+        that wakes next allocates its weights and KV cache outside this process's cache. A
+        no-op on CPU."""
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.no_grad()
     def _old_logprobs(self, micro_batches: list[batching.MicroBatch]) -> list[torch.Tensor]:
         temperature = self.config.rollout.temperature
-        return [token_logprobs(self.model, micro, temperature)[0] for micro in micro_batches]
+        return [token_logprobs(self.policy, micro, temperature, entropy="none")[0]
+                for micro in micro_batches]
 
     def _update(self, micro_batches: list[batching.MicroBatch],
                 old_logprobs: list[torch.Tensor] | None, totals: dict[str, float]
@@ -228,14 +227,16 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for index, (micro, weight) in enumerate(zip(micro_batches, weights, strict=True)):
-            logprobs, entropy = token_logprobs(self.model, micro, rollout.temperature,
-                                               entropy_grad=algorithm.entropy_coef > 0)
+            logprobs, entropy = token_logprobs(
+                self.policy, micro, rollout.temperature,
+                entropy="grad" if algorithm.entropy_coef > 0 else "detached")
             device = logprobs.device
             old = logprobs.detach() if old_logprobs is None else old_logprobs[index].to(device)
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(self.reference, micro, rollout.temperature)
+                    ref, _ = token_logprobs(self.reference, micro, rollout.temperature,
+                                            entropy="none")
             rollout_logprobs = micro.rollout_logprobs.to(device)
             senior = (micro.response_mask * micro.author_mask).to(device)  # [batch, seq - 1]
             gap = (old - rollout_logprobs).abs() * senior  # [batch, seq - 1]
@@ -323,7 +324,7 @@ class Learner:
                                               author_mask=[1] * (len(seq) - start),
                                               logprobs=[0.0] * (len(seq) - start))],
                                      [0.0], self.pad_id)
-            logprobs, _ = token_logprobs(self.model, micro, temperature=1.0)
+            logprobs, _ = token_logprobs(self.policy, micro, temperature=1.0, entropy="none")
             out.append(logprobs[0, start - 1:len(seq) - 1].cpu().tolist())
         return out
 

@@ -172,13 +172,15 @@ class Actors:
 
     def push_weights(self, version: int) -> dict[str, float]:
         """Make the senior engines serve the learners' weights as `version` (colocated: wake
-        the senior's weights for the push, then both engines for rollouts)."""
+        the senior's weights for the push, then both engines for rollouts, once the learners
+        have handed back what the push gathered into their CUDA cache)."""
         if self.colocated:
             self._wait([e.wake_up.remote(["weights"]) for e in self.senior])
         metrics = push_with_retries(
             lambda: self.transport.push(self.learners.ranks, self.senior, version),
             self.push_retries)
         if self.colocated:
+            self.learners.release_memory()
             self._wait([e.wake_up.remote(["kv_cache"]) for e in self.senior]
                        + [e.wake_up.remote(None) for e in self.junior])
         return metrics

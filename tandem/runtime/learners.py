@@ -49,6 +49,9 @@ class LearnerActor:
     def train_step(self, episodes: list[Episode], advantages: list[float]) -> dict[str, float]:
         return self.learner.train_step(episodes, advantages)
 
+    def release_memory(self) -> None:
+        self.learner.release_memory()
+
     def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
         self.learner.save_checkpoint(directory, extra)
 
@@ -176,6 +179,10 @@ class Learners:
         """One GRPO update; rank 0's metrics."""
         return self._wait([rank.train_step.remote(episodes, advantages)
                            for rank in self.ranks])[0]
+
+    def release_memory(self) -> None:
+        """Every rank hands its cached CUDA memory back to the device (a no-op on CPU)."""
+        self._wait([rank.release_memory.remote() for rank in self.ranks])
 
     def save_checkpoint(self, directory: str, extra: dict | None = None) -> None:
         self._wait([rank.save_checkpoint.remote(directory, extra) for rank in self.ranks])

@@ -1,6 +1,6 @@
 """Training prompts: rows from a file, a dataset id or our generator -> (problem, answer) -> ids.
 
-- `data.source` is `generated:<name>` (offline, built here: `GENERATORS`), `reasoning_gym:<task>`
+- `data.source` is `generated:<name>` (offline, tandem/sources.py: `GENERATORS`), `reasoning_gym:<task>`
   (offline, the optional reasoning-gym package; `data.generator_args` configure the task), a
   local `.jsonl` / `.parquet` file, or a Hugging Face dataset id (needs the optional `datasets`
   library).
@@ -24,44 +24,30 @@ Row numbers in reports and uids: 1-based line numbers for JSONL (what an editor 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import hashlib
-import json
 import logging
 import math
 import numbers
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from tandem.arithmetic import generate_arithmetic, generate_drill
-from tandem.config.checks import InputError
 from tandem.config.schema import REASONING_GYM_PREFIX, DataConfig, TandemConfig
 from tandem.models import load_tokenizer, resolve_model
 from tandem.reward import gold_error
+from tandem.sources import (  # noqa: F401 (re-exported: part of this module's API)
+    GENERATED_PREFIX,
+    BadRow,
+    DataError,
+    read_rows,
+    reasoning_gym_rows,
+)
 
 log = logging.getLogger(__name__)
 
-GENERATED_PREFIX = "generated:"
-# name -> (n, seed) -> rows {"problem", "answer"}
-GENERATORS = {"arithmetic": generate_arithmetic, "drill": generate_drill}
-# A generated set (ours or reasoning-gym's) is a fixed data set like any file: the run seed
-# only orders it.
-GENERATED_SEED = 0
 _LISTED_ROWS = 20
-
-
-class DataError(InputError, ValueError):
-    """Training data a run cannot use; the message names the source and what to change."""
-
-
-class _BadRow(Exception):
-    """A row we skip; the message is the reason shown to the user."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +78,7 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem], LoadRe
     Raises DataError when the source cannot be read, has too many malformed rows, or leaves
     no training rows after the hold-out.
     """
-    rows, unit = _read_rows(cfg)
+    rows, unit = read_rows(cfg)
     if cfg.source.startswith((GENERATED_PREFIX, REASONING_GYM_PREFIX)):
         fields = ("problem", "answer", "plain")  # a generator's rows, whatever data.* says
     else:
@@ -101,7 +87,7 @@ def load_problems(cfg: DataConfig) -> tuple[list[Problem], list[Problem], LoadRe
     for number, record in rows:
         try:
             problem, answer = _parse_row(record, *fields)
-        except _BadRow as why:
+        except BadRow as why:
             bad.append((number, str(why)))
             continue
         problems.append(Problem(uid=f"{cfg.name}/{number}", problem=problem, answer=answer))
@@ -150,168 +136,34 @@ def _check_bad_rows(cfg: DataConfig, unit: str, total: int, bad: list[tuple[int,
                 len(bad), total, cfg.source, unit, listed, more)
 
 
-# ----------------------------------------------------------------------------- reading rows
-
-
-def _read_rows(cfg: DataConfig) -> tuple[list[tuple[int, object]], str]:
-    """(row number, record) pairs and the unit of the numbers; unreadable rows hold a _BadRow."""
-    source = cfg.source
-    if source.startswith(GENERATED_PREFIX):
-        name = source.removeprefix(GENERATED_PREFIX)
-        if name in GENERATORS:
-            try:
-                rows = GENERATORS[name](cfg.num_generated, GENERATED_SEED)
-            except ValueError as error:
-                raise DataError(f"data.source={source!r}: {error}") from None
-            return list(enumerate(rows)), "row"
-        raise DataError(f"unknown generator in data.source={source!r}; known: "
-                        + ", ".join(GENERATED_PREFIX + g for g in GENERATORS))
-    if source.startswith(REASONING_GYM_PREFIX):
-        task = source.removeprefix(REASONING_GYM_PREFIX)
-        rows = reasoning_gym_rows(task, cfg.generator_args, cfg.num_generated, GENERATED_SEED)
-        return list(enumerate(rows)), "row"
-    path = Path(source).expanduser()
-    if path.suffix in (".jsonl", ".parquet") or path.exists():
-        if not path.is_file():
-            raise DataError(f"data.source={source!r} is not an existing file; give a .jsonl or "
-                            ".parquet file, a dataset id or generated:arithmetic")
-        if path.suffix == ".jsonl":
-            return _read_jsonl(path), "line"
-        elif path.suffix == ".parquet":
-            return _read_parquet(path, cfg), "row"
-        else:
-            raise DataError(f"data.source={source!r}: unsupported file type {path.suffix!r}; "
-                            "convert it to .jsonl (one JSON object a line) or .parquet")
-    return _read_hub(cfg), "row"
-
-
-def reasoning_gym_rows(task: str, args: dict[str, Any], n: int,
-                       seed: int) -> list[dict[str, str | None]]:
-    """`n` rows {"problem", "answer"} of reasoning-gym's `task`, configured by `args`.
-
-    Deterministic given (task, args, n, seed). Raises DataError when reasoning-gym is not
-    installed, the task is unknown, or `args` do not fit its config.
-    """
-    where = f"data.source={REASONING_GYM_PREFIX}{task}"
-    try:
-        # why: optional (pip install 'tandem[reasoning]'), and seconds to import (sympy, ...)
-        import reasoning_gym
-        from reasoning_gym.factory import DATASETS
-    except ImportError:
-        raise DataError(f"{where} needs the reasoning-gym package: pip install "
-                        "'tandem[reasoning]' (or pip install reasoning-gym==0.1.25)") from None
-    if task not in DATASETS:
-        close = difflib.get_close_matches(task, DATASETS, n=3)
-        hint = f" (close: {', '.join(close)})" if close else ""
-        raise DataError(f"{where}: reasoning-gym has no task {task!r}{hint}; list the tasks with "
-                        "python -c 'import reasoning_gym.factory as f; print(sorted(f.DATASETS))'")
-    options = [f.name for f in dataclasses.fields(DATASETS[task][1])
-               if f.name not in ("seed", "size")]  # ours: GENERATED_SEED, data.num_generated
-    unknown = sorted(set(args) - set(options))
-    if unknown:
-        raise DataError(f"{where}: data.generator_args {unknown} are not options of {task}; "
-                        f"it takes {', '.join(options) or 'none'}")
-    try:
-        dataset = reasoning_gym.create_dataset(task, seed=seed, size=n, **args)
-    except (AssertionError, TypeError, ValueError) as error:  # its configs validate by assert
-        raise DataError(f"{where}: data.generator_args={args} rejected: "
-                        f"{str(error) or type(error).__name__}") from None
-    return [{"problem": entry["question"], "answer": entry["answer"]} for entry in dataset]
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, object]]:
-    # Bytes, decoded line by line: one line of invalid UTF-8 is one skipped row, not a
-    # failed load.
-    rows: list[tuple[int, object]] = []
-    try:
-        with path.open("rb") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue  # a trailing newline or blank line is not a row
-                rows.append((number, _json_row(line)))
-    except OSError as error:
-        raise DataError(f"data.source={str(path)!r} cannot be read ({error.strerror or error}); "
-                        "check the path and its permissions") from None
-    return rows
-
-
-def _json_row(line: bytes) -> object:
-    try:
-        text = line.decode("utf-8-sig")  # -sig: a BOM on the first line is no error
-    except UnicodeDecodeError as error:
-        return _BadRow(f"not valid UTF-8 (byte {error.start + 1})")
-    try:
-        return json.loads(text)
-    except ValueError as error:
-        return _BadRow(f"not valid JSON ({error.msg} at column {error.pos + 1})"
-                       if isinstance(error, json.JSONDecodeError) else "not valid JSON")
-
-
-def _read_parquet(path: Path, cfg: DataConfig) -> list[tuple[int, object]]:
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(f"data.source={str(path)!r} is not a readable Parquet file "
-                        f"({type(error).__name__}: {first}); re-export it or use .jsonl") from None
-    _check_columns(cfg, table.column_names)
-    return list(enumerate(table.to_pylist()))
-
-
-def _read_hub(cfg: DataConfig) -> list[tuple[int, object]]:
-    try:
-        import datasets  # why: ~1.5 s (pandas, fsspec) on every import, for dataset ids only
-    except ImportError:
-        raise DataError(f"data.source={cfg.source!r} is not a local file, so it is read as a "
-                        "Hugging Face dataset id, which needs the datasets library: pip install "
-                        "datasets (or point data.source at a .jsonl/.parquet file or "
-                        "generated:arithmetic)") from None
-    try:
-        dataset = datasets.load_dataset(cfg.source, cfg.subset, split=cfg.split)
-    except (OSError, ValueError) as error:  # not found, offline, no such split or subset
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise DataError(f"data.source={cfg.source!r} (data.subset={cfg.subset!r}, data.split="
-                        f"{cfg.split!r}) does not load: {type(error).__name__}: {first}; check "
-                        "them, or point data.source at a local .jsonl/.parquet file") from None
-    _check_columns(cfg, dataset.column_names)
-    return list(enumerate(dataset))
-
-
-def _check_columns(cfg: DataConfig, columns: list[str]) -> None:
-    for name in ("problem_field", "answer_field"):
-        if getattr(cfg, name) not in columns:
-            raise DataError(f"{cfg.source} has no column data.{name}={getattr(cfg, name)!r}; "
-                            f"its columns are {list(columns)}")
-
-
 # ----------------------------------------------------------------------------- one row
 
 
 def _parse_row(record: object, problem_field: str, answer_field: str,
                answer_format: str) -> tuple[str, str]:
-    if isinstance(record, _BadRow):
+    if isinstance(record, BadRow):
         raise record
     if not isinstance(record, dict):
-        raise _BadRow(f"a {type(record).__name__}, not an object")
+        raise BadRow(f"a {type(record).__name__}, not an object")
     problem = record.get(problem_field)
     if problem is None:
-        raise _BadRow(f"missing {problem_field!r}")
+        raise BadRow(f"missing {problem_field!r}")
     if not isinstance(problem, str):
-        raise _BadRow(f"{problem_field!r} is a {type(problem).__name__}, not a string")
+        raise BadRow(f"{problem_field!r} is a {type(problem).__name__}, not a string")
     if not problem.strip():
-        raise _BadRow(f"empty {problem_field!r}")
+        raise BadRow(f"empty {problem_field!r}")
     answer = _extract_answer(_answer_text(record.get(answer_field), answer_field), answer_format)
     if not answer:
-        raise _BadRow(f"empty answer in {answer_field!r}")
+        raise BadRow(f"empty answer in {answer_field!r}")
     why = gold_error(answer)  # here, not at the first episode that draws the row
     if why:
-        raise _BadRow(why)
+        raise BadRow(why)
     return problem, answer  # the text as written: the authors' prompts do not strip it
 
 
 def _answer_text(value: object, field: str) -> str:
     if value is None:
-        raise _BadRow(f"missing {field!r}")
+        raise BadRow(f"missing {field!r}")
     if isinstance(value, str):
         return value
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
@@ -322,7 +174,7 @@ def _answer_text(value: object, field: str) -> str:
     if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
         number = float(value)
         return str(int(number)) if number.is_integer() else repr(number)
-    raise _BadRow(f"{field!r} is a {type(value).__name__}, not a string or number")
+    raise BadRow(f"{field!r} is a {type(value).__name__}, not a string or number")
 
 
 def _extract_answer(text: str, answer_format: str) -> str:
@@ -330,7 +182,7 @@ def _extract_answer(text: str, answer_format: str) -> str:
         return text.strip()
     elif answer_format == "gsm8k":
         if "####" not in text:
-            raise _BadRow("no '####' in a gsm8k answer")
+            raise BadRow("no '####' in a gsm8k answer")
         return text.rsplit("####", 1)[1].strip().replace(",", "")
     elif answer_format == "boxed":
         return _last_boxed(text).strip()
@@ -342,7 +194,7 @@ def _last_boxed(text: str) -> str:
     """Inside of the last \\boxed{...}, braces balanced: \\boxed{\\frac{1}{2}} -> \\frac{1}{2}."""
     start = text.rfind("\\boxed{")
     if start == -1:
-        raise _BadRow("no \\boxed{} in the solution")
+        raise BadRow("no \\boxed{} in the solution")
     depth = 0
     for i in range(start + len("\\boxed"), len(text)):
         if text[i] == "{":
@@ -352,7 +204,7 @@ def _last_boxed(text: str) -> str:
             if depth == 0:
                 return text[start + len("\\boxed{"):i]
     # never fall back to an earlier box: that would grade against the wrong answer
-    raise _BadRow("unbalanced braces in the last \\boxed{}")
+    raise BadRow("unbalanced braces in the last \\boxed{}")
 
 
 # ----------------------------------------------------------------------------- prompts

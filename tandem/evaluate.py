@@ -326,13 +326,12 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = _now()
     benchmarks = load_benchmarks(config)
-    from tandem.eval_models import launch_engines_for, ready, resolve_checkpoints, stop_engines
-    from tandem.models import load_tokenizer, resolve_model
+    from tandem import eval_models, models
     from tandem.runtime.cluster import connect
 
-    checkpoints = resolve_checkpoints(config, run_dir)
-    junior_dir = str(resolve_model(config.model.junior.path))
-    junior_tokenizer = load_tokenizer(junior_dir)
+    checkpoints = eval_models.resolve_checkpoints(config, run_dir)
+    junior_dir = str(models.resolve_model(config.model.junior.path))
+    junior_tokenizer = models.load_tokenizer(junior_dir)
     units = len(generation_protocols(config)) + bool({"legibility", "drift"}
                                                       & set(config.eval.protocols))
     total = len(checkpoints) * sum(len(b.problems) for b in benchmarks) * units
@@ -347,21 +346,21 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
             config.reward.answer_from))
         log.info(cleanup.enter_context(connect(config)))
         # the junior and the first senior load side by side (each on its own cores / GPUs)
-        junior = launch_engines_for(config, junior_dir, "junior", junior_tokenizer)
-        cleanup.callback(stop_engines, junior)
-        first = launch_engines_for(config, checkpoints[0].model_dir, "senior",
-                                   load_tokenizer(checkpoints[0].model_dir))
-        ready(junior, junior_dir, config)
+        junior = eval_models.launch_engines_for(config, junior_dir, "junior", junior_tokenizer)
+        cleanup.callback(eval_models.stop_engines, junior)
+        first = eval_models.launch_engines_for(config, checkpoints[0].model_dir, "senior",
+                                               models.load_tokenizer(checkpoints[0].model_dir))
+        eval_models.ready(junior, junior_dir, config)
         log.info("eval: junior engine(s) of %s ready", junior_dir)
         progress = cleanup.enter_context(tqdm(total=total, unit="problem", dynamic_ncols=True,
                                               desc="eval", file=sys.stderr, mininterval=2.0))
         for index, checkpoint in enumerate(checkpoints):
-            senior_tokenizer = load_tokenizer(checkpoint.model_dir)
+            senior_tokenizer = models.load_tokenizer(checkpoint.model_dir)
             cross = senior_tokenizer.get_vocab() != junior_tokenizer.get_vocab()
-            senior = first if index == 0 else launch_engines_for(
+            senior = first if index == 0 else eval_models.launch_engines_for(
                 config, checkpoint.model_dir, "senior", senior_tokenizer)
             try:
-                ready(senior, checkpoint.model_dir, config)
+                eval_models.ready(senior, checkpoint.model_dir, config)
                 log.info("eval: senior engine(s) of %s ready", checkpoint.name)
                 team = Team(config, senior, junior, senior_tokenizer,
                             junior_tokenizer if cross else None)
@@ -381,7 +380,7 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
                         team, prompts, benchmark.name, cache, rewards, progress))
                     entry["benchmarks"][benchmark.name]["dropped"] = len(dropped)
             finally:
-                stop_engines(senior)
+                eval_models.stop_engines(senior)
             entry["macro"] = macro_summary(entry["benchmarks"], config.eval.pass_k)
             result["checkpoints"].append(entry)
             write_json(run_dir / "eval.json", result)

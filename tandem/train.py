@@ -35,11 +35,8 @@ import contextlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,191 +52,15 @@ from tandem.config.compose import CONF_DIR, config_for_app, user_errors
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
+from tandem.prefetch import Prefetch, Rolled
 from tandem.rollout import EngineLost, Rollout
+from tandem.stop import StopRequest, stop_behind
 from tandem.sweep import run_point
 
 if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` imports late
-    from tandem.data import PromptStream
     from tandem.runtime.learners import Learners
 
 log = logging.getLogger("tandem")
-
-Rolled = tuple[list[Episode], dict[str, float], list[str]]
-"""One step's rollout: its episodes, rollout metrics and the answers of its problems."""
-
-
-class Stopped(Exception):  # noqa: N818 (a request, not an error)
-    """Raised in the driver by a stop that cannot wait: during start-up, or a step that ran
-    past `trainer.stop_grace_s`."""
-
-
-def stop_behind(error: BaseException) -> Stopped | None:
-    """The `Stopped` an exception carries: raised from a signal handler while the driver was
-    inside a C extension (Ray's `get`), it may come out wrapped, e.g. as a SystemError caused
-    by it."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Stopped):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-class StopRequest:
-    """SIGTERM/SIGINT: finish the step, checkpoint, exit. A second SIGINT interrupts at once.
-
-    During start-up (`starting`) nothing is worth finishing: the signal raises `Stopped` at
-    once, and the actors started so far are shut down. With a grace (`trainer.stop_grace_s`)
-    an alarm goes off that long after the signal; if the driver is then in a phase it may
-    give up (`abandonable`: rollout, reward, validation — nothing of the step has reached
-    the learners, or the learners are done with it) it raises `Stopped`; otherwise the phase
-    ends first (a learner update or a push is never cut) and the next abandonable one raises.
-    """
-
-    def __init__(self, grace_s: float | None = None) -> None:
-        self.signal: str | None = None
-        self.starting = True
-        self.grace_s = grace_s
-        self.expired = False
-        self._abandonable = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for number, handler in ((signal.SIGTERM, self._handle),
-                                    (signal.SIGINT, self._handle),
-                                    (signal.SIGALRM, self._expire)):
-                self._previous[number] = signal.signal(number, handler)
-        return self
-
-    def _handle(self, number: int, frame: Any) -> None:
-        if self.signal is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        first, self.signal = self.signal is None, signal.Signals(number).name
-        if self.starting:
-            raise Stopped(f"{self.signal} during start-up")
-        log.warning("%s: finishing this step, then checkpointing and stopping%s "
-                    "(send SIGINT again to stop now)", self.signal,
-                    "" if self.grace_s is None else
-                    f"; a rollout still running in {self.grace_s:g} s is given up "
-                    "(trainer.stop_grace_s)")
-        if first and self.grace_s is not None:
-            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
-
-    def _expire(self, number: int, frame: Any) -> None:
-        self.expired = True
-        if self._abandonable:
-            raise Stopped(f"the step ran past trainer.stop_grace_s={self.grace_s:g} s after "
-                          f"{self.signal}")
-
-    @contextlib.contextmanager
-    def abandonable(self) -> Any:
-        """A phase the stop may give up once the grace is spent."""
-        if self.expired:
-            raise Stopped(f"the step ran past trainer.stop_grace_s={self.grace_s:g} s after "
-                          f"{self.signal}")
-        self._abandonable = True
-        try:
-            yield
-        finally:
-            self._abandonable = False
-
-    def __exit__(self, *exc_info: Any) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-
-class Prefetch:
-    """The rollouts the loop trains on, and every piece of off-policy state, in one place.
-
-    Synchronous (`background=None`): `take` draws a batch and rolls it out now; `trained`
-    pushes the new weights at once. Off-policy: `take` waits for this step's rollout (started
-    during the previous step), pushes the weights owed, then starts the next step's rollout in
-    the background thread unless this is the last step or a stop was requested.
-
-    What waits for what: a push never lands while a rollout is in flight (owed weights wait for
-    `take` or `flush`). Batches are drawn only here, in the driver thread, so `position` reads
-    a stream nobody is advancing: off-policy, where it stood before the batch in flight.
-    """
-
-    def __init__(self, roll: Callable[[int, list[Any], int], Rolled],
-                 push: Callable[[int], dict[str, float]], stream: PromptStream,
-                 background: ThreadPoolExecutor | None, total: int, stop: StopRequest) -> None:
-        self._roll, self._push, self._stream = roll, push, stream
-        self._background, self._total, self._stop = background, total, stop
-        self._in_flight: Future | None = None  # off-policy: the next step's rollout
-        self._in_flight_from: dict | None = None  # the stream's position before its batch
-        self._owed: int | None = None  # the version of trained weights not yet pushed
-        self.served = 0  # the weight version the senior engines serve
-
-    def take(self, step: int) -> Rolled:
-        """Step `step`'s rollout; its metrics include those of a push it waited for."""
-        if self._background is None:
-            before = self._stream.state_dict()
-            try:
-                return self._roll(step, self._stream.next_batch(), self.served)
-            except BaseException:
-                self._stream.load_state_dict(before)  # not trained on: a resume draws it again
-                raise
-        if self._in_flight is None:  # the first step of this invocation
-            self._start(step)
-        episodes, metrics, answers = self._in_flight.result()
-        self._in_flight = None
-        metrics.update(self._push_owed())
-        if step + 1 < self._total and self._stop.signal is None:
-            self._start(step + 1)
-        return episodes, metrics, answers
-
-    def trained(self, version: int) -> dict[str, float]:
-        """The learners hold weights `version` now: push them at once (synchronous) or when no
-        rollout is in flight (off-policy); the metrics of a push made now."""
-        self._owed = version
-        return self._push_owed() if self._background is None else {}
-
-    def flush(self) -> dict[str, float]:
-        """Wait for the rollout in flight, then push the weights owed (validation needs the
-        engines and the fresh weights)."""
-        self.wait()
-        return self._push_owed()
-
-    def wait(self) -> None:
-        """Wait for the rollout in flight, if any."""
-        if self._in_flight is not None:
-            self._in_flight.result()
-
-    def position(self) -> dict:
-        """Where a resumed run continues: the stream before the batch in flight, if any."""
-        return self._stream.state_dict() if self._in_flight is None else self._in_flight_from
-
-    def resume(self, position: dict, version: int) -> None:
-        """Continue from a checkpoint: the stream at `position`, the senior engines serving the
-        learners' restored weights as `version`."""
-        self._stream.load_state_dict(position)
-        self._owed = version
-        self.flush()
-
-    def restart(self, position: dict, version: int) -> None:
-        """Go back to a checkpoint after the learners were restarted: drop the rollout in
-        flight (sampled under weights that are gone), then `resume`."""
-        if self._in_flight is not None:
-            with contextlib.suppress(Exception):
-                self._in_flight.result()
-            self._in_flight = None
-        self.resume(position, version)
-
-    def _start(self, step: int) -> None:
-        self._in_flight_from = self._stream.state_dict()
-        self._in_flight = self._background.submit(self._roll, step, self._stream.next_batch(),
-                                                  self.served)
-
-    def _push_owed(self) -> dict[str, float]:
-        if self._owed is None:
-            return {}
-        metrics = self._push(self._owed)
-        self.served, self._owed = self._owed, None
-        return metrics
 
 
 def total_steps(config: TandemConfig, num_train: int) -> int:
@@ -257,17 +78,14 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     ckpt.remove_partial(run_dir)  # what a killed or failed save left: never resumed from
     resume_from = ckpt.find_resume(trainer.resume, run_dir)  # a bad path fails in a second
     # why here: `python -m tandem.train bad.key=1` fails before torch, Ray, vLLM and sympy load
-    from tandem.advantage import group_advantages
-    from tandem.data import PromptStream, load_prompts
-    from tandem.evaluate import Validation
-    from tandem.reward import RewardPool, reward_metrics
+    from tandem import advantage, data, evaluate, reward
     from tandem.runtime.actors import Actors, EngineFailure
     from tandem.runtime.cluster import connect
     from tandem.transport.base import WeightPushError
 
     start = ckpt.read_state(resume_from)["step"] if resume_from else 0
-    prompts, senior_dir, junior_dir = load_prompts(config)
-    stream = PromptStream(prompts.train, trainer.prompts_per_step, config.seed)
+    prompts, senior_dir, junior_dir = data.load_prompts(config)
+    stream = data.PromptStream(prompts.train, trainer.prompts_per_step, config.seed)
     stream_start = stream.state_dict()  # where a learner restart without a checkpoint goes
     if resume_from is not None:  # changed data fails here, before Ray starts
         stream.load_state_dict(ckpt.read_state(resume_from)["stream"])
@@ -276,7 +94,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
 
     with contextlib.ExitStack() as cleanup:
         logger = cleanup.enter_context(RunLogger(run_dir, config, total, start_step=start))
-        rewards = cleanup.enter_context(RewardPool(
+        rewards = cleanup.enter_context(reward.RewardPool(
             config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
             config.reward.answer_from))
         background = cleanup.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rollout"))
@@ -306,9 +124,9 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             prefetch = Prefetch(roll, actors.push_weights, stream,
                                 background if trainer.off_policy else None, total, stop)
             # the evaluation's protocols and code (tandem/evaluate.py), on the held-out problems
-            validation = Validation(config, actors.senior, actors.junior, prompts.senior_tokenizer,
-                                    prompts.junior_tokenizer, prompts.holdout, prompts.instruction,
-                                    rewards)
+            validation = evaluate.Validation(
+                config, actors.senior, actors.junior, prompts.senior_tokenizer,
+                prompts.junior_tokenizer, prompts.holdout, prompts.instruction, rewards)
 
             def run_validation(step: int) -> dict[str, float]:
                 return validation.run(step, prefetch.served)
@@ -340,11 +158,11 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                     reward_started = time.perf_counter()
                     verdicts = rewards.score([e.response_text for e in episodes],
                                              [answers[e.group] for e in episodes])
-                metrics.update(reward_metrics(verdicts))
+                metrics.update(reward.reward_metrics(verdicts))
                 metrics["time/reward"] = time.perf_counter() - reward_started
 
-                advantages, advantage_stats = group_advantages([v.reward for v in verdicts],
-                                                               config.algorithm)
+                advantages, advantage_stats = advantage.group_advantages(
+                    [v.reward for v in verdicts], config.algorithm)
                 metrics.update(advantage_stats)
 
                 actors.sleep_engines()

@@ -178,7 +178,8 @@ def test_reasoning_gym_options_are_checked():
 
 
 def test_missing_reasoning_gym_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # `import reasoning_gym` now fails
+    for name in ("reasoning_gym", "reasoning_gym.factory"):  # importing them now fails
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(DataError, match=r"pip install 'tandem\[reasoning\]'"):
         load_problems(_shipped_rg_set())
 

@@ -16,7 +16,9 @@ from tandem.config.compose import compose
 from tandem.data import Problem, PromptStream
 from tandem.evaluate import protocol_config
 from tandem.output.smoke import check, timing_table
-from tandem.train import Prefetch, StopRequest, total_steps
+from tandem.prefetch import Prefetch
+from tandem.stop import StopRequest
+from tandem.train import total_steps
 
 
 def _checkpoint(run_dir, step, complete=True):

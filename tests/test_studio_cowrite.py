@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from tandem.alternation import StopRule
+from tandem.benchmarks import load_benchmark
 from tandem.engine.api import Sampling
 from tandem.episode import HUMAN, SENIOR, Episode
 from tandem.studio.cowrite import CowriteError
@@ -55,6 +56,11 @@ def test_senior_and_person_alternate_and_the_episode_is_saved_with_a_human_autho
     assert row["response_text"].endswith("\\boxed{4}.")
     episode = Episode(**{k: v for k, v in row.items() if k in Episode.__dataclass_fields__})
     assert episode.senior_tokens == len(first) + len(after)
+
+    # tandem.evaluate reads the same file as a benchmark: the problems people co-wrote
+    saved_file = room.out_dir / "episodes" / "step_000000.jsonl"
+    problems = load_benchmark(str(saved_file), room.config).problems
+    assert (problems[-1].problem, problems[-1].answer) == ("What is 7 - 3?", "4")
 
     shown = RunEpisodes(room.out_dir).page(EpisodeFilter(), limit=5)["rows"][-1]
     assert {author for _, author in shown["tokens"]} == {"senior", "human"}

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from tandem.config.checks import InputError
 from tandem.episode import JUNIOR, SENIOR
 from tandem.studio import episodes as episodes_module
-from tandem.studio.__main__ import main
+from tandem.studio.__main__ import main, parse_args
 from tandem.studio.app import Studio, create_app
 from tandem.studio.episodes import EpisodeFilter, NoEpisodesError, RunEpisodes
 
@@ -79,6 +79,10 @@ def test_a_group_is_every_episode_of_one_prompt(run_episodes):
     assert [(r["step"], r["group"], r["line"]) for r in rows] == [(2, 1, 3), (2, 1, 4), (2, 1, 5)]
     with pytest.raises(InputError, match="step 2 has no group 9"):
         run_episodes.group(2, 9)
+
+
+def test_the_studio_listens_on_this_machine_only_unless_told():
+    assert parse_args(["runs/x"]).host == "127.0.0.1"
 
 
 def test_a_run_without_episodes_is_one_clear_error(tmp_path, capsys):

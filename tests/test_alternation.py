@@ -449,3 +449,23 @@ def test_tandem_metrics():
     assert metrics == {"tandem/senior_token_frac": 3 / 8,
                        "tandem/handoffs_per_episode": 2 / 3,
                        "tandem/segment_tokens_mean": 8 / 4}
+
+
+# ----------------------------------------------------------------------------- a person's turn
+
+
+def test_a_person_turn_is_kept_whole_and_still_counts_toward_the_schedule():
+    # the studio's co-write: a person writes a whole turn in the junior's seat
+    alternation = Alternation(algo("word", handoff_p=0.0, first_writer="senior",
+                                   max_gap_tokens=4), random.Random(0), SYNTH)
+    assert alternation.advance([PLAIN, WORD, PLAIN]) == Turn(kept=2, handoff=True)
+    alternation.hand_back([WORD, PLAIN, WORD, PLAIN, PLAIN])  # past re-draw points, not cut
+    assert alternation.writer == SENIOR
+    # the person's last re-draw point was 2 tokens ago: K = 4 leaves the senior 2
+    assert alternation.stop_rule(50).max_tokens == 2
+    step = Alternation(algo("alternate", first_writer="senior"), random.Random(0), SYNTH)
+    assert step.advance([PLAIN, BREAK, PLAIN]) == Turn(kept=2, handoff=True)
+    step.hand_back([PLAIN, BREAK, PLAIN, NEWLINE])  # two steps of the person's: one turn
+    assert step.writer == SENIOR
+    # the person's newline and the senior's make a `\n\n` pair: the senior's step ends there
+    assert step.advance([NEWLINE, PLAIN, BREAK]) == Turn(kept=1, handoff=True)

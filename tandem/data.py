@@ -1,9 +1,9 @@
 """Training prompts: rows from a file, a dataset id or our generator -> (problem, answer) -> ids.
 
-- `data.source` is `generated:<name>` (offline, tandem/sources.py: `GENERATORS`), `reasoning_gym:<task>`
-  (offline, the optional reasoning-gym package; `data.generator_args` configure the task), a
-  local `.jsonl` / `.parquet` file, or a Hugging Face dataset id (needs the optional `datasets`
-  library).
+- `data.source` is `generated:<name>` (offline, `GENERATORS` in tandem/sources.py),
+  `reasoning_gym:<task>` (offline, the optional reasoning-gym package; `data.generator_args`
+  configure the task), a local `.jsonl` / `.parquet` file, or a Hugging Face dataset id (needs
+  the optional `datasets` library).
 - Each row maps to a `Problem` through `data.problem_field` / `data.answer_field`; the answer
   is normalised by `data.answer_format` (plain | gsm8k | boxed). Malformed rows are skipped,
   counted and listed in a warning; more than `data.max_bad_row_frac` of them is a `DataError`.

@@ -21,7 +21,7 @@ command with the same `hydra.run.dir` and finished items are read back, not gene
 The fingerprint covers everything that changes a generation (models, sampling, budgets, seed),
 so a changed setting starts a fresh cache. Progress: one bar over problems x protocols, with ETA.
 
-Training's validation (`Validation`, called by tandem/train.py) runs the same `generate`.
+Training's validation (`Validation`, called by tandem/driver.py) runs the same `generate`.
 """
 
 from __future__ import annotations

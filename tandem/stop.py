@@ -1,6 +1,6 @@
 """Pre-emption: SIGTERM or SIGINT lets the current step finish, then checkpoint and exit.
 
-`StopRequest` is installed by the driver (tandem/train.py) once Ray is up (ray.init installs
+`StopRequest` is installed by the driver (tandem/driver.py) once Ray is up (ray.init installs
 its own SIGTERM handler, which exits at once). During start-up a stop raises `Stopped` at once;
 afterwards the step in progress ends first, unless `trainer.stop_grace_s` runs out during a
 phase that may be given up. docs/reliability.md has the whole story and its measured times.

@@ -104,7 +104,7 @@ def saved_run(tiny_model_dir, tmp_path_factory) -> Path:
     from tandem.episode import JUNIOR, SENIOR, Episode
     from tandem.models import load_tokenizer
     from tandem.reward import Verdict
-    from tandem.train import _save_episodes
+    from tandem.driver import _save_episodes
 
     tokenizer = load_tokenizer(tiny_model_dir)
     run = tmp_path_factory.mktemp("studio-run")

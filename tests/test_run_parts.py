@@ -18,7 +18,7 @@ from tandem.evaluate import protocol_config
 from tandem.output.smoke import check, timing_table
 from tandem.prefetch import Prefetch
 from tandem.stop import StopRequest
-from tandem.train import total_steps
+from tandem.driver import total_steps
 
 
 def _checkpoint(run_dir, step, complete=True):

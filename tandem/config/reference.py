@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from tandem.config import cluster, schema
+from tandem.config.compose import compose
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 PAPER_PRESET = "experiment=paper_trl"
@@ -221,8 +222,6 @@ def _code(text: str) -> str:
 
 def paper_values() -> dict[str, Any]:
     """Field key -> its value in the paper preset, composed as `python -m tandem.train` does."""
-    from tandem.config.compose import compose  # why: Hydra; the docstring checks need none of it
-
     config = compose([PAPER_PRESET])
     values = {}
     for field in fields():

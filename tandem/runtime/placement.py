@@ -11,7 +11,7 @@ seconds with a message that compares what was asked with what the Ray cluster ha
 - Colocated (`cluster.colocated`, cuda only): one bundle per GPU that the learner rank, the
   senior replica and the junior replica on that GPU share, each taking a fraction of it for
   Ray's accounting. Memory is shared by time, not by fraction: the engines sleep while the
-  learner trains (train.py).
+  learner trains (driver.py).
 
 On CPU every bundle is {CPU: cores}; engines are additionally pinned to their own cores
 (`rollout.engine_settings`), since two engines sharing cores run 3-4x slower.

@@ -12,12 +12,9 @@ sampling (eval.*), budgets and reward run under. Bad input prints one line and e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from pathlib import Path
-
-from tandem.config.compose import user_errors
 
 log = logging.getLogger("tandem")
 
@@ -51,54 +48,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # why here: a bad run directory or config fails in a second, before vLLM and Ray load
-    import uvicorn
+    # why here: `--help` and a bad option answer at once, before Starlette and transformers load
+    from tandem.studio.serve import serve
 
-    from tandem.models import load_tokenizer
-    from tandem.studio.app import Studio, create_app
-    from tandem.studio.episodes import RunEpisodes
-
-    with user_errors(), contextlib.ExitStack() as cleanup:
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-        for run in args.runs:
-            RunEpisodes(run, tokenizer)  # NoEpisodesError: one line, exit 2
-        room = None
-        if args.senior is not None:
-            room = _open_room(args, cleanup)
-        if args.host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("studio: serving on %s: anyone who reaches this address can read these "
-                        "runs and drive the engine", args.host)
-        app = create_app(Studio(args.runs, tokenizer, room))
-        log.info("studio: http://%s:%d", args.host, args.port)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-
-
-def _open_room(args: argparse.Namespace, cleanup: contextlib.ExitStack):
-    """Start the senior's engine (as evaluation starts it) and the co-write room."""
-    from tandem.benchmarks import load_benchmark
-    from tandem.config.compose import compose
-    from tandem.eval_models import resolve_checkpoint, start_engines_for, stop_engines
-    from tandem.models import load_tokenizer
-    from tandem.runtime.cluster import connect
-    from tandem.studio.cowrite import CowriteRoom
-
-    config = compose([f"model.senior.path={args.senior}", *args.set])
-    out_dir = args.cowrite_dir.resolve()
-    checkpoint = resolve_checkpoint(args.senior, config, out_dir)
-    problems, instruction = [], None
-    if args.problems:
-        benchmark = load_benchmark(args.problems, config)
-        problems, instruction = benchmark.problems, benchmark.instruction
-    tokenizer = load_tokenizer(checkpoint.model_dir)
-    log.info(cleanup.enter_context(connect(config)))
-    engines = start_engines_for(config, checkpoint.model_dir, "senior", tokenizer)
-    cleanup.callback(stop_engines, engines)
-    log.info("studio: senior %s ready for co-write; sessions saved under %s",
-             checkpoint.name, out_dir)
-    room = CowriteRoom(config, engines[0], tokenizer, checkpoint.model_dir, out_dir, problems,
-                       instruction)
-    cleanup.callback(room.close)
-    return room
+    serve(args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A run's saved episodes, read for the studio a page at a time.
 
 Training writes every co-written episode of every `trainer.save_episodes_every`-th step to
-`<run dir>/episodes/step_N.jsonl` (tandem/train.py `_save_episodes`): one JSON row per episode,
+`<run dir>/episodes/step_N.jsonl` (tandem/driver.py `_save_episodes`): one JSON row per episode,
 the `Episode` fields plus `step`, `reward`, `verdict` and `advantage`. The studio's co-write
 sessions append rows of the same shape (with `author_mask` 2 for a person) to their own
 `episodes/` file. A long run holds millions of tokens there, so nothing here reads a whole

@@ -29,7 +29,8 @@ def test_a_dead_learner_restarts_from_the_checkpoint_then_the_run_stops(
     from tandem.data import PromptStream, load_prompts
     from tandem.runtime.actors import Actors
     from tandem.testkit import tiny_run
-    from tandem.train import LearnerFailure, train
+    from tandem.driver import LearnerFailure
+    from tandem.train import train
 
     original = Actors.train
     killed: list[int] = []

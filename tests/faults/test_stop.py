@@ -48,7 +48,7 @@ def test_sigterm_during_start_up_stops_at_once(tiny_model_dir, tmp_path, ray_clu
 
     monkeypatch.setattr(actors, "launch_engines", launch_engines)
     caplog.set_level(logging.INFO, logger="tandem")
-    free = ray.available_resources().get("CPU")
+    free = ray.available_resources().get("CPU", 0)
     history = train(_config(tiny_model_dir, tiny_model_dir, "trainer.total_steps=2"),
                     tmp_path / "run")
     took = time.monotonic() - sent[0]
@@ -56,10 +56,12 @@ def test_sigterm_during_start_up_stops_at_once(tiny_model_dir, tmp_path, ray_clu
     assert history == []
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert "SIGTERM during start-up" in caplog.text
-    deadline = time.monotonic() + 30  # Ray frees an ended actor's CPUs asynchronously
-    while ray.available_resources().get("CPU") != free and time.monotonic() < deadline:
+    # Ray frees an ended actor's CPUs asynchronously: the run's own, and (more, not fewer)
+    # those of an earlier test's actors still being released when `free` was read
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert ray.available_resources().get("CPU") == free
+    assert ray.available_resources().get("CPU", 0) >= free
     # the engines were killed mid-load: no EngineCore is left orphaned (reparented to init)
     while _orphaned_engine_cores() and time.monotonic() < deadline + 30:
         time.sleep(0.5)

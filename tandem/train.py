@@ -64,8 +64,8 @@ if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` im
 
 log = logging.getLogger("tandem")
 
-Rolled = tuple[list[Episode], dict[str, float], list[str]]
-"""One step's rollout: its episodes, rollout metrics and the answers of its problems."""
+Rolled = tuple[list[Episode], dict[str, float], list[Any]]
+"""One step's rollout: its episodes, rollout metrics and its problems."""
 
 
 class Stopped(Exception):  # noqa: N818 (a request, not an error)
@@ -185,12 +185,12 @@ class Prefetch:
                 raise
         if self._in_flight is None:  # the first step of this invocation
             self._start(step)
-        episodes, metrics, answers = self._in_flight.result()
+        episodes, metrics, problems = self._in_flight.result()
         self._in_flight = None
         metrics.update(self._push_owed())
         if step + 1 < self._total and self._stop.signal is None:
             self._start(step + 1)
-        return episodes, metrics, answers
+        return episodes, metrics, problems
 
     def trained(self, version: int) -> dict[str, float]:
         """The learners hold weights `version` now: push them at once (synchronous) or when no
@@ -261,6 +261,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.data import PromptStream, load_prompts
     from tandem.evaluate import Validation
     from tandem.reward import RewardPool, reward_metrics
+    from tandem.reward.builtin import episode_metadata
     from tandem.runtime.actors import Actors, EngineFailure
     from tandem.runtime.cluster import connect
     from tandem.transport.base import WeightPushError
@@ -276,9 +277,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
 
     with contextlib.ExitStack() as cleanup:
         logger = cleanup.enter_context(RunLogger(run_dir, config, total, start_step=start))
-        rewards = cleanup.enter_context(RewardPool(
-            config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
-            config.reward.answer_from))
+        rewards = cleanup.enter_context(RewardPool.from_config(config.reward))
         background = cleanup.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rollout"))
         logger.stage(f"data: {len(prompts.train)} training problems, {len(prompts.holdout)} for "
                      f"validation; {total} steps of {trainer.prompts_per_step} prompts x "
@@ -301,7 +300,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                 ids, junior_ids = prompts.ids(batch)
                 episodes, metrics = rollout.generate(ids, step, junior_ids,
                                                      weight_version=weight_version)
-                return episodes, metrics, [p.answer for p in batch]
+                return episodes, metrics, batch
 
             prefetch = Prefetch(roll, actors.push_weights, stream,
                                 background if trainer.off_policy else None, total, stop)
@@ -336,10 +335,13 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             while step < total:
                 step_started = time.perf_counter()
                 with stop.abandonable():  # nothing of the step has reached the learners
-                    episodes, metrics, answers = prefetch.take(step)
+                    episodes, metrics, problems = prefetch.take(step)
                     reward_started = time.perf_counter()
-                    verdicts = rewards.score([e.response_text for e in episodes],
-                                             [answers[e.group] for e in episodes])
+                    verdicts = rewards.score_fn(  # reward.fn: the paper's, or a plug-in
+                        [problems[e.group].problem for e in episodes],
+                        [e.response_text for e in episodes],
+                        [problems[e.group].answer for e in episodes],
+                        episode_metadata(episodes, problems, step, config))
                 metrics.update(reward_metrics(verdicts))
                 metrics["time/reward"] = time.perf_counter() - reward_started
 

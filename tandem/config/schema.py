@@ -28,6 +28,7 @@ from tandem.config.checks import (
     check_positive,
     check_range,
     looks_local,
+    resolve_callable,
     unresolved,
 )
 from tandem.config.cluster import ClusterConfig
@@ -48,6 +49,8 @@ ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
 DATA_FILE_TYPES = (".jsonl", ".parquet")
 # data.source=reasoning_gym:<task> (tandem.data reads it; the optional reasoning-gym package)
 REASONING_GYM_PREFIX = "reasoning_gym:"
+# reward.fn's default: math-verify on the last \boxed{} (the paper)
+DEFAULT_REWARD_FN = "tandem.reward.builtin:boxed_answer"
 
 
 @dataclass
@@ -388,8 +391,20 @@ class RewardConfig:
     answer_from: str = "boxed"
     """boxed (the paper: the last \\boxed{}) | boxed_or_number (the last number when nothing
     is boxed: for small models that never box, like the CPU demo's 135M model)."""
+    fn: str = DEFAULT_REWARD_FN
+    """The training reward, package.module:callable with the signature (problem, response,
+    gold answer, metadata dict) -> (reward, verdict string), run in the reward pool under
+    timeout_s; one that raises or hangs scores 0 and is counted. Built-ins in
+    tandem.reward.builtin: boxed_answer (math-verify, the paper), boxed_answer_and_format,
+    boxed_answer_length_penalty (docs/data-and-reward.md)."""
+    boxes: str = "last"
+    """Which boxes are the answer: last (the paper: the last outermost box) | final (every box
+    of the paragraph holding the last one, joined with ", ": multi-part answers)."""
 
     def __post_init__(self) -> None:
+        check_choice(self.boxes, ("last", "final"), "reward.boxes")
+        if self.fn != DEFAULT_REWARD_FN:  # the built-in default imports sympy: skip it here
+            resolve_callable(self.fn, "reward.fn")
         check_min(self.num_workers, 1, "reward.num_workers")
         check_positive(self.timeout_s, "reward.timeout_s")
         check_min(self.max_answer_chars, 1, "reward.max_answer_chars")

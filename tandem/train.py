@@ -5,7 +5,10 @@ Each step (`train` below, top to bottom):
 1. the next batch of training problems (a seeded, resumable stream);
 2. tandem rollout: `algorithm.group_size` episodes per problem, senior and frozen junior taking
    turns (rollout.py; both engines busy at once, no barrier between episodes);
-3. reward: math-verify on the team's last \\boxed{} answer, in a killable process pool;
+3. reward: math-verify on the team's last \\boxed{} answer (or the `reward.fn` plug-in), in a
+   killable process pool; with `algorithm.overlong=soft_penalty` a length term; with
+   `algorithm.dynamic_sampling` 1-3 again on more problems until the batch's groups all carry
+   signal (dynamic_sampling.py);
 4. group-relative advantages (advantage.py);
 5. the learner's GRPO update over senior-written tokens only (learner/, FSDP2);
 6. push the new weights to the senior engines only (transport/); the junior never changes;
@@ -50,10 +53,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tandem import checkpoint as ckpt
+from tandem import dynamic_sampling
 from tandem.alternation import Boundaries
 from tandem.config.compose import CONF_DIR, config_for_app, user_errors
 from tandem.config.schema import TandemConfig
-from tandem.episode import Episode
+from tandem.dynamic_sampling import Scored
 from tandem.output.tracking import RunLogger
 from tandem.rollout import EngineLost, Rollout
 from tandem.sweep import run_point
@@ -64,8 +68,8 @@ if TYPE_CHECKING:  # annotations only: these load torch or Ray, which `train` im
 
 log = logging.getLogger("tandem")
 
-Rolled = tuple[list[Episode], dict[str, float], list[Any]]
-"""One step's rollout: its episodes, rollout metrics and its problems."""
+Rolled = Scored
+"""One step's rollout: its episodes, their verdicts and rewards, rollout and reward metrics."""
 
 
 class Stopped(Exception):  # noqa: N818 (a request, not an error)
@@ -160,8 +164,10 @@ class Prefetch:
     the background thread unless this is the last step or a stop was requested.
 
     What waits for what: a push never lands while a rollout is in flight (owed weights wait for
-    `take` or `flush`). Batches are drawn only here, in the driver thread, so `position` reads
-    a stream nobody is advancing: off-policy, where it stood before the batch in flight.
+    `take` or `flush`). A step's first batch is drawn here, in the driver thread; dynamic
+    sampling's extra batches are drawn by the step's rollout (off-policy, in the background
+    thread) while nothing else touches the stream. So `position` reads a stream nobody is
+    advancing: off-policy, where it stood before the step in flight.
     """
 
     def __init__(self, roll: Callable[[int, list[Any], int], Rolled],
@@ -185,12 +191,12 @@ class Prefetch:
                 raise
         if self._in_flight is None:  # the first step of this invocation
             self._start(step)
-        episodes, metrics, problems = self._in_flight.result()
+        rolled = self._in_flight.result()
         self._in_flight = None
-        metrics.update(self._push_owed())
+        rolled.metrics.update(self._push_owed())
         if step + 1 < self._total and self._stop.signal is None:
             self._start(step + 1)
-        return episodes, metrics, problems
+        return rolled
 
     def trained(self, version: int) -> dict[str, float]:
         """The learners hold weights `version` now: push them at once (synchronous) or when no
@@ -260,8 +266,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
     from tandem.advantage import group_advantages
     from tandem.data import PromptStream, load_prompts
     from tandem.evaluate import Validation
-    from tandem.reward import RewardPool, reward_metrics
-    from tandem.reward.builtin import episode_metadata
+    from tandem.reward import RewardPool
     from tandem.runtime.actors import Actors, EngineFailure
     from tandem.runtime.cluster import connect
     from tandem.transport.base import WeightPushError
@@ -296,11 +301,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             rollout = Rollout(config, actors.senior, actors.junior, prompts.senior_tokenizer,
                               prompts.junior_tokenizer, recover=actors.restart_engine)
 
-            def roll(step: int, batch: list[Any], weight_version: int) -> Rolled:
-                ids, junior_ids = prompts.ids(batch)
-                episodes, metrics = rollout.generate(ids, step, junior_ids,
-                                                     weight_version=weight_version)
-                return episodes, metrics, batch
+            roll = dynamic_sampling.step_roll(config, prompts, stream, rollout, rewards)
 
             prefetch = Prefetch(roll, actors.push_weights, stream,
                                 background if trainer.off_policy else None, total, stop)
@@ -335,18 +336,10 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
             while step < total:
                 step_started = time.perf_counter()
                 with stop.abandonable():  # nothing of the step has reached the learners
-                    episodes, metrics, problems = prefetch.take(step)
-                    reward_started = time.perf_counter()
-                    verdicts = rewards.score_fn(  # reward.fn: the paper's, or a plug-in
-                        [problems[e.group].problem for e in episodes],
-                        [e.response_text for e in episodes],
-                        [problems[e.group].answer for e in episodes],
-                        episode_metadata(episodes, problems, step, config))
-                metrics.update(reward_metrics(verdicts))
-                metrics["time/reward"] = time.perf_counter() - reward_started
+                    rolled = prefetch.take(step)  # rolled out and scored
+                episodes, metrics = rolled.episodes, rolled.metrics
 
-                advantages, advantage_stats = group_advantages([v.reward for v in verdicts],
-                                                               config.algorithm)
+                advantages, advantage_stats = group_advantages(rolled.rewards, config.algorithm)
                 metrics.update(advantage_stats)
 
                 actors.sleep_engines()
@@ -374,7 +367,7 @@ def train(config: TandemConfig, run_dir: str | Path) -> list[dict[str, float]]:
                     with stop.abandonable():  # the learners are done with the step
                         metrics.update(run_validation(done))
                 if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
-                    _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
+                    _save_episodes(run_dir, done, rolled, advantages.tolist())
                 metrics["time/step"] = time.perf_counter() - step_started
                 metrics["faults/learner_restarts"], restarted = restarted, 0.0
                 logger.log(done, metrics)
@@ -469,13 +462,13 @@ def _keep_last_step(run_dir: Path, done: int, saved: int, learners: Learners,
             f"trainer.resume=auto hydra.run.dir={run_dir}")
 
 
-def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: list[Any],
-                   advantages: list[float]) -> None:
+def _save_episodes(run_dir: Path, step: int, rolled: Rolled, advantages: list[float]) -> None:
     directory = run_dir / "episodes"
     directory.mkdir(exist_ok=True)
     with open(directory / f"step_{step:06d}.jsonl", "w") as out:
-        for episode, verdict, advantage in zip(episodes, verdicts, advantages, strict=True):
-            row = {"step": step, **asdict(episode), "reward": verdict.reward,
+        for episode, verdict, reward, advantage in zip(rolled.episodes, rolled.verdicts,
+                                                       rolled.rewards, advantages, strict=True):
+            row = {"step": step, **asdict(episode), "reward": reward,
                    "verdict": verdict.status, "advantage": advantage}
             out.write(json.dumps(row) + "\n")
 

@@ -45,6 +45,7 @@ LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WORD_BOUNDARIES = ("paper", "wide")
+OVERLONG_MODES = ("none", "filter", "soft_penalty")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
 DATA_FILE_TYPES = (".jsonl", ".parquet")
 # data.source=reasoning_gym:<task> (tandem.data reads it; the optional reasoning-gym package)
@@ -219,6 +220,22 @@ class AlgorithmConfig:
     """Auxiliary KL toward the junior on junior positions, lambda_jun (0 in the paper)."""
     tis_cap: float = 0.0
     """Truncated importance sampling cap on learner/rollout ratios; 0 = off."""
+    # DAPO (Yu et al. 2025, arXiv 2503.14476); not in the paper's set-up, so off by default
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (no signal) and roll out more prompts until the
+    batch holds trainer.prompts_per_step groups with signal (DAPO's dynamic sampling)."""
+    dynamic_sampling_max_draws: int = 10
+    """Batches of prompts drawn per step at most, the first included (verl's
+    max_num_gen_batches); past it the batch is filled up with no-signal groups (counted)."""
+    overlong: str = "none"
+    """Episodes cut off by the response budget: none (the paper) | filter (no weight in the
+    loss) | soft_penalty (DAPO's length term on the reward over the last
+    overlong_buffer_tokens of the budget); tandem/overlong.py."""
+    overlong_buffer_tokens: int = 512
+    """soft_penalty: L_cache, the tokens before rollout.max_response_tokens where the penalty
+    ramps from 0 to -overlong_penalty_factor (DAPO: 4096 of 20480)."""
+    overlong_penalty_factor: float = 1.0
+    """soft_penalty: the penalty at the budget's end (verl's overlong_buffer.penalty_factor)."""
 
     def __post_init__(self) -> None:
         check_choice(self.name, ("tandem", "grpo"), "algorithm.name")
@@ -245,10 +262,17 @@ class AlgorithmConfig:
         for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
                      "tis_cap"):
             check_min(getattr(self, name), 0, f"algorithm.{name}")
+        self._check_dapo()
         if self.name == "grpo":
             check(self.handoff_p == 1.0 and self.first_writer == "senior",
                    "algorithm.name=grpo is solo GRPO: it needs algorithm.handoff_p=1.0 and "
                    "algorithm.first_writer=senior (or use algorithm.name=tandem)")
+
+    def _check_dapo(self) -> None:
+        check_min(self.dynamic_sampling_max_draws, 1, "algorithm.dynamic_sampling_max_draws")
+        check_choice(self.overlong, OVERLONG_MODES, "algorithm.overlong")
+        check_min(self.overlong_buffer_tokens, 1, "algorithm.overlong_buffer_tokens")
+        check_min(self.overlong_penalty_factor, 0, "algorithm.overlong_penalty_factor")
 
 
 @dataclass
@@ -522,6 +546,11 @@ class TandemConfig:
         for role in ("senior", "junior"):
             fit.check_budgets(self, role)
             fit.check_kv_cache(self, role)
+        check(self.algorithm.overlong != "soft_penalty" or self.algorithm.overlong_buffer_tokens
+              < self.rollout.max_response_tokens,
+              f"algorithm.overlong_buffer_tokens={self.algorithm.overlong_buffer_tokens} must be "
+              f"below rollout.max_response_tokens={self.rollout.max_response_tokens} (the "
+              "penalty ramps over the budget's last tokens); lower it")
         check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")

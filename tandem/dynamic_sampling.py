@@ -23,6 +23,7 @@ without dynamic sampling); `train/*` over the trained batch.
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -49,11 +50,12 @@ class Scored:
 
 
 def signal_groups(rewards: Sequence[float], group_size: int) -> list[bool]:
-    """Per group of `group_size` adjacent rewards: do they differ? (The exact test
-    `group_advantages` uses for a zero-std group.)"""
+    """Per group of `group_size` adjacent rewards: do they differ? The exact test
+    `group_advantages` makes for a zero-std group, in float32 as it does."""
     if len(rewards) % group_size:
         raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
-    return [len(set(rewards[g:g + group_size])) > 1 for g in range(0, len(rewards), group_size)]
+    single = array("f", rewards)  # rounded to float32
+    return [len(set(single[g:g + group_size])) > 1 for g in range(0, len(single), group_size)]
 
 
 def sample(draw: Callable[[int], Scored], config: TandemConfig) -> Scored:

@@ -43,10 +43,10 @@ def _scored(group_rewards: list[list[float]], tag: str) -> Scored:
 
 
 def test_signal_groups_is_the_zero_std_test_of_the_advantages():
-    rewards = [1.0, 1.0, 0.0, 1.0, 0.3, 0.3, 0.0, -0.0]
-    assert signal_groups(rewards, 2) == [False, True, False, False]
+    rewards = [1.0, 1.0, 0.0, 1.0, 0.3, 0.3, 0.0, -0.0, 1.0, 1.0 + 1e-12]
+    assert signal_groups(rewards, 2) == [False, True, False, False, False]
     _, stats = group_advantages(rewards, _config().algorithm)
-    assert stats["train/zero_std_groups"] == 3
+    assert stats["train/zero_std_groups"] == 4
     with pytest.raises(ValueError, match="groups of 3"):
         signal_groups(rewards, 3)
 

@@ -5,7 +5,10 @@ Each step (`run` below, top to bottom):
 1. the next batch of training problems (a seeded, resumable stream);
 2. tandem rollout: `algorithm.group_size` episodes per problem, senior and frozen junior taking
    turns (rollout.py; both engines busy at once, no barrier between episodes);
-3. reward: math-verify on the team's last \\boxed{} answer, in a killable process pool;
+3. reward: math-verify on the team's last \\boxed{} answer (or the `reward.fn` plug-in), in a
+   killable process pool; with `algorithm.overlong=soft_penalty` a length term; with
+   `algorithm.dynamic_sampling` 1-3 again on more problems until the batch's groups all carry
+   signal (dynamic_sampling.py);
 4. group-relative advantages (advantage.py);
 5. the learner's GRPO update over senior-written tokens only (learner/, FSDP2);
 6. push the new weights to the senior engines only (transport/); the junior never changes;
@@ -41,11 +44,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tandem import advantage, data, evaluate, reward
+from tandem import advantage, data, dynamic_sampling, evaluate, reward
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
-from tandem.episode import Episode
 from tandem.output.tracking import RunLogger
 from tandem.prefetch import Prefetch, Rolled
 from tandem.rollout import EngineLost, Rollout
@@ -80,9 +82,7 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
 
     with contextlib.ExitStack() as cleanup:
         logger = cleanup.enter_context(RunLogger(run_dir, config, total, start_step=start))
-        rewards = cleanup.enter_context(reward.RewardPool(
-            config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
-            config.reward.answer_from))
+        rewards = cleanup.enter_context(reward.RewardPool.from_config(config.reward))
         background = cleanup.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rollout"))
         logger.stage(f"data: {len(prompts.train)} training problems, {len(prompts.holdout)} for "
                      f"validation; {total} steps of {trainer.prompts_per_step} prompts x "
@@ -101,11 +101,7 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
             rollout = Rollout(config, actors.senior, actors.junior, prompts.senior_tokenizer,
                               prompts.junior_tokenizer, recover=actors.restart_engine)
 
-            def roll(step: int, batch: list[Any], weight_version: int) -> Rolled:
-                ids, junior_ids = prompts.ids(batch)
-                episodes, metrics = rollout.generate(ids, step, junior_ids,
-                                                     weight_version=weight_version)
-                return episodes, metrics, [p.answer for p in batch]
+            roll = dynamic_sampling.step_roll(config, prompts, stream, rollout, rewards)
 
             prefetch = Prefetch(roll, actors.push_weights, stream,
                                 background if trainer.off_policy else None, total, stop)
@@ -140,15 +136,11 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
             while step < total:
                 step_started = time.perf_counter()
                 with stop.abandonable():  # nothing of the step has reached the learners
-                    episodes, metrics, answers = prefetch.take(step)
-                    reward_started = time.perf_counter()
-                    verdicts = rewards.score([e.response_text for e in episodes],
-                                             [answers[e.group] for e in episodes])
-                metrics.update(reward.reward_metrics(verdicts))
-                metrics["time/reward"] = time.perf_counter() - reward_started
+                    rolled = prefetch.take(step)  # rolled out and scored
+                episodes, metrics = rolled.episodes, rolled.metrics
 
-                advantages, advantage_stats = advantage.group_advantages(
-                    [v.reward for v in verdicts], config.algorithm)
+                advantages, advantage_stats = advantage.group_advantages(rolled.rewards,
+                                                                         config.algorithm)
                 metrics.update(advantage_stats)
 
                 actors.sleep_engines()
@@ -176,7 +168,7 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
                     with stop.abandonable():  # the learners are done with the step
                         metrics.update(run_validation(done))
                 if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
-                    _save_episodes(run_dir, done, episodes, verdicts, advantages.tolist())
+                    _save_episodes(run_dir, done, rolled, advantages.tolist())
                 metrics["time/step"] = time.perf_counter() - step_started
                 metrics["faults/learner_restarts"], restarted = restarted, 0.0
                 logger.log(done, metrics)
@@ -271,13 +263,13 @@ def _keep_last_step(run_dir: Path, done: int, saved: int, learners: Learners,
             f"trainer.resume=auto hydra.run.dir={run_dir}")
 
 
-def _save_episodes(run_dir: Path, step: int, episodes: list[Episode], verdicts: list[Any],
-                   advantages: list[float]) -> None:
+def _save_episodes(run_dir: Path, step: int, rolled: Rolled, advantages: list[float]) -> None:
     directory = run_dir / "episodes"
     directory.mkdir(exist_ok=True)
     with open(directory / f"step_{step:06d}.jsonl", "w") as out:
-        for episode, verdict, advantage in zip(episodes, verdicts, advantages, strict=True):
-            row = {"step": step, **asdict(episode), "reward": verdict.reward,
+        for episode, verdict, reward, advantage in zip(rolled.episodes, rolled.verdicts,
+                                                       rolled.rewards, advantages, strict=True):
+            row = {"step": step, **asdict(episode), "reward": reward,
                    "verdict": verdict.status, "advantage": advantage}
             out.write(json.dumps(row) + "\n")
 

@@ -121,6 +121,8 @@ def fingerprint(config: TandemConfig, senior_dir: str, junior_dir: str) -> str:
                                       "protocols", "batch_problems", "pass_k", "dose_p")
                          and not k.startswith("val")},
                 "answer_from": config.reward.answer_from,
+                # only when set: caches written before the option existed stay valid
+                **({"boxes": config.reward.boxes} if config.reward.boxes != "last" else {}),
                 "prompt": config.rollout.max_prompt_tokens,
                 "dtypes": [config.model.senior.dtype, config.model.junior.dtype]}
     return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -341,9 +343,7 @@ def evaluate(config: TandemConfig, run_dir: str | Path) -> dict[str, Any]:
     result: dict[str, Any] = {"config": OmegaConf.to_container(OmegaConf.structured(config)),
                               "junior": junior_dir, "started": started, "checkpoints": []}
     with contextlib.ExitStack() as cleanup:
-        rewards = cleanup.enter_context(RewardPool(
-            config.reward.num_workers, config.reward.timeout_s, config.reward.max_answer_chars,
-            config.reward.answer_from))
+        rewards = cleanup.enter_context(RewardPool.from_config(config.reward))
         log.info(cleanup.enter_context(connect(config)))
         # the junior and the first senior load side by side (each on its own cores / GPUs)
         junior = eval_models.launch_engines_for(config, junior_dir, "junior", junior_tokenizer)

@@ -7,14 +7,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from tandem.episode import Episode
+from tandem.dynamic_sampling import Scored
 from tandem.stop import StopRequest
 
 if TYPE_CHECKING:  # annotations only: it loads torch
     from tandem.data import PromptStream
 
-Rolled = tuple[list[Episode], dict[str, float], list[str]]
-"""One step's rollout: its episodes, rollout metrics and the answers of its problems."""
+Rolled = Scored
+"""One step's rollout: its episodes, their verdicts and rewards, rollout and reward metrics."""
 
 
 class Prefetch:
@@ -26,8 +26,10 @@ class Prefetch:
     the background thread unless this is the last step or a stop was requested.
 
     What waits for what: a push never lands while a rollout is in flight (owed weights wait for
-    `take` or `flush`). Batches are drawn only here, in the driver thread, so `position` reads
-    a stream nobody is advancing: off-policy, where it stood before the batch in flight.
+    `take` or `flush`). A step's first batch is drawn here, in the driver thread; dynamic
+    sampling's extra batches are drawn by the step's rollout (off-policy, in the background
+    thread) while nothing else touches the stream. So `position` reads a stream nobody is
+    advancing: off-policy, where it stood before the step in flight.
     """
 
     def __init__(self, roll: Callable[[int, list[Any], int], Rolled],
@@ -51,12 +53,12 @@ class Prefetch:
                 raise
         if self._in_flight is None:  # the first step of this invocation
             self._start(step)
-        episodes, metrics, answers = self._in_flight.result()
+        rolled = self._in_flight.result()
         self._in_flight = None
-        metrics.update(self._push_owed())
+        rolled.metrics.update(self._push_owed())
         if step + 1 < self._total and self._stop.signal is None:
             self._start(step + 1)
-        return episodes, metrics, answers
+        return rolled
 
     def trained(self, version: int) -> dict[str, float]:
         """The learners hold weights `version` now: push them at once (synchronous) or when no

@@ -123,20 +123,22 @@ class Rollout:
 
     def generate(self, prompts: list[list[int]], step: int,
                  junior_prompts: list[list[int]] | None = None, samples: int | None = None,
-                 weight_version: int = 0, budgets: list[int] | None = None
-                 ) -> tuple[list[Episode], dict[str, float]]:
+                 weight_version: int = 0, budgets: list[int] | None = None,
+                 first_index: int = 0) -> tuple[list[Episode], dict[str, float]]:
         """`samples` (default `algorithm.group_size`) episodes per prompt (senior token ids; for
         a junior with another tokenizer also the same prompts in its ids). Returns episodes
         grouped by prompt. `weight_version`: the version the senior engines serve, recorded on
         episodes the senior wrote nothing of (the others carry their senior segments').
-        `budgets`: each prompt's shared response budget (default `rollout.max_response_tokens`)."""
+        `budgets`: each prompt's shared response budget (default `rollout.max_response_tokens`).
+        `first_index`: the step's index of the first episode, which seeds its draws: a second
+        batch of the same step (dynamic sampling) starts after the first one's episodes."""
         return asyncio.run(self.agenerate(prompts, step, junior_prompts, samples, weight_version,
-                                          budgets))
+                                          budgets, first_index))
 
     async def agenerate(self, prompts: list[list[int]], step: int,
                         junior_prompts: list[list[int]] | None = None,
                         samples: int | None = None, weight_version: int = 0,
-                        budgets: list[int] | None = None
+                        budgets: list[int] | None = None, first_index: int = 0
                         ) -> tuple[list[Episode], dict[str, float]]:
         if self.cross_tokenizer and (junior_prompts is None
                                      or len(junior_prompts) != len(prompts)):
@@ -147,7 +149,7 @@ class Rollout:
         if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
             raise ValueError(f"budgets must hold one positive budget per prompt, got {budgets}")
         group_size = samples or self.config.algorithm.group_size
-        jobs = {group * group_size + member: group
+        jobs = {first_index + group * group_size + member: group
                 for group in range(len(prompts)) for member in range(group_size)}
         finished: dict[int, Episode] = {}
         started, restarts = time.perf_counter(), 0

@@ -101,10 +101,11 @@ def saved_run(tiny_model_dir, tmp_path_factory) -> Path:
     trainer's own `_save_episodes`), metrics.jsonl and a report with a plot."""
     import json
 
+    from tandem.driver import _save_episodes
+    from tandem.dynamic_sampling import Scored
     from tandem.episode import JUNIOR, SENIOR, Episode
     from tandem.models import load_tokenizer
     from tandem.reward import Verdict
-    from tandem.driver import _save_episodes
 
     tokenizer = load_tokenizer(tiny_model_dir)
     run = tmp_path_factory.mktemp("studio-run")
@@ -124,7 +125,8 @@ def saved_run(tiny_model_dir, tmp_path_factory) -> Path:
                                     logprobs=[-0.5] * len(ids), group=index // 3,
                                     weight_version=step, response_text=text))
             verdicts.append(Verdict("correct" if "boxed" in text else "no_box"))
-        _save_episodes(run, step, episodes, verdicts, [0.5 * (i % 3) - 0.5 for i in range(6)])
+        rolled = Scored(episodes, verdicts, [v.reward for v in verdicts])
+        _save_episodes(run, step, rolled, [0.5 * (i % 3) - 0.5 for i in range(6)])
     (run / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "reward/mean": 0.25 * s, "tandem/senior_token_frac": 0.5}) + "\n"
         for s in (1, 2, 3)))

@@ -14,11 +14,12 @@ import pytest
 from tandem import checkpoint as ckpt
 from tandem.config.compose import compose
 from tandem.data import Problem, PromptStream
+from tandem.driver import total_steps
+from tandem.dynamic_sampling import Scored
 from tandem.evaluate import protocol_config
 from tandem.output.smoke import check, timing_table
 from tandem.prefetch import Prefetch
 from tandem.stop import StopRequest
-from tandem.driver import total_steps
 
 
 def _checkpoint(run_dir, step, complete=True):
@@ -69,7 +70,7 @@ class _Run:
         self.threads.add(threading.current_thread().name)
         time.sleep(0.05)  # long enough that a push made mid-rollout would land inside it
         self.events.append(("rolled", step))
-        return [], {"rollout/x": 1.0}, [p.uid for p in batch]
+        return Scored([], [p.uid for p in batch], [], {"rollout/x": 1.0})  # uids as verdicts
 
     def push(self, version):
         self.events.append(("push", version))
@@ -84,9 +85,9 @@ def _loop(prefetch: Prefetch, steps: int) -> list[tuple]:
     """The training loop's calls: take, train, push owed weights; (uids, metrics) per step."""
     seen = []
     for step in range(steps):
-        _, metrics, uids = prefetch.take(step)
-        metrics.update(prefetch.trained(step + 1))
-        seen.append((uids, metrics))
+        rolled = prefetch.take(step)
+        rolled.metrics.update(prefetch.trained(step + 1))
+        seen.append((rolled.verdicts, rolled.metrics))
     return seen
 
 
@@ -123,7 +124,7 @@ def test_off_policy_checkpoint_keeps_the_position_before_the_batch_in_flight():
         seen = _loop(prefetch, 2)  # step 2's rollout is in flight now
         prefetch.wait()
         position = prefetch.position()
-        in_flight = prefetch.take(2)[2]
+        in_flight = prefetch.take(2).verdicts
     resumed = _stream()
     resumed.load_state_dict(position)
     assert [p.uid for p in resumed.next_batch()] == in_flight

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 
 from omegaconf import MISSING
 
@@ -57,3 +59,25 @@ def unresolved(value: object) -> bool:
 
 def looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~"))
+
+
+def resolve_callable(spec: str, name: str) -> Callable:
+    """The callable `spec` names as ``package.module:callable`` (imported now); a ConfigError
+    naming the field `name` when the form is wrong, the module does not import, or the
+    attribute is missing or not callable."""
+    module_name, colon, attribute = spec.partition(":")
+    check(bool(colon and module_name.strip() and attribute.strip()),
+          f"{name}={spec!r} must be package.module:callable, e.g. "
+          "tandem.reward.builtin:boxed_answer")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:  # the module, or something it imports, is missing
+        raise ConfigError(f"{name}={spec!r}: cannot import {module_name!r} ({error}); check "
+                          "the module path and that it is on PYTHONPATH") from error
+    target = module
+    for part in attribute.split("."):
+        check(hasattr(target, part), f"{name}={spec!r}: {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    check(callable(target), f"{name}={spec!r}: {attribute!r} is a "
+          f"{type(target).__name__}, not a callable")
+    return target

@@ -13,7 +13,8 @@ from tandem.config import local_model
 from tandem.config.checks import check
 
 if TYPE_CHECKING:  # schema imports this module
-    from tandem.config.schema import ModelSpec, TandemConfig
+    from tandem.config.model import ModelSpec
+    from tandem.config.schema import TandemConfig
 
 
 def check_budgets(config: TandemConfig, role: str) -> None:

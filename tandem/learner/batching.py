@@ -33,6 +33,18 @@ class MicroBatch:
         return int((self.response_mask * self.author_mask).sum())
 
 
+def mini_batches(groups: list[int], mini_batch_prompts: int, prompts_per_step: int,
+                 kept: list[bool]) -> list[list[int]]:
+    """Episode indices of each optimizer update: `groups[i]` is episode i's group, and the
+    batch's groups are split into prompts_per_step / mini_batch_prompts updates. Episodes not
+    `kept` (`tandem.overlong.loss_kept`) are left out of every update, but their groups still
+    count in the split, so the number of updates does not depend on them."""
+    ordered = sorted(set(groups))
+    per_update = max(1, len(ordered) * mini_batch_prompts // prompts_per_step)
+    return [[i for i, group in enumerate(groups) if group in set(ordered[g:g + per_update])
+             and kept[i]] for g in range(0, len(ordered), per_update)]
+
+
 def shard(indices: list[int], lengths: list[int], world_size: int) -> list[list[int]]:
     """Deal episodes to ranks longest-first onto the least-loaded rank (by tokens)."""
     loads = [0] * world_size

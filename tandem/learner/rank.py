@@ -50,6 +50,7 @@ from tandem.learner.state import (
     set_rng_state,
 )
 from tandem.loss import grpo_loss
+from tandem.overlong import loss_kept
 from tandem.transport.buckets import BucketLayout
 
 log = logging.getLogger(__name__)
@@ -161,12 +162,9 @@ class Learner:
             torch.cuda.reset_peak_memory_stats()
         trainer = self.config.trainer
         lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
-        groups = sorted({e.group for e in episodes})
-        per_update = max(1, len(groups) * trainer.mini_batch_prompts // trainer.prompts_per_step)
-        mini_batches = [
-            [i for i, e in enumerate(episodes) if e.group in set(groups[g:g + per_update])]
-            for g in range(0, len(groups), per_update)
-        ]
+        mini_batches = batching.mini_batches(
+            [e.group for e in episodes], trainer.mini_batch_prompts, trainer.prompts_per_step,
+            loss_kept(episodes, self.config.algorithm.overlong))
         plans = [batching.plan(lengths, mini, self.world_size, trainer.micro_batch_tokens)[
             self.rank] for mini in mini_batches]
         micro_batches = [[batching.collate([episodes[i] for i in micro],

@@ -16,18 +16,24 @@ boxes and unboxed text are ignored; ``\\fbox`` counts as a box), graded whole: t
 inside it are content, never answers of their own (`last_boxed`), and math-verify gets the
 box as one expression, never a part of it it could match (`grade`). A box longer than
 ``max_answer_chars`` is a parse error without calling sympy (see `verify_one`).
+``reward.boxes=final`` grades the final paragraph's boxes together (`final_boxes`).
+
+Plug-ins: ``reward.fn=package.module:callable`` replaces the training reward with any
+(problem, response, gold, metadata) -> (reward, verdict) function, run by the same workers
+under the same deadline (`RewardPool.score_fn`, `call_fn`; built-ins in `builtin`).
 """
 
-from tandem.reward.answer import answer_of, last_boxed, last_number
+from tandem.reward.answer import answer_of, final_boxes, last_boxed, last_number
 from tandem.reward.grade import (
     STATUSES,
     Status,
     Verdict,
+    call_fn,
     gold_error,
     reward_metrics,
     verify_one,
 )
 from tandem.reward.pool import RewardPool
 
-__all__ = ["STATUSES", "RewardPool", "Status", "Verdict", "answer_of", "gold_error", "last_boxed",
-           "last_number", "reward_metrics", "verify_one"]
+__all__ = ["STATUSES", "RewardPool", "Status", "Verdict", "answer_of", "call_fn", "final_boxes",
+           "gold_error", "last_boxed", "last_number", "reward_metrics", "verify_one"]

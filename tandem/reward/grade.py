@@ -4,8 +4,10 @@ math-verify bounds sympy with ``signal.alarm``, so everything here that calls it
 process's main thread; the trainer goes through `tandem.reward.pool.RewardPool`.
 """
 
+import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, get_args
@@ -19,7 +21,8 @@ from sympy import Basic, MatrixBase
 
 from tandem.reward.answer import last_boxed
 
-Status = Literal["correct", "wrong", "no_box", "parse_error", "timeout", "crashed"]
+Status = Literal["correct", "wrong", "no_box", "parse_error", "timeout", "crashed", "scored",
+                 "fn_error"]
 STATUSES: tuple[str, ...] = get_args(Status)
 
 # The gold is parsed as inline LaTeX ("$...$"): unwrapped, the latex extractor finds nothing
@@ -50,12 +53,16 @@ class Verdict:
 
     status: "correct"; "wrong" (parsed, not equivalent); "no_box" (no complete, non-empty
     ``\\boxed{}``); "parse_error" (box too long, not math, or sympy raised on it);
-    "timeout" (math-verify's alarm or the pool's deadline); "crashed" (the worker died).
+    "timeout" (math-verify's alarm or the pool's deadline); "crashed" (the worker died);
+    "scored" (a `reward.fn` plug-in's own verdict, in `detail`); "fn_error" (the plug-in
+    raised or returned something else than (reward, verdict); the exception type in `detail`).
     detail: a short reason for the non-obvious statuses, e.g. the sympy exception type.
+    value: the reward a `reward.fn` plug-in gave; None: 1.0 for "correct", else 0.0.
     """
 
     status: Status
     detail: str = ""
+    value: float | None = None
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -63,6 +70,8 @@ class Verdict:
 
     @property
     def reward(self) -> float:
+        if self.value is not None:
+            return self.value
         return 1.0 if self.status == "correct" else 0.0
 
 
@@ -85,6 +94,32 @@ def verify_one(
     if early is not None:
         return early
     return judge_box(box, answer, math_timeout_s)
+
+
+def call_fn(fn: Callable, problem: str, response: str, answer: str,
+            metadata: dict) -> Verdict:
+    """Run a `reward.fn` plug-in on one response: its (reward, verdict) as a Verdict.
+
+    A verdict that names a grading status keeps it; any other string is "scored", the string
+    in `detail`. A plug-in that raises, or returns anything but a finite number and a str,
+    scores 0 as "fn_error" (the exception type and the start of its message in `detail`):
+    its failures are not ours to foresee, and one bad item must not stop a run. math-verify's
+    own alarm inside it counts as "timeout".
+    """
+    try:
+        result = fn(problem, response, answer, metadata)
+    except TimeoutException:
+        return Verdict("timeout", "math-verify alarm in reward.fn")
+    except Exception as err:  # user code: counted per item, never fatal (see docstring)
+        return Verdict("fn_error", f"{type(err).__name__}: {str(err)[:200]}", value=0.0)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], str)
+            and isinstance(result[0], int | float) and math.isfinite(result[0])):
+        return Verdict("fn_error", f"returned {type(result).__name__} {str(result)[:80]}, not "
+                       "(finite reward, verdict str)", value=0.0)
+    reward, verdict = float(result[0]), result[1]
+    if verdict in STATUSES and verdict not in ("crashed", "fn_error"):
+        return Verdict(verdict, value=reward)
+    return Verdict("scored", verdict, value=reward)
 
 
 def check_texts(response: object, answer: object, index: int | None = None) -> None:

@@ -12,9 +12,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
 
+from tandem.config.checks import resolve_callable
+from tandem.config.schema import DEFAULT_REWARD_FN
 from tandem.reward.answer import answer_of
-from tandem.reward.grade import Verdict, check_texts, judge_box, self_check, verdict_without_sympy
+from tandem.reward.grade import (
+    Verdict,
+    call_fn,
+    check_texts,
+    judge_box,
+    self_check,
+    verdict_without_sympy,
+)
+
+if TYPE_CHECKING:
+    from tandem.config.schema import RewardConfig
 
 # A worker imports sympy and math-verify (~1-3 s) and self-checks before it takes work.
 _START_TIMEOUT_S = 120.0
@@ -23,13 +36,15 @@ _START_TIMEOUT_S = 120.0
 Judge = Callable[[str, str, int], Verdict]
 
 
-def _worker_main(conn: Connection, math_timeout_s: int, judge: Judge) -> None:
+def _worker_main(conn: Connection, math_timeout_s: int, judge: Judge, fn_spec: str | None
+                 ) -> None:
     # Ctrl-C reaches the whole process group, and `ray job stop` / Slurm SIGTERM every process
     # of the job: the parent decides when workers stop, after finishing its step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         self_check()
+        fn = resolve_callable(fn_spec, "reward.fn") if fn_spec is not None else None
     except Exception:  # reported to the parent, which raises it
         conn.send(("error", traceback.format_exc()))
         return
@@ -41,9 +56,13 @@ def _worker_main(conn: Connection, math_timeout_s: int, judge: Judge) -> None:
             return
         if job is None:
             return
-        box, answer = job
+        kind, *args = job
         try:
-            conn.send(("verdict", judge(box, answer, math_timeout_s)))
+            if kind == "box":  # (box, answer)
+                verdict = judge(*args, math_timeout_s)
+            else:  # "fn": (problem, response, answer, metadata)
+                verdict = call_fn(fn, *args)
+            conn.send(("verdict", verdict))
         except Exception:
             # Not a grading outcome (e.g. a bad gold answer): the parent re-raises it.
             conn.send(("error", traceback.format_exc()))
@@ -73,18 +92,25 @@ class RewardPool:
     serialised. Use as a context manager, or call `close`.
 
     `judge` grades one box in a worker: a module-level function, since each worker imports
-    it by name. Only tests change it, to make a worker die for real.
+    it by name. Only tests change it, to make a worker die for real. `fn` is a `reward.fn`
+    plug-in (package.module:callable) that `score_fn` runs; None or the default is the paper's
+    reward, graded as `score` grades.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, max_answer_chars: int = 1000,
-                 answer_from: str = "boxed", *, judge: Judge = judge_box):
+                 answer_from: str = "boxed", *, boxes: str = "last", fn: str | None = None,
+                 judge: Judge = judge_box):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if max_answer_chars < 1:
             raise ValueError(f"max_answer_chars must be >= 1, got {max_answer_chars}")
-        answer_of("", answer_from)  # an unknown value fails here, not at the first batch
+        answer_of("", answer_from, boxes)  # an unknown value fails here, not at the first batch
+        self.fn = None if fn == DEFAULT_REWARD_FN else fn
+        if self.fn is not None:
+            resolve_callable(self.fn, "reward.fn")  # here, not in each worker's start-up
+        self.boxes = boxes
         self.timeout_s = timeout_s
         self.max_answer_chars = max_answer_chars
         self.answer_from = answer_from
@@ -106,6 +132,12 @@ class RewardPool:
             if not started:
                 self.close()
 
+    @classmethod
+    def from_config(cls, reward: RewardConfig) -> RewardPool:
+        """The pool a run's `reward` section describes."""
+        return cls(reward.num_workers, reward.timeout_s, reward.max_answer_chars,
+                   reward.answer_from, boxes=reward.boxes, fn=reward.fn)
+
     @property
     def worker_pids(self) -> list[int | None]:
         """Process ids of the current workers (for monitoring)."""
@@ -126,13 +158,40 @@ class RewardPool:
         if budget_s is not None and not budget_s > 0:
             raise ValueError(f"budget_s must be > 0, got {budget_s}")
         verdicts: list[Verdict | None] = [None] * len(responses)
-        jobs: deque[tuple[int, str, str]] = deque()
+        jobs: deque[tuple[int, tuple]] = deque()
         for i, (response, answer) in enumerate(zip(responses, answers, strict=True)):
             check_texts(response, answer, index=i)
-            box = answer_of(response, self.answer_from)
+            box = answer_of(response, self.answer_from, self.boxes)
             verdicts[i] = verdict_without_sympy(box, self.max_answer_chars)
             if verdicts[i] is None:
-                jobs.append((i, box, answer))
+                jobs.append((i, ("box", box, answer)))
+        return self._score_jobs(jobs, verdicts, budget_s)
+
+    def score_fn(self, problems: list[str], responses: list[str], answers: list[str],
+                 metadata: list[dict[str, Any]], budget_s: float | None = None
+                 ) -> list[Verdict]:
+        """The training reward: the `reward.fn` plug-in on each (problem, response, gold,
+        metadata), under the same per-item deadline and call budget as `score`; with the
+        default fn, `score`. The run's grading settings are added to each metadata dict."""
+        if self.fn is None:
+            return self.score(responses, answers, budget_s)
+        if not len(problems) == len(responses) == len(answers) == len(metadata):
+            raise ValueError(f"{len(problems)} problems, {len(responses)} responses, "
+                             f"{len(answers)} gold answers and {len(metadata)} metadata")
+        if budget_s is not None and not budget_s > 0:
+            raise ValueError(f"budget_s must be > 0, got {budget_s}")
+        settings = {"answer_from": self.answer_from, "boxes": self.boxes,
+                    "max_answer_chars": self.max_answer_chars,
+                    "math_timeout_s": self.math_timeout_s}
+        jobs: deque[tuple[int, tuple]] = deque()
+        for i, (problem, response, answer, meta) in enumerate(
+                zip(problems, responses, answers, metadata, strict=True)):
+            check_texts(response, answer, index=i)
+            jobs.append((i, ("fn", problem, response, answer, {**meta, **settings})))
+        return self._score_jobs(jobs, [None] * len(responses), budget_s)
+
+    def _score_jobs(self, jobs: deque[tuple[int, tuple]], verdicts: list[Verdict | None],
+                    budget_s: float | None) -> list[Verdict]:
         with self._lock:
             if not self._workers:
                 raise RuntimeError("RewardPool is closed; create a new one")
@@ -146,7 +205,7 @@ class RewardPool:
         per-item deadline, plus one worker start-up."""
         return self.timeout_s * math.ceil(num_jobs / len(self._workers)) + _START_TIMEOUT_S
 
-    def _run(self, jobs: deque[tuple[int, str, str]], verdicts: list[Verdict | None],
+    def _run(self, jobs: deque[tuple[int, tuple]], verdicts: list[Verdict | None],
              budget_s: float) -> None:
         # Consumes `jobs`; each turn hands one job to every idle worker, then waits for
         # a message or a death from any started/busy worker, unblocked no later than the
@@ -164,11 +223,11 @@ class RewardPool:
                     if not worker.process.is_alive():  # died while idle: not the job's fault
                         self._replace(slot)
                         continue
-                    index, box, answer = jobs.popleft()
+                    index, job = jobs.popleft()
                     try:
-                        worker.conn.send((box, answer))
+                        worker.conn.send(job)
                     except (BrokenPipeError, ConnectionResetError):  # died since is_alive()
-                        jobs.appendleft((index, box, answer))
+                        jobs.appendleft((index, job))
                         self._replace(slot)
                         continue
                     worker.job = index
@@ -180,7 +239,7 @@ class RewardPool:
                 if worker.job is not None:
                     self._replace(slot)
 
-    def _give_up(self, jobs: deque[tuple[int, str, str]], verdicts: list[Verdict | None],
+    def _give_up(self, jobs: deque[tuple[int, tuple]], verdicts: list[Verdict | None],
                  detail: str) -> None:
         while jobs:
             verdicts[jobs.popleft()[0]] = Verdict("timeout", detail)
@@ -253,7 +312,7 @@ class RewardPool:
         parent_conn, child_conn = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child_conn, self.math_timeout_s, self.judge),
+            args=(child_conn, self.math_timeout_s, self.judge, self.fn),
             name="tandem-reward",
             daemon=True,
         )

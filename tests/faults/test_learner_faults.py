@@ -27,9 +27,9 @@ KILLED_AT = (3, 5)
 def test_a_dead_learner_restarts_from_the_checkpoint_then_the_run_stops(
         tiny_model_dir, tmp_path, ray_cluster, monkeypatch):
     from tandem.data import PromptStream, load_prompts
+    from tandem.driver import LearnerFailure
     from tandem.runtime.actors import Actors
     from tandem.testkit import tiny_run
-    from tandem.driver import LearnerFailure
     from tandem.train import train
 
     original = Actors.train

@@ -1,0 +1,49 @@
+"""make gpu-check on a machine without what a check needs: every check skips, saying why."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.gpu_check import CHECKS, Machine, main, push_figure, skip_reason
+
+ARGS = argparse.Namespace(smoke_model=None, smoke_steps=5)
+
+
+def test_dry_run_here_lists_every_check_once_and_runs_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(Machine, "probe", staticmethod(lambda: Machine(0, frozenset())))
+    assert main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    verdicts = [line for line in lines[1:] if line.split()[0] in ("SKIP", "RUN", "PASS", "FAIL")]
+    assert [line.split(":")[0].split(" ", 1)[1].strip() for line in verdicts] == [
+        check.name for check in CHECKS]
+    assert all(line.startswith("SKIP") and "no CUDA GPU" in line for line in verdicts)
+
+
+def test_a_gpu_machine_without_ray_or_vllm_skips_only_the_smoke():
+    machine = Machine(1, frozenset({"pytest"}))
+    reasons = {check.name: skip_reason(check, machine, ARGS) for check in CHECKS}
+    assert reasons["make smoke"] == "ray and vllm not installed"
+    assert [name for name, reason in reasons.items() if reason is None] == [
+        "gpu tests", "push qwen3-0.6b", "push qwen3-4b", "learner bf16"]
+    no_pytest = Machine(1, frozenset())
+    assert skip_reason(CHECKS[0], no_pytest, ARGS) == "pytest not installed"
+    with_both = Machine(1, frozenset({"ray", "vllm"}))
+    assert "--smoke-model" in skip_reason(CHECKS[-1], with_both, ARGS)
+
+
+def test_dry_run_on_a_gpu_names_the_commands_within_the_budget(capsys, monkeypatch):
+    monkeypatch.setattr(Machine, "probe", staticmethod(lambda: Machine(1, frozenset())))
+    assert main(["--dry-run", "--budget-s", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "RUN  push qwen3-4b: would run `" in out and "--transports cuda_ipc --pushes 3`" in out
+    assert "within 120 s (dry run)" in out  # 4B: a fifth of the budget
+    assert "SKIP gpu tests: pytest not installed" in out
+
+
+def test_the_4b_push_passes_only_under_half_a_second():
+    line = ("qwen3-4b over cuda_ipc: 8.04 GB bf16 in 8 buckets of <= 1024 MiB: {s} s per push, "
+            "40.0 GB/s (median of 3: 0.2, 0.2, 0.2 s)")
+    assert push_figure(line.format(s="0.201"), "qwen3-4b")[0]
+    assert not push_figure(line.format(s="0.701"), "qwen3-4b")[0]
+    assert push_figure(line.format(s="0.701").replace("4b", "0.6b"), "qwen3-0.6b")[0]
+    assert push_figure("", "qwen3-4b") == (False, "no push line")

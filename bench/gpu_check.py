@@ -8,7 +8,9 @@ torch but neither Ray nor vLLM, and no network. So each check runs as plain Pyth
 can, and one that needs what the machine lacks is skipped with the reason, never failed:
 
 - `gpu tests`: the tests marked `gpu` (`pytest -m gpu`: the CUDA IPC and NCCL transport ends,
-  the learner's peak memory on a Qwen3-0.6B-shaped model); needs pytest;
+  the learner's peak memory on a Qwen3-0.6B-shaped model); needs pytest, and hydra-core,
+  omegaconf and transformers (pure-Python wheels a session can carry) as tandem's config and
+  learner do;
 - `push qwen3-0.6b`, `push qwen3-4b`: bench/weight_sync_gpu.py over CUDA IPC (and NCCL with
   two GPUs), bf16 buckets from fp32 masters; goal: a 4B push < 0.5 s;
 - `learner bf16`: one FSDP2 Learner rank on a Qwen3-0.6B-shaped stand-in (random weights,
@@ -57,7 +59,8 @@ class Machine:
                                        if importlib.util.find_spec(m) is not None))
 
 
-OPTIONAL = ("pytest", "ray", "vllm", "flash_attn")
+OPTIONAL = ("pytest", "hydra", "omegaconf", "transformers", "ray", "vllm", "flash_attn")
+TANDEM = ("hydra", "omegaconf", "transformers")  # what importing tandem's config and learner needs
 
 
 @dataclass(frozen=True)
@@ -129,17 +132,17 @@ def _smoke_result(output: str, code: int) -> tuple[bool, str]:
 
 
 CHECKS = (
-    Check("gpu tests", ("pytest",),
+    Check("gpu tests", ("pytest", *TANDEM),
           lambda args, machine: [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
                                  "no:cacheprovider", "tests/transport/test_gpu_transport.py",
                                  "tests/learner/test_learner_memory.py"],
           _pytest_result, 0.25),
     _push("qwen3-0.6b"),
     _push("qwen3-4b"),
-    Check("learner bf16", (),
+    Check("learner bf16", TANDEM,
           lambda args, machine: [sys.executable, "-m", "bench.gpu_learner"],
           _learner_result, 0.15),
-    Check("make smoke", ("ray", "vllm"), _smoke_command, _smoke_result, 0.25),
+    Check("make smoke", (*TANDEM, "ray", "vllm"), _smoke_command, _smoke_result, 0.25),
 )
 
 
@@ -149,7 +152,7 @@ def skip_reason(check: Check, machine: Machine, args: argparse.Namespace) -> str
         return "no CUDA GPU visible to torch"
     missing = [m for m in check.needs if m not in machine.has]
     if missing:
-        return f"{' and '.join(missing)} not installed"
+        return f"{', '.join(missing)} not installed"
     if check.name == "make smoke" and not (args.smoke_model or machine.network):
         return ("no model: pass --smoke-model DIR (a local Qwen3-0.6B, say); this machine has no "
                 "network for the hub")

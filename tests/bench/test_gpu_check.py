@@ -20,14 +20,15 @@ def test_dry_run_here_lists_every_check_once_and_runs_nothing(capsys, monkeypatc
 
 
 def test_a_gpu_machine_without_ray_or_vllm_skips_only_the_smoke():
-    machine = Machine(1, frozenset({"pytest"}))
+    tandem = {"hydra", "omegaconf", "transformers"}
+    machine = Machine(1, frozenset({"pytest", *tandem}))
     reasons = {check.name: skip_reason(check, machine, ARGS) for check in CHECKS}
-    assert reasons["make smoke"] == "ray and vllm not installed"
+    assert reasons["make smoke"] == "ray, vllm not installed"
     assert [name for name, reason in reasons.items() if reason is None] == [
         "gpu tests", "push qwen3-0.6b", "push qwen3-4b", "learner bf16"]
-    no_pytest = Machine(1, frozenset())
+    no_pytest = Machine(1, frozenset(tandem))
     assert skip_reason(CHECKS[0], no_pytest, ARGS) == "pytest not installed"
-    with_both = Machine(1, frozenset({"ray", "vllm"}))
+    with_both = Machine(1, frozenset({"ray", "vllm", *tandem}))
     assert "--smoke-model" in skip_reason(CHECKS[-1], with_both, ARGS)
 
 
@@ -37,7 +38,8 @@ def test_dry_run_on_a_gpu_names_the_commands_within_the_budget(capsys, monkeypat
     out = capsys.readouterr().out
     assert "RUN  push qwen3-4b: would run `" in out and "--transports cuda_ipc --pushes 3`" in out
     assert "within 120 s (dry run)" in out  # 4B: a fifth of the budget
-    assert "SKIP gpu tests: pytest not installed" in out
+    assert "SKIP gpu tests: pytest, hydra, omegaconf, transformers not installed" in out
+    assert "SKIP learner bf16: hydra, omegaconf, transformers not installed" in out
 
 
 def test_the_4b_push_passes_only_under_half_a_second():

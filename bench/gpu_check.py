@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -159,18 +160,28 @@ def skip_reason(check: Check, machine: Machine, args: argparse.Namespace) -> str
     return None
 
 
+def _env() -> dict[str, str]:
+    # this checkout first, then whatever the caller carried (pure-Python wheels, say)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
 def run_check(check: Check, args: argparse.Namespace, machine: Machine,
               timeout_s: float) -> tuple[str, str]:
     """(PASS | FAIL, figure) of one check run in a child process."""
     command = check.command(args, machine)
     started = time.perf_counter()
+    # its own process group: a check past its deadline goes with every process it spawned
+    # (spawned ranks holding GPU memory would spoil the checks after it)
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout_s, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return "FAIL", f"over its {timeout_s:.0f} s deadline"
-    output = done.stdout + done.stderr
-    passed, figure = check.read(output, done.returncode)
+    passed, figure = check.read(output, process.returncode)
     if not passed and args.verbose:
         print(output[-4000:], file=sys.stderr)
     return ("PASS" if passed else "FAIL"), f"{figure} ({time.perf_counter() - started:.0f} s)"

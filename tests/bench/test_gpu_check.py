@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
-from bench.gpu_check import CHECKS, Machine, main, push_figure, skip_reason
+from bench.gpu_check import CHECKS, Check, Machine, main, push_figure, run_check, skip_reason
 
 ARGS = argparse.Namespace(smoke_model=None, smoke_steps=5)
+ARGS_RUN = argparse.Namespace(smoke_model=None, smoke_steps=5, verbose=False)
 
 
 def test_dry_run_here_lists_every_check_once_and_runs_nothing(capsys, monkeypatch):
@@ -49,3 +51,18 @@ def test_the_4b_push_passes_only_under_half_a_second():
     assert not push_figure(line.format(s="0.701"), "qwen3-4b")[0]
     assert push_figure(line.format(s="0.701").replace("4b", "0.6b"), "qwen3-0.6b")[0]
     assert push_figure("", "qwen3-4b") == (False, "no push line")
+
+
+def test_a_check_reports_its_figure_and_one_past_its_deadline_fails():
+    learner_line = ('print(\'LEARNER {"tokens_per_s": 5000.0, "peak_gib": 9.5, "loss": 0.01, '
+                    '"attention": "flash_attention_2"}\')')
+    fast = Check("learner bf16", (), lambda args, machine: [sys.executable, "-c", learner_line],
+                 CHECKS[3].read, 1.0)
+    verdict, figure = run_check(fast, ARGS_RUN, Machine(1, frozenset()), timeout_s=120)
+    assert verdict == "PASS", figure
+    assert figure.startswith("5000 tokens/s, peak 9.50 GiB, attention flash_attention_2")
+    slow = Check("slow", (), lambda args, machine: [sys.executable, "-c",
+                                                    "import time; time.sleep(60)"],
+                 CHECKS[3].read, 1.0)
+    assert run_check(slow, ARGS_RUN, Machine(1, frozenset()), timeout_s=1) == (
+        "FAIL", "over its 1 s deadline")

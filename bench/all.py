@@ -161,6 +161,7 @@ def run_bench(bench: Bench, quick: bool, scratch: Path) -> tuple[str, str, dict]
     command = [sys.executable, "-m", f"bench.{bench.module}", *args]
     print(f"bench.all: {' '.join(command[1:])}", flush=True)
     done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
+    print(done.stdout, flush=True)
     if done.returncode:
         raise SystemExit(f"bench.{bench.module} failed (exit {done.returncode})")
     shown = " ".join(["python", *command[1:]]).replace(f" --json {extra_file}", "")

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.gpu_check import CHECKS, Check, Machine, main, push_figure, run_check, skip_reason
+from bench.gpu_check import (
+    CHECKS,
+    Check,
+    Machine,
+    gpu_test_files,
+    main,
+    push_figure,
+    run_check,
+    skip_reason,
+)
 
 ARGS = argparse.Namespace(smoke_model=None, smoke_steps=5)
 ARGS_RUN = argparse.Namespace(smoke_model=None, smoke_steps=5, verbose=False)
@@ -66,3 +75,10 @@ def test_a_check_reports_its_figure_and_one_past_its_deadline_fails():
                  CHECKS[3].read, 1.0)
     assert run_check(slow, ARGS_RUN, Machine(1, frozenset()), timeout_s=1) == (
         "FAIL", "over its 1 s deadline")
+
+
+def test_the_gpu_tests_are_found_by_their_mark():
+    files = gpu_test_files()
+    assert "tests/transport/test_gpu_transport.py" in files
+    assert "tests/learner/test_learner_memory.py" in files
+    assert all(path.startswith("tests/") for path in files)

@@ -58,14 +58,16 @@ def test_the_comparison_runs_end_to_end_on_the_tiny_model(tmp_path):
     pytest.importorskip("trl")
     out = tmp_path / "vs_trl.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.vs_trl", "--models", "tiny", "--prompts", "2",
-         "--group-size", "2", "--tokens", "16", "--warmup", "1", "--steps", "1",
-         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        # tandem at p = 0.5 runs the same loop (tests/test_train.py): left out to save minutes
+        [sys.executable, "-m", "bench.vs_trl", "--models", "tiny", "--runs", "tandem solo",
+         "trl", "--prompts", "2", "--group-size", "2", "--tokens", "16", "--warmup", "1",
+         "--steps", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("trl/tandem step time: ") and float(last.split(": ")[1]) > 0
     results = json.loads(out.read_text())["results"]["tiny"]
-    assert set(results) == {"tandem solo", "tandem p=0.5", "trl"}
+    assert set(results) == {"tandem solo", "trl"}
     for figures in results.values():
         assert figures["step_s"] > 0 and figures["generated_tokens"] > 0
         assert figures["rollout_tokens_per_s"] > 0 and figures["learner_tokens_per_s"] > 0

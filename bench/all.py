@@ -1,0 +1,221 @@
+"""`python -m bench.all`: every CPU benchmark, then docs/BENCHMARKS.md's table and plot.
+
+    python -m bench.all                 # full: tiny model and SmolLM2-135M (an hour or more)
+    python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
+    python -m bench.all --only rollout vs_trl
+
+Runs bench.rollout, bench.learner, bench.weight_sync and bench.vs_trl (each in its own process,
+one after the other: they would fight for the cores), and bench.weight_sync_gpu when CUDA is
+present. Each benchmark prints its headline figures as `name: value` lines; those become rows of
+a table (figure, value, goal, machine, date, command) written between the markers below in
+docs/BENCHMARKS.md, so the notes around them survive a rerun. The rollout benchmark's
+tandem/solo ratio per schedule becomes a bar chart (docs/benchmarks/schedules.png). The section
+is rewritten whole: with `--only` it holds only the benchmarks run.
+
+Absolute figures depend on the machine (DESIGN.md: the same kind of machine differs between
+sessions), so each row names the CPU model; ratios measured in one run compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- bench.all:begin -->", "<!-- bench.all:end -->"
+PLOT = "benchmarks/schedules.png"  # relative to docs/
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A headline line a benchmark prints, and its goal."""
+
+    name: str  # printed as `name: value`
+    goal: str  # human-readable, e.g. ">= 0.85"
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class Bench:
+    module: str
+    full: tuple[str, ...]
+    quick: tuple[str, ...]
+    figures: tuple[Figure, ...]
+    needs_cuda: bool = False
+
+
+BENCHES = (
+    Bench("rollout", (), ("--models", "tiny", "--repeats", "1", "--tokens", "64"),
+          (Figure("tandem/solo step", ">= 0.85"), Figure("tandem/solo word", ">= 0.6"))),
+    Bench("learner", (), ("--models", "tiny", "--steps", "1"),
+          (Figure("learner/plain", ">= 0.9 (world size 1)"),)),
+    Bench("weight_sync", (), ("--models", "tiny", "--pushes", "1"),
+          (Figure("push GB/s", ">= 1 on CPU", " GB/s"),)),
+    Bench("vs_trl", (), ("--models", "tiny", "--prompts", "2", "--group-size", "2",
+                         "--tokens", "32", "--steps", "1"),
+          (Figure("trl/tandem step time", ">= 2"),)),
+    Bench("weight_sync_gpu", (), ("--models", "qwen3-0.6b", "--pushes", "1"),
+          (Figure("push GB/s", "Qwen3-4B push < 0.5 s", " GB/s"),), needs_cuda=True),
+)
+
+
+def parse_figures(output: str) -> dict[str, float]:
+    """Every `name: number` line of a benchmark's stdout; the last one of a name wins."""
+    found = {}
+    for line in output.splitlines():
+        match = re.fullmatch(r"([A-Za-z][\w/ .=()-]*?): (-?[\d.]+(?:e-?\d+)?)", line.strip())
+        if match:
+            found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU model from /proc/cpuinfo (or `cpuinfo`), with the core count."""
+    text = cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("model name")]
+    if not names:
+        return platform.processor() or platform.machine()
+    return f"{names[0]} ({len(names)} cores)"
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of figure rows (keys: figure, value, goal, machine, date, command)."""
+    lines = ["| figure | value | goal | machine | date | command |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        value = row["value"]
+        shown = "not measured" if value is None else f"{value:.2f}{row.get('unit', '')}"
+        lines.append(f"| {row['figure']} | {shown} | {row['goal']} | {row['machine']} | "
+                     f"{row['date']} | `{row['command']}` |")
+    return "\n".join(lines)
+
+
+def section(rows: list[dict], outputs: dict[str, str], plot: str | None, quick: bool) -> str:
+    """What goes between the markers: the table, the plot and each benchmark's output."""
+    parts = [BEGIN, "", f"Written by `python -m bench.all{' --quick' if quick else ''}`"
+             + (" (quick mode: the tiny kit model only, one repeat; a smoke of the benchmarks, "
+                "not figures to quote)" if quick else "") + ".", "", table(rows), ""]
+    if plot:
+        parts += [f"![tandem/solo rollout throughput by schedule]({plot})", ""]
+    for name, output in outputs.items():
+        tail = "\n".join(printed_lines(output)[-30:])
+        parts += [f"<details><summary>{name} output</summary>", "", "```", tail, "```", "",
+                  "</details>", ""]
+    return "\n".join(parts + [END])
+
+
+RAY_WORKER_LINE = re.compile(r"^(\x1b\[\d+m)?\([\w:.]+ pid=\d+(, ip=[\d.]+)?\)")
+
+
+def printed_lines(output: str) -> list[str]:
+    """A benchmark's own printed lines: the worker log lines Ray forwards to the driver's
+    stdout (`(RolloutEngineActor pid=123) ...`) left out."""
+    return [line for line in output.strip().splitlines() if not RAY_WORKER_LINE.match(line)]
+
+
+def merge(document: str, generated: str) -> str:
+    """`document` with the text between the markers replaced by `generated` (appended when
+    the markers are missing)."""
+    if BEGIN in document and END in document:
+        head, rest = document.split(BEGIN, 1)
+        return head + generated + rest.split(END, 1)[1]
+    return document.rstrip() + "\n\n" + generated + "\n"
+
+
+def plot_schedules(ratios: dict[str, dict[str, float]], path: Path) -> None:
+    """Bar chart of tandem/solo rollout throughput per schedule, one bar group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedules = list(dict.fromkeys(s for by in ratios.values() for s in by if s != "solo"))
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(ratios), 1)
+    for index, (model, by) in enumerate(ratios.items()):
+        axes.bar([i + index * width for i in range(len(schedules))],
+                 [by.get(s, 0.0) for s in schedules], width, label=model)
+    axes.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    axes.set_xticks([i + width * (len(ratios) - 1) / 2 for i in range(len(schedules))],
+                    schedules)
+    axes.set_ylabel("tandem / solo tokens/s")
+    axes.set_title("Rollout throughput by hand-off schedule (p = 0.5)")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_bench(bench: Bench, quick: bool, scratch: Path) -> tuple[str, str, dict]:
+    """(command line, stdout, extra json) of one benchmark run."""
+    args = list(bench.quick if quick else bench.full)
+    extra_file = scratch / f"{bench.module}.json"
+    if bench.module in ("rollout", "vs_trl"):
+        args += ["--json", str(extra_file)]
+    command = [sys.executable, "-m", f"bench.{bench.module}", *args]
+    print(f"bench.all: {' '.join(command[1:])}", flush=True)
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, check=False)
+    print(done.stdout, flush=True)
+    if done.returncode:
+        raise SystemExit(f"bench.{bench.module} failed (exit {done.returncode})")
+    shown = " ".join(["python", *command[1:]]).replace(f" --json {extra_file}", "")
+    extra = json.loads(extra_file.read_text()) if extra_file.exists() else {}
+    return shown, done.stdout, extra
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, fewest repeats")
+    parser.add_argument("--only", nargs="+", choices=[b.module for b in BENCHES])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args()
+    import torch
+
+    machine = cpu_model()
+    if torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}"
+    date = datetime.date.today().isoformat()
+    rows, outputs, ratios = [], {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for bench in BENCHES:
+            if args.only and bench.module not in args.only:
+                continue
+            if bench.needs_cuda and not torch.cuda.is_available():
+                print(f"bench.all: bench.{bench.module} skipped: no CUDA GPU", flush=True)
+                continue
+            command, output, extra = run_bench(bench, args.quick, Path(scratch))
+            outputs[f"bench.{bench.module}"] = output
+            if bench.module == "rollout":
+                ratios = extra
+            figures = parse_figures(output)
+            for figure in bench.figures:
+                rows.append({"figure": figure.name, "value": figures.get(figure.name),
+                             "unit": figure.unit, "goal": figure.goal, "machine": machine,
+                             "date": date, "command": command})
+    plot = None
+    if ratios:
+        plot_schedules(ratios, args.out.parent / PLOT)
+        plot = PLOT
+    document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+    args.out.write_text(merge(document, section(rows, outputs, plot, args.quick)))
+    print(f"bench.all: wrote {args.out}" + (f" and {args.out.parent / PLOT}" if plot else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""bench.all's report: headline lines parsed, the table written, notes around it kept."""
+
+from __future__ import annotations
+
+from bench.all import (
+    BEGIN,
+    END,
+    cpu_model,
+    merge,
+    parse_figures,
+    plot_schedules,
+    printed_lines,
+    section,
+    table,
+)
+
+OUTPUT = """tiny: 8 episodes x <= 64 tokens
+schedule      tok/s  ratio
+tandem/solo step (tiny): 0.80
+tandem/solo step: 0.84
+tandem/solo word: 0.59
+learner/plain: 1.02
+push GB/s: 1.37
+trl/tandem step time: 2.50
+"""
+
+
+def test_headline_lines_become_figures_and_the_last_of_a_name_wins():
+    figures = parse_figures(OUTPUT)
+    assert figures["tandem/solo step"] == 0.84
+    assert figures["tandem/solo step (tiny)"] == 0.80
+    assert figures["trl/tandem step time"] == 2.5
+    assert "schedule      tok/s  ratio" not in figures
+    assert parse_figures("push GB/s: 1.0\npush GB/s: 2.0")["push GB/s"] == 2.0
+
+
+def test_the_table_names_figure_value_goal_machine_date_and_command():
+    rows = [{"figure": "trl/tandem step time", "value": 2.5, "goal": ">= 2",
+             "machine": "AMD EPYC 9B14 (2 cores)", "date": "2026-12-01",
+             "command": "python -m bench.vs_trl"},
+            {"figure": "push GB/s", "value": None, "unit": " GB/s", "goal": ">= 1 on CPU",
+             "machine": "m", "date": "d", "command": "python -m bench.weight_sync"}]
+    lines = table(rows).splitlines()
+    assert lines[0] == "| figure | value | goal | machine | date | command |"
+    assert lines[2] == ("| trl/tandem step time | 2.50 | >= 2 | AMD EPYC 9B14 (2 cores) | "
+                        "2026-12-01 | `python -m bench.vs_trl` |")
+    assert "| push GB/s | not measured | >= 1 on CPU |" in lines[3]
+
+
+def test_a_rerun_replaces_only_the_generated_section(tmp_path):
+    rows = [{"figure": "learner/plain", "value": 0.95, "goal": ">= 0.9", "machine": "m",
+             "date": "d", "command": "python -m bench.learner"}]
+    first = merge("# Benchmarks\n\nHand-written notes.\n",
+                  section(rows, {"bench.learner": "learner/plain: 0.95"}, None, quick=True))
+    assert first.startswith("# Benchmarks\n\nHand-written notes.\n")
+    assert "quick mode" in first and "| learner/plain | 0.95 |" in first
+    second = merge(first + "\nMore notes after.\n",
+                   section([{**rows[0], "value": 1.05}], {}, "benchmarks/schedules.png", False))
+    assert second.count(BEGIN) == 1 and second.count(END) == 1
+    assert "| learner/plain | 1.05 |" in second and "0.95 |" not in second
+    assert "Hand-written notes." in second and "More notes after." in second
+    assert "![tandem/solo rollout throughput by schedule](benchmarks/schedules.png)" in second
+
+
+def test_cpu_model_names_the_model_and_counts_cores():
+    info = "processor\t: 0\nmodel name\t: Intel Xeon X\n\n" * 2
+    assert cpu_model(info) == "Intel Xeon X (2 cores)"
+
+
+def test_the_schedule_plot_is_written(tmp_path):
+    path = tmp_path / "benchmarks" / "schedules.png"
+    plot_schedules({"tiny": {"solo": 1.0, "step": 0.8, "word": 0.45},
+                    "smollm2": {"solo": 1.0, "step": 0.84, "word": 0.59}}, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ray_worker_logs_stay_out_of_the_printed_output():
+    output = ("\x1b[36m(RolloutEngineActor pid=16503)\x1b[0m INFO engine stopped\n"
+              "(LearnerActor pid=12, ip=10.0.0.2) Loading weights\n"
+              "schedule      tok/s  ratio\n(a parenthesis that is not Ray's)\n"
+              "tandem/solo step: 0.84\n")
+    assert printed_lines(output) == ["schedule      tok/s  ratio",
+                                     "(a parenthesis that is not Ray's)",
+                                     "tandem/solo step: 0.84"]

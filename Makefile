@@ -73,12 +73,16 @@ browser:
 		echo "tandem: apt-get could not install chromium; the studio's browser test will skip"; \
 	else echo "tandem: no chromium; the studio's browser test will skip (apt-get install -y chromium)"; fi
 
+# Two pytest-xdist workers: a lone test leaves about half of the 2 cores idle (process starts,
+# Ray and engine start-up); each test file runs whole in one worker (tests/conftest.py).
+# TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 2
 test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The quick loop while developing: skips tests marked slow.
 test-fast: install browser
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 # The main job without a GPU: tandem GRPO with SmolLM2-135M self-paired on offline arithmetic,
 # a few minutes on 2 cores, then a summary table and a plot. With a GPU, the same on one GPU.

@@ -7,6 +7,7 @@ Reference values come from transformers running the same float32 weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 
@@ -438,8 +439,14 @@ def test_a_stop_rule_reaches_the_engine_core_and_the_channel_unchanged():
 
 
 def _engine_cores() -> list[psutil.Process]:
-    # Linux truncates a process name to 15 characters ("VLLM::EngineCor"): match that prefix.
-    return [p for p in psutil.process_iter(["name"]) if "EngineCor" in (p.info["name"] or "")]
+    """EngineCores under this process (its Ray cluster's raylet is a child), not another test
+    process's. Linux truncates a process name to 15 characters: match "VLLM::EngineCor"."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCor" in process.name():
+                found.append(process)
+    return found
 
 
 def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import socket
 import statistics
 import tempfile
@@ -26,9 +25,9 @@ import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from tandem.config.compose import compose
-from tandem.episode import Episode
 from tandem.learner.rank import CUDA_ATTENTION, Learner
 from tandem.models import resolve_model
+from tandem.testkit import full_batch
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -43,21 +42,6 @@ def stand_in(directory: Path) -> str:
     model.to(torch.bfloat16).save_pretrained(directory)
     AutoTokenizer.from_pretrained(resolve_model("kit:tiny")).save_pretrained(directory)
     return str(directory)
-
-
-def batch(config, vocab: int, seed: int = 0) -> tuple[list[Episode], list[float]]:
-    rng = random.Random(seed)
-    rollout, episodes, advantages = config.rollout, [], []
-    for group in range(config.trainer.prompts_per_step):
-        prompt = [rng.randrange(100, vocab) for _ in range(rollout.max_prompt_tokens // 2)]
-        for _ in range(config.algorithm.group_size):
-            n = rollout.max_response_tokens
-            episodes.append(Episode(prompt_ids=prompt,
-                                    response_ids=[rng.randrange(100, vocab) for _ in range(n)],
-                                    author_mask=[rng.randrange(2) for _ in range(n)],
-                                    logprobs=[-2.0] * n, group=group))
-            advantages.append(rng.uniform(-1, 1))
-    return episodes, advantages
 
 
 def main() -> None:
@@ -79,7 +63,7 @@ def main() -> None:
         try:
             vocab = min(learner.model.get_output_embeddings().weight.shape[0],
                         len(learner.tokenizer))
-            episodes, advantages = batch(config, vocab)
+            episodes, advantages = full_batch(config, vocab)
             learner.train_step(episodes, advantages)  # warm-up: kernels, allocator, AdamW
             steps = [learner.train_step(episodes, advantages) for _ in range(args.steps)]
         finally:

@@ -34,6 +34,8 @@ from transformers import (
     Qwen3Config,
 )
 
+from tandem.episode import Episode
+
 # Bump when a build's output changes, so cached kit models (models.resolve_model) rebuild.
 KIT_VERSION = 1
 
@@ -289,3 +291,22 @@ def tiny_run(senior: Path | str, junior: Path | str) -> list[str]:
         "reward.num_workers=1", "cluster.cpu_kvcache_gib=0.25", "cluster.call_timeout_s=300",
         "cluster.enforce_eager=true", "trainer.val_every=0", "trainer.export_final=false",
     ]
+
+
+def full_batch(config, vocab: int, seed: int = 0) -> tuple[list[Episode], list[float]]:
+    """A learner step at its longest: prompts_per_step x group_size episodes of half the prompt
+    budget plus the whole response budget, co-written (random authors), random advantages.
+    For memory and speed checks of the learner (tests/learner/test_learner_memory.py,
+    bench/gpu_learner.py); token ids from 100 to `vocab`."""
+    rng = random.Random(seed)
+    rollout, episodes, advantages = config.rollout, [], []
+    for group in range(config.trainer.prompts_per_step):
+        prompt = [rng.randrange(100, vocab) for _ in range(rollout.max_prompt_tokens // 2)]
+        for _ in range(config.algorithm.group_size):
+            n = rollout.max_response_tokens
+            episodes.append(Episode(prompt_ids=prompt,
+                                    response_ids=[rng.randrange(100, vocab) for _ in range(n)],
+                                    author_mask=[rng.randrange(2) for _ in range(n)],
+                                    logprobs=[-2.0] * n, group=group))
+            advantages.append(rng.uniform(-1, 1))
+    return episodes, advantages

@@ -4,7 +4,6 @@ log-probs against one chunk per micro-batch. Skipped without CUDA (marked gpu)."
 from __future__ import annotations
 
 import json
-import random
 import socket
 
 import pytest
@@ -12,9 +11,9 @@ import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from tandem.config.compose import compose
-from tandem.episode import Episode
 from tandem.learner.rank import Learner
 from tandem.models import ModelNotFoundError, resolve_model
+from tandem.testkit import full_batch
 
 GIB = 2**30
 # Qwen3-0.6B's shape (the smoke preset's model), for a random-weight stand-in when the real
@@ -37,23 +36,6 @@ def _smoke_model(tiny_model_dir, tmp_path) -> str:
         return str(stand_in)
 
 
-def _smoke_batch(config, vocab: int) -> tuple[list[Episode], list[float]]:
-    """A full smoke step at the longest responses: prompts_per_step x group_size episodes of
-    half the prompt budget plus the whole response budget, co-written."""
-    rng = random.Random(0)
-    rollout, episodes, advantages = config.rollout, [], []
-    for group in range(config.trainer.prompts_per_step):
-        prompt = [rng.randrange(100, vocab) for _ in range(rollout.max_prompt_tokens // 2)]
-        for _ in range(config.algorithm.group_size):
-            n = rollout.max_response_tokens
-            episodes.append(Episode(prompt_ids=prompt,
-                                    response_ids=[rng.randrange(100, vocab) for _ in range(n)],
-                                    author_mask=[rng.randrange(2) for _ in range(n)],
-                                    logprobs=[-2.0] * n, group=group))
-            advantages.append(rng.uniform(-1, 1))
-    return episodes, advantages
-
-
 def _peak(model_dir: str, chunk: int) -> dict[str, float]:
     config = compose(["experiment=smoke_gpu", f"model.senior.path={model_dir}",
                       f"trainer.logprob_chunk_tokens={chunk}"])
@@ -63,7 +45,7 @@ def _peak(model_dir: str, chunk: int) -> dict[str, float]:
     learner = Learner(config, model_dir, 0, 1, "127.0.0.1", port)
     try:
         vocab = learner.model.get_output_embeddings().weight.shape[0]
-        batch = _smoke_batch(config, min(vocab, len(learner.tokenizer)))
+        batch = full_batch(config, min(vocab, len(learner.tokenizer)))
         params = sum(p.numel() * p.element_size() for p in learner.model.parameters())
         metrics = learner.train_step(*batch)
         torch.cuda.synchronize()

@@ -73,16 +73,15 @@ browser:
 		echo "tandem: apt-get could not install chromium; the studio's browser test will skip"; \
 	else echo "tandem: no chromium; the studio's browser test will skip (apt-get install -y chromium)"; fi
 
-# Two pytest-xdist workers: a lone test leaves about half of the 2 cores idle (process starts,
-# Ray and engine start-up); each test file runs whole in one worker (tests/conftest.py).
-# TEST_WORKERS=0: one process, in order.
-TEST_WORKERS ?= 2
+# One pytest process. Two pytest-xdist workers were tried (2026-12-01, 2 cores): each
+# end-to-end test ran 2-3x slower (engines, learners and Ray of both workers on 2 cores, load
+# 12-20), the suite took 33 min against 26 serially, and 24 GiB ran out.
 test: install browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick loop while developing: skips tests marked slow.
 test-fast: install browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The main job without a GPU: tandem GRPO with SmolLM2-135M self-paired on offline arithmetic,
 # a few minutes on 2 cores, then a summary table and a plot. With a GPU, the same on one GPU.

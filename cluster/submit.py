@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import itertools
 import json
@@ -132,8 +133,7 @@ def validate_overrides(args: Sequence[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tandem.config import local_model, schema
-    from tandem.config.compose import compose
+    from tandem.config.compose import compose  # and with it every config module
 
     if any(arg in HYDRA_PRINT_ONLY for arg in args):
         return 0  # Hydra prints the config or its help and runs nothing: nothing to refuse
@@ -141,9 +141,13 @@ def validate_overrides(args: Sequence[str]) -> int:
     points = _sweep_points(overrides) if multirun else [overrides]
     for point in points[:MAX_VALIDATED_POINTS]:
         try:
-            # every module that asks whether a path is local, not only the schema
-            with (mock.patch.object(schema, "looks_local", lambda path: False),
-                  mock.patch.object(local_model, "looks_local", lambda path: False)):
+            # every config module that asks whether a path is local (schema.py, model.py,
+            # local_model.py, ...): found by name, so a section moved to its own module is too
+            with contextlib.ExitStack() as patches:
+                for name, module in list(sys.modules.items()):
+                    if name.startswith("tandem.config.") and hasattr(module, "looks_local"):
+                        patches.enter_context(
+                            mock.patch.object(module, "looks_local", lambda path: False))
                 compose(point, config_name=config_name)
         except (ValueError, HydraException, OmegaConfBaseException) as error:
             where = f" (sweep point {' '.join(point)})" if multirun else ""

@@ -15,39 +15,13 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-SHARED_ENGINES = {"eval_engines", "studio_senior"}
-"""Session fixtures that hold engines: the files using them run in one pytest-xdist worker, so
-the engines start once (`make test` runs two workers, `--dist loadgroup`)."""
-LONGEST_FIRST = ("test_learning.py", "test_train.py", "engines", "test_sweep.py",
-                 "faults/test_engine_faults.py", "test_cluster.py", "test_models.py")
-"""Groups that take minutes, started first so that neither worker is left with one at the end
-(figures: the durations `make test` prints)."""
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    _group_by_file(items)
     if _cuda_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-def _group_by_file(items: list[pytest.Item]) -> None:
-    """One xdist group per test file (its module fixtures are built once), the files sharing
-    engine fixtures in one group; the longest groups first. Serial runs only see the order."""
-    root = Path(__file__).parent
-    def file_of(item: pytest.Item) -> str:
-        return item.path.relative_to(root).as_posix()
-
-    shared = {file_of(item) for item in items if SHARED_ENGINES & set(item.fixturenames)}
-    groups = {id(item): "engines" if file_of(item) in shared else file_of(item)
-              for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[id(item)]))
-    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(groups[id(item)], len(rank)))  # stable: file order kept
 
 
 @pytest.fixture(scope="session")

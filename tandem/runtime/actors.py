@@ -192,16 +192,17 @@ class Actors:
                 "learners": self.learners.node_ids()}
 
     def close(self, timeout_s: float = 60.0) -> None:
-        for engines in (self.senior, self.junior):
-            # an engine still loading (a stop during start-up) is killed, not waited for: its
-            # EngineCore dies with it (`die_with_parent`)
-            for engine in engines:
-                if id(engine) not in self._processes:
-                    ray.kill(engine)
-            try:
-                shutdown_engines([e for e in engines if id(e) in self._processes], timeout_s)
-            except Exception as error:  # keep closing the rest; the error is logged
-                log.warning("engine shutdown: %s", error)
+        # Both roles at once: each EngineCore takes seconds to exit. An engine still loading
+        # (a stop during start-up) is killed, not waited for: its EngineCore dies with it
+        # (`die_with_parent`).
+        engines = self.senior + self.junior
+        for engine in engines:
+            if id(engine) not in self._processes:
+                ray.kill(engine)
+        try:
+            shutdown_engines([e for e in engines if id(e) in self._processes], timeout_s)
+        except Exception as error:  # keep closing the rest; the error is logged
+            log.warning("engine shutdown: %s", error)
         if self.learners is not None:
             try:
                 self.learners.close(timeout_s)

@@ -124,21 +124,23 @@ def test_two_steps_train_the_senior_and_leave_the_junior(tiny_model_dir, junior_
 
 
 def test_resume_continues_exactly(tiny_model_dir, junior_dir, tmp_path, ray_cluster):
-    """3 steps straight vs 2 steps, a restart from the checkpoint, then step 3: the same third
-    batch, the same episodes and the same weights after it. top_k = 1 makes sampling
-    deterministic, so any difference comes from what the checkpoint restored (or forgot)."""
+    """3 steps straight, saving each; then a new run resumed from the straight run's step-2
+    checkpoint (saved mid-run, as a kill would find it) trains step 3: the same third batch,
+    the same episodes and the same weights after it. top_k = 1 makes sampling deterministic,
+    so any difference comes from what the checkpoint restored (or forgot)."""
     from tandem.train import train
 
-    common = ("rollout.top_k=1", "trainer.val_every=0", "trainer.save_episodes_every=1",
-              "cluster.learner.world_size=1")
+    common = ("trainer.total_steps=3", "rollout.top_k=1", "trainer.val_every=0",
+              "trainer.save_every=1", "trainer.keep_checkpoints=0",
+              "trainer.save_episodes_every=1", "cluster.learner.world_size=1")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(_config(tiny_model_dir, junior_dir, "trainer.total_steps=3", *common), straight)
-    train(_config(tiny_model_dir, junior_dir, "trainer.total_steps=2", *common), resumed)
-    history = train(_config(tiny_model_dir, junior_dir, "trainer.total_steps=3",
-                            "trainer.resume=auto", *common), resumed)
+    train(_config(tiny_model_dir, junior_dir, *common), straight)
+    step_2 = straight / "checkpoints" / "step_000002"
+    history = train(_config(tiny_model_dir, junior_dir, *common, f"trainer.resume={step_2}"),
+                    resumed)
 
     assert [h["step"] for h in history] == [3]
-    assert [r["step"] for r in _rows(resumed / "metrics.jsonl")] == [1, 2, 3]
+    assert [r["step"] for r in _rows(resumed / "metrics.jsonl")] == [3]
     third = [_rows(run / "episodes" / "step_000003.jsonl") for run in (straight, resumed)]
     assert [e["prompt_ids"] for e in third[0]] == [e["prompt_ids"] for e in third[1]]
     assert [e["response_ids"] for e in third[0]] == [e["response_ids"] for e in third[1]]

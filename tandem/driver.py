@@ -49,7 +49,7 @@ from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
 from tandem.output.tracking import RunLogger
-from tandem.prefetch import Prefetch, Rolled
+from tandem.prefetch import Prefetch
 from tandem.rollout import EngineLost, Rollout
 from tandem.runtime.actors import Actors, EngineFailure
 from tandem.runtime.cluster import connect
@@ -263,7 +263,8 @@ def _keep_last_step(run_dir: Path, done: int, saved: int, learners: Learners,
             f"trainer.resume=auto hydra.run.dir={run_dir}")
 
 
-def _save_episodes(run_dir: Path, step: int, rolled: Rolled, advantages: list[float]) -> None:
+def _save_episodes(run_dir: Path, step: int, rolled: dynamic_sampling.Scored,
+                   advantages: list[float]) -> None:
     directory = run_dir / "episodes"
     directory.mkdir(exist_ok=True)
     with open(directory / f"step_{step:06d}.jsonl", "w") as out:

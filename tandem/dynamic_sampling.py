@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tandem import overlong
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
-from tandem.reward import RewardPool, reward_metrics
+from tandem.reward import RewardPool, Verdict, reward_metrics
 from tandem.reward.builtin import episode_metadata
 
 if TYPE_CHECKING:  # annotations only: they load torch or Ray
@@ -45,7 +45,7 @@ class Scored:
     verdicts and the rewards advantages are computed from."""
 
     episodes: list[Episode]
-    verdicts: list[Any]  # tandem.reward.Verdict (not imported: it loads sympy)
+    verdicts: list[Verdict]
     rewards: list[float]
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -67,8 +67,8 @@ def sample(draw: Callable[[int], Scored], config: TandemConfig) -> Scored:
     if not algorithm.dynamic_sampling:
         return draw(0)
     wanted, size = config.trainer.prompts_per_step, algorithm.group_size
-    kept: list[tuple[list[Episode], list[Any], list[float]]] = []
-    spare: list[tuple[list[Episode], list[Any], list[float]]] = []
+    kept: list[tuple[list[Episode], list[Verdict], list[float]]] = []
+    spare: list[tuple[list[Episode], list[Verdict], list[float]]] = []
     drawn: list[Scored] = []
     while len(kept) < wanted and len(drawn) < algorithm.dynamic_sampling_max_draws:
         scored = draw(len(drawn))

@@ -13,10 +13,6 @@ from tandem.stop import StopRequest
 if TYPE_CHECKING:  # annotations only: it loads torch
     from tandem.data import PromptStream
 
-Rolled = Scored
-"""One step's rollout: its episodes, their verdicts and rewards, rollout and reward metrics."""
-
-
 class Prefetch:
     """The rollouts the loop trains on, and every piece of off-policy state, in one place.
 
@@ -32,7 +28,7 @@ class Prefetch:
     advancing: off-policy, where it stood before the step in flight.
     """
 
-    def __init__(self, roll: Callable[[int, list[Any], int], Rolled],
+    def __init__(self, roll: Callable[[int, list[Any], int], Scored],
                  push: Callable[[int], dict[str, float]], stream: PromptStream,
                  background: ThreadPoolExecutor | None, total: int, stop: StopRequest) -> None:
         self._roll, self._push, self._stream = roll, push, stream
@@ -42,7 +38,7 @@ class Prefetch:
         self._owed: int | None = None  # the version of trained weights not yet pushed
         self.served = 0  # the weight version the senior engines serve
 
-    def take(self, step: int) -> Rolled:
+    def take(self, step: int) -> Scored:
         """Step `step`'s rollout; its metrics include those of a push it waited for."""
         if self._background is None:
             before = self._stream.state_dict()

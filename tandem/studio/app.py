@@ -153,19 +153,16 @@ def create_app(studio: Studio) -> Starlette:
                                    str(body.get("first", "senior")))
         return JSONResponse(session.state())
 
-    async def cowrite_turn(request: Request) -> Response:
-        session, lock = _room(studio).session(request.path_params["session"])
-        text = str((await _json(request)).get("text", ""))
-        async with lock:
-            await session.human_turn(text)
-        return JSONResponse(session.state())
-
-    async def cowrite_finish(request: Request) -> Response:
-        session, lock = _room(studio).session(request.path_params["session"])
-        text = str((await _json(request)).get("text", ""))
-        async with lock:
-            await session.end(text)
-        return JSONResponse(session.state())
+    def cowrite_step(method: str):
+        """A route that sends the person's text to the session's `method` (a turn, or the
+        end), one request at a time per session."""
+        async def step(request: Request) -> Response:
+            session, lock = _room(studio).session(request.path_params["session"])
+            text = str((await _json(request)).get("text", ""))
+            async with lock:
+                await getattr(session, method)(text)
+            return JSONResponse(session.state())
+        return step
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
@@ -190,8 +187,8 @@ def create_app(studio: Studio) -> Starlette:
         Route("/api/runs/{run}/file/{path:path}", run_file),
         Route("/api/cowrite", cowrite_info),
         Route("/api/cowrite/start", cowrite_start, methods=["POST"]),
-        Route("/api/cowrite/{session}/turn", cowrite_turn, methods=["POST"]),
-        Route("/api/cowrite/{session}/finish", cowrite_finish, methods=["POST"]),
+        Route("/api/cowrite/{session}/turn", cowrite_step("human_turn"), methods=["POST"]),
+        Route("/api/cowrite/{session}/finish", cowrite_step("end"), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     return Starlette(routes=routes,

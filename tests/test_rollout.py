@@ -200,25 +200,26 @@ def test_reproducible_sampling_ignores_batch_composition(models, tokenizers, ray
     # Sampled (T = 1) episodes under rollout.reproducible_sampling: the first two groups come out
     # the same whether the batch holds two or four groups, i.e. whatever shares an engine step.
     from tandem.rollout import Rollout, engine_settings
-    from tandem.runtime.engines import shutdown_engines, start_engines
+    from tandem.runtime.engines import await_engines, launch_engines, shutdown_engines
 
     config = _config(models["senior"], models["junior"], "rollout.reproducible_sampling=true")
     engines = {}
     try:
-        for index, role in enumerate(("senior", "junior")):
+        for index, role in enumerate(("senior", "junior")):  # both load at once
             boundaries = Boundaries.from_tokenizer(tokenizers[role])
             settings = engine_settings(config, str(models[role]), role, boundaries,
                                        first_core=index % (os.cpu_count() or 1))
             assert not any(s.enable_chunked_prefill for s in settings)
-            engines[role] = start_engines(
+            engines[role] = launch_engines(
                 [dataclasses.replace(s, cpu_kvcache_gib=0.25) for s in settings])
+        for role in engines:
+            await_engines(engines[role], str(models[role]), 600)
         rollout = Rollout(config, engines["senior"], engines["junior"], tokenizers["senior"])
         prompts = _prompts(tokenizers["senior"])
         four, _ = rollout.generate(prompts, step=2)
         two, _ = rollout.generate(prompts[:2], step=2)
     finally:
-        for group in engines.values():
-            shutdown_engines(group)
+        shutdown_engines([engine for group in engines.values() for engine in group])
     assert len(two) == 8
     assert [e.response_ids for e in two] == [e.response_ids for e in four[:8]]
     assert [e.author_mask for e in two] == [e.author_mask for e in four[:8]]

@@ -115,7 +115,7 @@ class HubPusher:
                 return
             process = self._process = subprocess.Popen(
                 [sys.executable, "-m", "tandem.hub", json.dumps(request)], env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = process.communicate(timeout=self.hub.timeout_s)
             why = None if process.returncode == 0 else _last_line(err, process.returncode)

@@ -128,14 +128,20 @@ class HubPusher:
                 self._process = None
         seconds = time.perf_counter() - started
         with self._changed:
+            given_up = why is not None and self._abandon  # killed by close(wait=False)
             if why is None:
                 self.pushed += 1
+            elif given_up:
+                self.dropped += 1
             else:
                 self.failed += 1
         if why is None:
             commit = out.rsplit(_RESULT, 1)[-1].strip()[:12]
             log.info("export: step %d pushed to %s in %.0f s (commit %s)", step,
                      self.hub.repo_id, seconds, commit)
+        elif given_up:
+            log.info("export: the push of step %d to %s was given up (the run stopped)", step,
+                     self.hub.repo_id)
         else:
             log.warning("export: pushing step %d to %s at %s failed (%s); the run goes on and "
                         "the export stays in %s", step, self.hub.repo_id, self.hub.endpoint,

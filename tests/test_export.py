@@ -226,32 +226,50 @@ def test_push_commits_the_export_to_the_hub_with_the_token_from_the_environment(
     assert files == {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
-def test_unreachable_or_silent_hub_is_counted_and_the_run_goes_on(run, tmp_path, caplog):
-    listener = socket.socket()  # accepts connections, never answers
+@pytest.fixture
+def silent_hub():
+    """An endpoint that accepts connections and never answers."""
+    listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    silent = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_unreachable_or_silent_hub_is_counted_and_the_run_goes_on(silent_hub, tmp_path, caplog):
     closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     caplog.set_level(logging.WARNING, logger="tandem")
-    try:
-        for endpoint, timeout_s in ((closed, 120.0), (silent, 3.0)):
-            trainer = TrainerConfig(export_every=1, export_hub=ExportHubConfig(
-                repo_id="me/tiny-senior", endpoint=endpoint, timeout_s=timeout_s))
-            run_dir = tmp_path / endpoint.rsplit(":", 1)[1]
-            with Exporter(run_dir, trainer, 2, _fake_write(set())) as exporter:
-                pusher = exporter.pusher
-                exporter.after_step(1)
-                deadline = time.monotonic() + timeout_s + 60
-                while pusher.metrics()["export/push_failures"] < 1:  # the push gives up
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
-                metrics = exporter.after_step(2)  # the run goes on: the next export is written
-                exporter.ended()
-            assert metrics["export/push_failures"] == 1.0 and metrics["export/pushes"] == 0.0
-            assert pusher.metrics()["export/push_failures"] == 2.0  # step 2's, at the end
-            assert [p.name for p in exports(run_dir)] == ["step_000001", "step_000002"]
-    finally:
-        listener.close()
+    for endpoint, timeout_s in ((closed, 120.0), (silent_hub, 3.0)):
+        trainer = TrainerConfig(export_every=1, export_hub=ExportHubConfig(
+            repo_id="me/tiny-senior", endpoint=endpoint, timeout_s=timeout_s))
+        run_dir = tmp_path / endpoint.rsplit(":", 1)[1]
+        with Exporter(run_dir, trainer, 2, _fake_write(set())) as exporter:
+            pusher = exporter.pusher
+            exporter.after_step(1)
+            deadline = time.monotonic() + timeout_s + 60
+            while pusher.metrics()["export/push_failures"] < 1:  # the push gives up
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            metrics = exporter.after_step(2)  # the run goes on: the next export is written
+            exporter.ended()
+        assert metrics["export/push_failures"] == 1.0 and metrics["export/pushes"] == 0.0
+        assert pusher.metrics()["export/push_failures"] == 2.0  # step 2's, at the end
+        assert [p.name for p in exports(run_dir)] == ["step_000001", "step_000002"]
     failures = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
     assert len(failures) == 4 and "the run goes on" in failures[0]
     assert "timeout_s=3" in failures[-1]  # the silent hub's push was killed
+
+
+def test_a_stopped_run_gives_up_its_push_at_once(silent_hub, tmp_path):
+    pusher = HubPusher(ExportHubConfig(repo_id="me/tiny-senior", endpoint=silent_hub,
+                                       timeout_s=600))
+    pusher.submit(1, tmp_path)
+    deadline = time.monotonic() + 60
+    while pusher._process is None:  # the push is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    pusher.submit(2, tmp_path)  # waits behind it
+    pusher.close(wait=False)
+    assert not pusher._thread.is_alive()  # the child was killed, not waited for
+    assert pusher.metrics() == {"export/pushes": 0.0, "export/push_failures": 0.0,
+                                "export/pushes_dropped": 2.0}

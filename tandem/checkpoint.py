@@ -57,11 +57,15 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     """Finished checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    return complete_dirs(Path(run_dir) / "checkpoints", lambda path: (path / STATE_FILE).is_file())
+
+
+def complete_dirs(root: Path, complete: Callable[[Path], bool]) -> list[Path]:
+    """The `step_N` directories in `root` that `complete` accepts, oldest first."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+             if (m := _STEP_DIR.match(p.name)) and complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -113,19 +117,39 @@ def save(run_dir: str | Path, step: int, write: Callable[[Path], None], state: d
     CheckpointError says why; the checkpoints already there are untouched.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}step_{step:06d}-", dir=root))
-    try:
+
+    def write_all(partial: Path) -> None:
         write(partial)
         write_state(partial, state)
+
+    def failed(error: BaseException) -> Exception:  # measured before the partial is freed
+        return CheckpointError(_save_failed(run_dir, step, error, _disk_full(error, root)))
+
+    return publish(checkpoint_dir(run_dir, step), write_all, failed)
+
+
+def publish(target: Path, write: Callable[[Path], None],
+            failed: Callable[[BaseException], Exception] | None = None) -> Path:
+    """Write the directory `target` atomically and return it: `write(partial)` fills a fresh
+    `.partial-<name>-*` directory beside it, every file and directory in it is fsynced, then it
+    is renamed to `target`, replacing a `target` that exists as a whole (`_put_in_place`). On
+    any failure the partial directory is deleted and the error raised, or `failed(error)` (built
+    before the partial's space is freed) raised from it; `target` is untouched."""
+    root = target.parent
+    root.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{target.name}-", dir=root))
+    try:
+        write(partial)
         sync_tree(partial)
-        return _put_in_place(partial, checkpoint_dir(run_dir, step))
+        return _put_in_place(partial, target)
     except BaseException as error:  # torch's CheckpointException is a BaseException
-        full = _disk_full(error, root)  # measured before the partial's space is freed
+        replacement = None
+        if failed is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+            replacement = failed(error)
         shutil.rmtree(partial, ignore_errors=True)
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        if replacement is None:
             raise
-        raise CheckpointError(_save_failed(run_dir, step, error, full)) from error
+        raise replacement from error
 
 
 def _put_in_place(partial: Path, target: Path) -> Path:
@@ -169,26 +193,33 @@ def remove_partial(run_dir: str | Path) -> list[Path]:
     directories, and step directories without a completion marker (written in place by older
     versions). A save interrupted between moving an old `step_N` aside and renaming the new
     one in leaves no `step_N`: the old one is put back instead of deleted."""
-    root = Path(run_dir) / "checkpoints"
+    return remove_unpublished(Path(run_dir) / "checkpoints",
+                              lambda path: (path / STATE_FILE).is_file())
+
+
+def remove_unpublished(root: Path, complete: Callable[[Path], bool]) -> list[Path]:
+    """Delete what interrupted `publish` calls left in `root` and return it: `.partial-*`
+    entries, `.replaced-*` ones (put back as their `step_N` when that is missing and
+    `complete` says they are whole) and `step_N` directories that `complete` rejects."""
     if not root.is_dir():
         return []
     removed = []
     for path in sorted(root.iterdir()):
         if path.name.startswith(REPLACED_PREFIX):
             step_name = path.name[len(REPLACED_PREFIX):].rsplit("-", 1)[0]
-            if (path / STATE_FILE).is_file() and not (root / step_name).exists():
+            if complete(path) and not (root / step_name).exists():
                 path.rename(root / step_name)
-                log.warning("checkpoint: restored %s from an interrupted re-save", step_name)
+                log.warning("%s: restored %s from an interrupted re-save", root.name, step_name)
                 continue
         elif not (path.name.startswith(PARTIAL_PREFIX)
-                  or (_STEP_DIR.match(path.name) and not (path / STATE_FILE).is_file())):
+                  or (_STEP_DIR.match(path.name) and not complete(path))):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink()
         removed.append(path)
-        log.warning("checkpoint: removed %s, left by an interrupted save", path)
+        log.warning("%s: removed %s, left by an interrupted save", root.name, path)
     if removed:
         fsync_dir(root)
     return removed

@@ -48,6 +48,7 @@ from tandem import advantage, data, dynamic_sampling, evaluate, reward
 from tandem import checkpoint as ckpt
 from tandem.alternation import Boundaries
 from tandem.config.schema import TandemConfig
+from tandem.export import Exporter
 from tandem.output.tracking import RunLogger
 from tandem.prefetch import Prefetch
 from tandem.rollout import EngineLost, Rollout
@@ -80,7 +81,10 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
     total = total_steps(config, len(prompts.train))
     history: list[dict[str, float]] = []
 
-    with contextlib.ExitStack() as cleanup:
+    # exports (and their pushes) outlive the engines: a final push does not hold the cluster
+    exporter = Exporter(run_dir, trainer, total,
+                        lambda directory: actors.learners.export_hf(directory))
+    with exporter, contextlib.ExitStack() as cleanup:
         logger = cleanup.enter_context(RunLogger(run_dir, config, total, start_step=start))
         rewards = cleanup.enter_context(reward.RewardPool.from_config(config.reward))
         background = cleanup.enter_context(ThreadPoolExecutor(1, thread_name_prefix="rollout"))
@@ -169,6 +173,7 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
                         metrics.update(run_validation(done))
                 if trainer.save_episodes_every and done % trainer.save_episodes_every == 0:
                     _save_episodes(run_dir, done, rolled, advantages.tolist())
+                metrics.update(exporter.after_step(done))  # every trainer.export_every steps
                 metrics["time/step"] = time.perf_counter() - step_started
                 metrics["faults/learner_restarts"], restarted = restarted, 0.0
                 logger.log(done, metrics)
@@ -200,9 +205,10 @@ def run(config: TandemConfig, run_dir: Path, resume_from: Path | None) -> list[d
             where = _keep_last_step(run_dir, done, saved, actors.learners, prefetch, config)
             logger.stage(f"stopped: {stopped}; {where}")
             return history
-        if trainer.export_final and done == total and stop.signal is None:
-            actors.learners.export_hf(str(run_dir / "senior"))
-            logger.stage(f"export: the trained senior is in {run_dir / 'senior'}")
+        if done == total and stop.signal is None:
+            if trainer.export_final:  # the last export's files when there is one
+                logger.stage(f"export: the trained senior is in {exporter.final(done)}")
+            exporter.ended()  # pushes still to make finish once the engines are closed
     # the last line of a run that ended on its own (a stop that ran out of grace never gets here)
     log.info("shut down: engines, learners, reward workers and the Ray connection closed")
     return history

@@ -78,6 +78,7 @@ def test_two_steps_train_the_senior_and_leave_the_junior(tiny_model_dir, junior_
 
     config = _config(tiny_model_dir, junior_dir, "trainer.total_steps=2", "trainer.val_every=2",
                      "trainer.save_every=1", "trainer.save_episodes_every=1",
+                     "trainer.export_every=1", "trainer.export_keep=1",
                      "cluster.learner.world_size=2")
     history = train(config, tmp_path)
 
@@ -92,6 +93,13 @@ def test_two_steps_train_the_senior_and_leave_the_junior(tiny_model_dir, junior_
     assert [h["step"] for h in history] == [1, 2]
     assert (tmp_path / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
     assert json.loads((tmp_path / "topology.json").read_text())["learners"]
+
+    # An export after each step (trainer.export_every=1), the newest kept (export_keep=1); the
+    # final senior/ is that export's files, linked.
+    assert all(row["export/failures"] == 0.0 and row["time/export"] > 0 for row in rows[1:])
+    last = tmp_path / "exports" / "step_000002"
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == [last.name]
+    assert all(os.path.samefile(tmp_path / "senior" / p.name, p) for p in last.iterdir())
 
     # The senior moved: the exported weights differ from the starting ones.
     start, trained = _state(tiny_model_dir), _state(tmp_path / "senior")

@@ -31,6 +31,7 @@ from tandem.config.checks import (
 )
 from tandem.config.cluster import ClusterConfig
 from tandem.config.evaluation import EvalConfig
+from tandem.config.export import ExportHubConfig
 from tandem.config.model import ModelConfig, ModelSpec  # noqa: F401 (ModelSpec: re-exported)
 
 PAPER_INSTRUCTION = (
@@ -356,6 +357,13 @@ class TrainerConfig:
     to <run dir>/episodes/step_N.jsonl, to read who wrote what (0 = never)."""
     export_final: bool = True
     """Write the trained senior as a Hugging Face directory (<run dir>/senior) at the end."""
+    export_every: int = 0
+    """Also write the senior as a Hugging Face directory (safetensors, config, generation
+    config, tokenizer) to <run dir>/exports/step_N every this many steps and at the last step,
+    atomically (0 = never). Peers: transformers' save_steps, verl's save_hf_model."""
+    export_keep: int = 0
+    """Newest exports kept in <run dir>/exports; older ones are deleted (0 = keep all)."""
+    export_hub: ExportHubConfig = field(default_factory=ExportHubConfig)
     tensorboard: bool = True
     """Write TensorBoard event files to the run directory, beside metrics.jsonl."""
     wandb: bool = False
@@ -379,8 +387,12 @@ class TrainerConfig:
                f"trainer.prompts_per_step={self.prompts_per_step}")
         check_min(self.micro_batch_tokens, 1, "trainer.micro_batch_tokens")
         check_min(self.logprob_chunk_tokens, 1, "trainer.logprob_chunk_tokens")
-        for name in ("save_every", "val_every", "save_episodes_every", "keep_checkpoints"):
+        for name in ("save_every", "val_every", "save_episodes_every", "keep_checkpoints",
+                     "export_every", "export_keep"):
             check_min(getattr(self, name), 0, f"trainer.{name}")
+        check(self.export_hub.repo_id is None or self.export_every > 0,
+              f"trainer.export_hub.repo_id={self.export_hub.repo_id!r} pushes the periodic "
+              "exports, which are off: set trainer.export_every > 0")
         check(bool(self.resume), "trainer.resume is empty: use none, auto or a checkpoint path")
 
 

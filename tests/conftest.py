@@ -85,8 +85,7 @@ def eval_engines(eval_models, ray_cluster):
             ready(group, str(eval_models[name]), config)
         yield engines
     finally:
-        for group in engines.values():
-            stop_engines(group)
+        stop_engines([engine for group in engines.values() for engine in group])  # at once
 
 
 STUDIO_SEGMENTS = (("Let x be the number.", "\n\n"), ("Then x + 3 = 7,", " so x = 4.\n\n"),
@@ -143,20 +142,11 @@ _PNG = bytes.fromhex(
 
 
 @pytest.fixture(scope="session")
-def studio_senior(eval_models, ray_cluster):
-    """One senior engine on the kit's tiny Qwen3, started as evaluation starts it, for the
-    studio's co-write tests (which need no junior engine)."""
-    from tandem.config.compose import compose
-    from tandem.eval_models import start_engines_for, stop_engines
-    from tandem.models import load_tokenizer
-
-    senior = eval_models["senior"]
-    config = compose([*EVAL_OVERRIDES, f"model.senior.path={senior}"])
-    engines = start_engines_for(config, str(senior), "senior", load_tokenizer(senior))
-    try:
-        yield engines[0]
-    finally:
-        stop_engines(engines)
+def studio_senior(eval_engines):
+    """The senior engine of `eval_engines` (the same model and settings: the studio starts it
+    as evaluation does), for the studio's co-write tests. Co-writing only reads it, in
+    sessions of its own, so the evaluation tests sharing it see the same engine."""
+    return eval_engines["senior"][0]
 
 
 @pytest.fixture(scope="session")

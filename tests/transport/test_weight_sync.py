@@ -72,8 +72,7 @@ def setup(tiny_model_dir, ray_cluster):
         await_engines(group, str(tiny_model_dir), TIMEOUT)
     yield config, learners, engines
     learners.close()
-    for group in engines.values():
-        shutdown_engines(group)
+    shutdown_engines([engine for group in engines.values() for engine in group])  # at once
 
 
 SEQUENCES = [[1, 5, 9, 40, 41, 300, 7, 8, 99, 512], [1, 77, 78, 79, 80, 81, 82, 600, 3]]

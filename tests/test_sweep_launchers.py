@@ -23,7 +23,10 @@ SWEEP_TIMEOUT_S = 900
 
 
 def _needs(plugin: str, extra: str) -> pytest.MarkDecorator:
-    installed = importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+    try:
+        installed = importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+    except ModuleNotFoundError:  # no Hydra plugin at all: hydra_plugins does not exist
+        installed = False
     return pytest.mark.skipif(not installed, reason=f"the {extra} extra is not installed "
                               f"(pip install -e '.[{extra}]')")
 

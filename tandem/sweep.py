@@ -10,7 +10,9 @@ So `run_point` runs one point and catches its failure: the error goes to
 goes on. `SweepSummary`, a Hydra callback named in conf/config.yaml, reads every failed.json
 under the sweep directory when the sweep ends (so it works with any launcher), lists the
 failed points and exits 1. `python -m tandem.output.report SWEEP_DIR` lists them too.
-Ctrl-C still stops the sweep.
+Ctrl-C still stops the sweep. Under Hydra's parallel launchers (`hydra/launcher=tandem_ray`,
+`tandem_slurm`; conf/hydra/launcher/) `run_point` runs inside each point's own process (a Ray
+task, a SLURM job), so the same holds there; the callback runs in the sweeping process.
 """
 
 from __future__ import annotations

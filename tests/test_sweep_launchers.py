@@ -90,15 +90,29 @@ def test_ray_launcher_runs_points_as_tasks_on_a_running_cluster(tmp_path):
     assert not left, f"processes of the test's Ray head survived: {left}"
 
 
-@pytest.mark.slow
 @_needs("hydra_submitit_launcher", "sweep-slurm")
 def test_submitit_launcher_runs_each_point_as_its_own_job(tmp_path):
     """`hydra/launcher=submitit_local`: each point a job (a process here, a SLURM job with
-    submitit_slurm) whose driver starts a Ray cluster of its own and shuts it down."""
+    submitit_slurm). Both points fail at compose time, so the test costs seconds (the Ray
+    launcher's test and tests/test_sweep.py train points): each job records its own failure,
+    the sweep lists both, and the report marks both."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     sweep = tmp_path / "sweep"
-    train = _sweep("submitit_local", sweep, env)
-    trained = _check_failed_listed_and_reported(train, sweep, env)
-    log = (trained / "train.log").read_text()
-    assert "ray: started a local cluster" in log
-    assert "the Ray connection closed" in log
+    train = subprocess.run(
+        [sys.executable, "-m", "tandem.train", "-m", "hydra/launcher=submitit_local",
+         "algorithm.handoff_p=1.5,2.5", *ONE_TINY_STEP, f"hydra.sweep.dir={sweep}"],
+        env={**env, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True,
+        timeout=SWEEP_TIMEOUT_S, cwd=tmp_path)
+    assert train.returncode == 1, train.stderr[-4000:]
+    assert "tandem: 2 sweep point(s) failed" in train.stderr, train.stderr[-4000:]
+    failed = failed_points(sweep)
+    assert sorted(f["overrides"][0] for f in failed) == ["algorithm.handoff_p=1.5",
+                                                         "algorithm.handoff_p=2.5"]
+    # one submitit job per point, each in a process of its own
+    jobs = sorted(sweep.glob(".submitit/*/*_result.pkl"))
+    assert len(jobs) == 2, sorted(p.name for p in sweep.rglob("*"))
+
+    report = subprocess.run([sys.executable, "-m", "tandem.output.report", str(sweep)],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 2  # no run logged a step
+    assert report.stderr.count("handoff_p must be in [0, 1]") == 2, report.stderr[-3000:]

@@ -48,9 +48,14 @@ def build_on_meta(model_path: str | Path, attention: str) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  attn_implementation=attention)
     model.name_or_path = str(model_path)
-    if model.can_generate() and (Path(model_path) / "generation_config.json").is_file():
-        # exported with the senior (export_hf), as from_pretrained would have read it
-        model.generation_config = GenerationConfig.from_pretrained(model_path)
+    if model.can_generate():
+        # export_hf writes it beside the weights: read it as from_pretrained does
+        # (transformers' GenerationMixin.adjust_generation_fn)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:
+            model.generation_config = GenerationConfig.from_pretrained(
+                model_path, config_file_name="config.json", _from_model_config=True)
     weight_plan(model, model_path)
     return model
 

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import (
+    FSDPModule,
     MixedPrecisionPolicy,
     fully_shard,
     register_fsdp_forward_method,
@@ -45,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner import batching, loading
-from tandem.learner.logprobs import TokenLogprobs, token_logprobs
+from tandem.learner.logprobs import TokenLogprobs, check_head, token_logprobs
 from tandem.learner.state import (
     load_rank_state,
     load_sharded,
@@ -148,21 +149,24 @@ class Learner:
 
     def _load(self, model_path: str) -> TokenLogprobs:
         attention = CUDA_ATTENTION if self.device == "cuda" else "sdpa"
+        trainer = self.config.trainer
         # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute.
-        if self.config.trainer.meta_init:
+        if trainer.meta_init:
             model = loading.build_on_meta(model_path, attention)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                          attn_implementation=attention)
             if self.device == "cuda":
                 model = model.to("cuda")
-        policy = TokenLogprobs(model, self.config.trainer.logprob_chunk_tokens)
-        shard_model(policy, self.device, self.config.trainer.activation_checkpointing,
-                    self.world_size)
-        if self.config.trainer.meta_init:
+            check_head(model)
+        policy = TokenLogprobs(model, trainer.logprob_chunk_tokens)
+        shard_model(policy, self.device, trainer.activation_checkpointing, self.world_size)
+        if trainer.meta_init:
             loading.materialise(policy, self.device)  # this rank's shards only
             loading.load_weights(model, model_path)
-        policy.check_head()
+            policy.check_head()  # no rank holds the unsharded model: check it through FSDP
+            if isinstance(policy, FSDPModule):
+                policy.reshard()  # the root stays gathered after a forward: free it till training
         return policy
 
     # ------------------------------------------------------------------------- training

@@ -47,6 +47,9 @@ def _assert_same_model(got, expected):
     assert any("inv_freq" in name for name in expected_buffers)
     for name in expected_buffers:
         assert torch.equal(got_buffers[name], expected_buffers[name]), name
+    # what export_hf writes beside the weights
+    assert got.config.to_dict() == expected.config.to_dict()
+    assert got.generation_config.to_dict() == expected.generation_config.to_dict()
     tied = expected.config.tie_word_embeddings
     assert (got.lm_head.weight is got.model.embed_tokens.weight) == tied
     ids = torch.tensor(SEQUENCES[0])[None]  # [1, seq]

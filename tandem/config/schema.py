@@ -327,6 +327,12 @@ class TrainerConfig:
     memory at a few [chunk, vocab] fp32 tensors whatever micro_batch_tokens is."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward: less memory, ~30% more compute."""
+    meta_init: bool = True
+    """Build the senior on the meta device, shard it, then read only each rank's shard from
+    the safetensors files (tandem/learner/loading.py), so no rank ever holds the whole fp32
+    model; the meta-device init of torchtitan and verl. false: every rank loads the whole model
+    with from_pretrained, then shards it (needed for checkpoints that only transformers' key
+    conversions can read, e.g. fused MoE experts)."""
     save_every: int = 20
     """Checkpoint every this many steps (0 = only at the end and on SIGTERM/SIGINT)."""
     keep_checkpoints: int = 2

@@ -84,6 +84,11 @@ class TokenLogprobs(nn.Module):
         return (zeros.index_put(index, logprobs),  # [batch, seq - 1]
                 zeros.index_put(index, entropies))  # [batch, seq - 1]
 
+    def check_head(self) -> None:
+        """`check_head` of the causal LM inside, once its weights are loaded; a forward method
+        for FSDP2 (`shard_model`), so a sharded model gathers its parameters for it."""
+        check_head(self.causal_lm)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states, as the model's own forward makes them (softcapped
         where the model softcaps)."""

@@ -35,12 +35,17 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
-from tandem.learner import batching
+from tandem.learner import batching, loading
 from tandem.learner.logprobs import TokenLogprobs, check_head, token_logprobs
 from tandem.learner.state import (
     load_rank_state,
@@ -88,6 +93,8 @@ def shard_model(policy: TokenLogprobs, device: str, activation_checkpointing: bo
     for block in blocks:
         fully_shard(block, mp_policy=mixed)
     fully_shard(policy, mp_policy=mixed)
+    # check_head runs the causal LM's own forward: gather the root's parameters for it too
+    register_fsdp_forward_method(policy, "check_head")
 
 
 def _loss_weight(micro: batching.MicroBatch, junior_token_weight: float,
@@ -142,15 +149,24 @@ class Learner:
 
     def _load(self, model_path: str) -> TokenLogprobs:
         attention = CUDA_ATTENTION if self.device == "cuda" else "sdpa"
+        trainer = self.config.trainer
         # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute.
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                     attn_implementation=attention)
-        if self.device == "cuda":
-            model = model.to("cuda")
-        check_head(model)
-        policy = TokenLogprobs(model, self.config.trainer.logprob_chunk_tokens)
-        shard_model(policy, self.device, self.config.trainer.activation_checkpointing,
-                    self.world_size)
+        if trainer.meta_init:
+            model = loading.build_on_meta(model_path, attention)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                         attn_implementation=attention)
+            if self.device == "cuda":
+                model = model.to("cuda")
+            check_head(model)
+        policy = TokenLogprobs(model, trainer.logprob_chunk_tokens)
+        shard_model(policy, self.device, trainer.activation_checkpointing, self.world_size)
+        if trainer.meta_init:
+            loading.materialise(policy, self.device)  # this rank's shards only
+            loading.load_weights(model, model_path)
+            policy.check_head()  # no rank holds the unsharded model: check it through FSDP
+            if isinstance(policy, FSDPModule):
+                policy.reshard()  # the root stays gathered after a forward: free it till training
         return policy
 
     # ------------------------------------------------------------------------- training

@@ -44,6 +44,11 @@ class EngineSettings:
     enable_sleep_mode: bool = False
     """cuda only: the engine can release its GPU memory (`sleep`) while a colocated learner
     trains; level 1 keeps a CPU copy of the weights, so a frozen junior needs no re-send."""
+    ray_bundles: tuple[int, ...] = ()
+    """cuda, tensor_parallel_size > 1, in a Ray actor of a placement group: the group's bundles
+    (one GPU each) where vLLM's Ray executor starts this engine's tensor-parallel workers
+    (`tandem.runtime.placement`). Empty: vLLM picks its executor itself (a tensor-parallel
+    engine outside a placement group runs its workers on the GPUs Ray gave its actor)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -52,6 +57,11 @@ class EngineSettings:
             raise ValueError("EngineSettings.tensor_parallel_size must be 1 on cpu")
         if self.max_model_len < 2:
             raise ValueError(f"EngineSettings.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.ray_bundles and (self.device != "cuda"
+                                 or len(set(self.ray_bundles)) != self.tensor_parallel_size):
+            raise ValueError(f"EngineSettings.ray_bundles={self.ray_bundles} must name "
+                             f"tensor_parallel_size={self.tensor_parallel_size} distinct "
+                             "bundles, on cuda")
         for name, ids in self.token_sets.items():
             if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
                 raise ValueError(f"EngineSettings.token_sets[{name!r}] must be non-empty token ids")

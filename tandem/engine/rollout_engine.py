@@ -93,6 +93,11 @@ class RolloutEngine:
         elif settings.device == "cuda":
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
             kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
+            # vLLM takes the placement group from this actor, the bundles from this variable
+            os.environ.pop("VLLM_RAY_BUNDLE_INDICES", None)
+            if settings.ray_bundles:
+                os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, settings.ray_bundles))
+                kwargs["distributed_executor_backend"] = "ray"
         else:
             raise ValueError(f"unknown engine device: {settings.device!r}")
         if settings.max_num_seqs is not None:

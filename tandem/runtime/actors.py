@@ -84,6 +84,8 @@ class Actors:
                                              ("junior", junior_dir, placement.junior)):
                 settings = engine_settings(config, model_dir, role, boundaries[role],
                                            first_core)
+                settings = [dataclasses.replace(s, ray_bundles=bundles) for s, bundles in zip(
+                    settings, placement.ray_bundles.get(role, [()] * len(settings)), strict=True)]
                 if cluster.colocated:
                     settings = [dataclasses.replace(s, enable_sleep_mode=True) for s in settings]
                 setattr(actors, role, launch_engines(settings, options))

@@ -92,7 +92,7 @@ class Rollout:
 
     Engine faults: while a batch runs every engine is pinged each `cluster.heartbeat_s`. An
     engine that died or hangs (no answer within `cluster.heartbeat_timeout_s`) is handed to
-    `recover(role, replica)`, which must restart it in place (`senior[replica] = new`) or
+    `recover(role, replica, reason)`, which must restart it in place (`senior[replica] = new`) or
     raise; the batch's unfinished episodes then run again from their start (their hand-offs
     and seeds are functions of (seed, step, index), so nothing but time is lost) and finished
     ones are kept. Without `recover` the fault raises `EngineLost`.
@@ -101,7 +101,7 @@ class Rollout:
     def __init__(self, config: TandemConfig, senior: list[Any], junior: list[Any],
                  senior_tokenizer: Any, junior_tokenizer: Any | None = None,
                  sampling: Sampling | None = None, max_segments: int | None = None,
-                 recover: Callable[[int, int], None] | None = None) -> None:
+                 recover: Callable[[int, int, str], None] | None = None) -> None:
         self.config = config
         self.max_segments = max_segments
         self.recover = recover
@@ -120,6 +120,7 @@ class Rollout:
                                              top_p=rollout.top_p, top_k=rollout.top_k)
         self._tickets: dict[int, ChannelTicket] = {}  # id(engine actor) -> its channel
         self._dead: set[int] = set()  # id(caller) of an engine lost mid-attempt
+        self._warned_kv = False
 
     def generate(self, prompts: list[list[int]], step: int,
                  junior_prompts: list[list[int]] | None = None, samples: int | None = None,
@@ -163,7 +164,7 @@ class Rollout:
                 raise lost
             log.warning("step %d: %s; restarting it, then re-running the %d unfinished "
                         "episode(s) from their start", step, lost, len(jobs) - len(finished))
-            self.recover(lost.role, lost.replica)
+            self.recover(lost.role, lost.replica, lost.reason)
             restarts += 1
         episodes = [finished[index] for index in sorted(jobs)]
         wall = time.perf_counter() - started
@@ -191,6 +192,10 @@ class Rollout:
             wall * len({id(e) for e in (*self.senior, *self.junior)}))
         metrics["rollout/computed_per_generated_token"] = computed / max(generated, 1)
         metrics["rollout/generated_tokens_per_step"] = generated / max(steps, 1)
+        metrics["rollout/kv_preemptions"] = spent[None, "preemptions"]
+        if spent[None, "preemptions"] and not self._warned_kv:
+            self._warned_kv = True
+            log.warning(kv_pressure(self.config, step, int(spent[None, "preemptions"])))
         return episodes, metrics
 
     async def _attempt(self, jobs: dict[int, int], finished: dict[int, Episode],
@@ -271,6 +276,8 @@ class Rollout:
             if isinstance(answer, asyncio.CancelledError):
                 raise answer
             if isinstance(answer, BaseException):
+                cause = getattr(answer, "cause", None)  # the engine's own error, not Ray's
+                answer = cause if isinstance(cause, BaseException) else answer
                 reason = ("no heartbeat within cluster.heartbeat_timeout_s="
                           f"{timeout_s} s" if isinstance(answer, TimeoutError)
                           else f"{type(answer).__name__}: {answer}".split("\n")[0])
@@ -418,12 +425,28 @@ class Rollout:
         engines = {id(e): e for e in (*self.senior, *self.junior)}
         stats = dict(zip(engines, await asyncio.gather(
             *(self._call(e, "stats") for e in engines.values())), strict=True))
-        names = ("busy_s", "core_cpu_s", "steps", "computed_tokens", "generated_tokens")
+        names = ("busy_s", "core_cpu_s", "steps", "computed_tokens", "generated_tokens",
+                 "preemptions")
         totals = {}
         for role, group in ((SENIOR, self.senior), (JUNIOR, self.junior), (None, engines.values())):
             for name in names:
                 totals[role, name] = sum(stats[id(e)][f"engine/{name}"] for e in group)
         return totals
+
+
+def kv_pressure(config: TandemConfig, step: int, preemptions: int) -> str:
+    """The one line for a rollout whose engines ran out of KV cache: vLLM preempts a running
+    request and later computes it again, so the step is slower, never wrong or failed."""
+    cluster = config.cluster
+    room = (f"cluster.cpu_kvcache_gib={cluster.cpu_kvcache_gib:g}" if cluster.device == "cpu"
+            else f"cluster.gpu_memory_utilization={cluster.gpu_memory_utilization:g}")
+    return (f"step {step}: the engines' KV cache ran out {preemptions} time(s) (vLLM preempted "
+            f"running requests and computes them again: slower, not wrong); raise {room}, or "
+            f"put fewer tokens in flight: rollout.max_response_tokens="
+            f"{config.rollout.max_response_tokens}, trainer.prompts_per_step="
+            f"{config.trainer.prompts_per_step} x algorithm.group_size="
+            f"{config.algorithm.group_size} episodes, or more engine replicas (cluster.*.replicas)"
+            "; rollout/kv_preemptions counts them every step")
 
 
 async def call_engine(engine: Any, method: str, *args: Any, timeout_s: float) -> Any:

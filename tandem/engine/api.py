@@ -44,6 +44,11 @@ class EngineSettings:
     enable_sleep_mode: bool = False
     """cuda only: the engine can release its GPU memory (`sleep`) while a colocated learner
     trains; level 1 keeps a CPU copy of the weights, so a frozen junior needs no re-send."""
+    ray_bundles: tuple[int, ...] = ()
+    """cuda, tensor_parallel_size > 1, in a Ray actor of a placement group: the group's bundles
+    (one GPU each) where vLLM's Ray executor starts this engine's tensor-parallel workers
+    (`tandem.runtime.placement`). Empty: vLLM picks its executor itself (a tensor-parallel
+    engine outside a placement group runs its workers on the GPUs Ray gave its actor)."""
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -52,6 +57,11 @@ class EngineSettings:
             raise ValueError("EngineSettings.tensor_parallel_size must be 1 on cpu")
         if self.max_model_len < 2:
             raise ValueError(f"EngineSettings.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.ray_bundles and (self.device != "cuda"
+                                 or len(set(self.ray_bundles)) != self.tensor_parallel_size):
+            raise ValueError(f"EngineSettings.ray_bundles={self.ray_bundles} must name "
+                             f"tensor_parallel_size={self.tensor_parallel_size} distinct "
+                             "bundles, on cuda")
         for name, ids in self.token_sets.items():
             if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
                 raise ValueError(f"EngineSettings.token_sets[{name!r}] must be non-empty token ids")
@@ -84,3 +94,30 @@ class Segment:
     """Tokens the engine sampled, including a dropped boundary token."""
     weight_version: int
 
+
+START_FAILED = "tandem: the engine did not start"
+
+
+def start_failure(settings: EngineSettings) -> str:
+    """One line for an engine that did not start: vLLM's own reason (logged above it by the
+    EngineCore) most often is memory, and its advice names vLLM's flags, not ours."""
+    if settings.device == "cpu":
+        memory = (f"cluster.cpu_kvcache_gib={settings.cpu_kvcache_gib:g} (the KV cache must hold "
+                  "one full-length request: raise it)")
+    else:
+        memory = (f"cluster.gpu_memory_utilization={settings.gpu_memory_utilization:g} (raise it, "
+                  "or lower it on a GPU shared with the learner)")
+    return (f"{START_FAILED} ({settings.model}); vLLM's reason is logged above. If it is memory "
+            f"or the KV cache: {memory}, or a shorter context (max_model_len="
+            f"{settings.max_model_len} = rollout.max_prompt_tokens + the longer of "
+            "rollout.max_response_tokens and eval.max_response_tokens, or eval.context_tokens)")
+
+
+def core_died(settings: EngineSettings) -> str:
+    """One line for an EngineCore that died while serving; at run time that is most often
+    memory (CUDA out of memory in a big batch, or the host's OOM killer)."""
+    room = (f"cluster.gpu_memory_utilization={settings.gpu_memory_utilization:g} (lower it "
+            "beside a colocated learner)" if settings.device == "cuda" else "the host's memory")
+    return (f"engine {settings.model} is dead (EngineCore errored; vLLM's reason is in the "
+            f"engine's log). If it is memory: {room}, or fewer tokens in flight: "
+            "rollout.max_response_tokens, trainer.prompts_per_step x algorithm.group_size")

@@ -58,7 +58,7 @@ except ImportError as error:
     raise ImportError(f"{error}; {mismatch_message(installed_vllm())}") from error
 
 from tandem.alternation import StopRule
-from tandem.engine.api import EngineSettings, Sampling, Segment
+from tandem.engine.api import EngineSettings, Sampling, Segment, core_died, start_failure
 from tandem.engine.channel import ChannelServer, ChannelTicket
 from tandem.engine.processes import process_ids
 from tandem.engine.scheduler import REASON_BOUNDARY_DROPPED, TOKEN_SETS_KEY, stop_args
@@ -93,6 +93,11 @@ class RolloutEngine:
         elif settings.device == "cuda":
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
             kwargs["tensor_parallel_size"] = settings.tensor_parallel_size
+            # vLLM takes the placement group from this actor, the bundles from this variable
+            os.environ.pop("VLLM_RAY_BUNDLE_INDICES", None)
+            if settings.ray_bundles:
+                os.environ["VLLM_RAY_BUNDLE_INDICES"] = ",".join(map(str, settings.ray_bundles))
+                kwargs["distributed_executor_backend"] = "ray"
         else:
             raise ValueError(f"unknown engine device: {settings.device!r}")
         if settings.max_num_seqs is not None:
@@ -353,8 +358,8 @@ class RolloutEngine:
         its own process, so a busy engine still answers), raises if its EngineCore died. Gives
         the processes a driver must reap should this actor die (`tandem.runtime.recovery`)."""
         if self._closed or self._llm.errored:
-            raise RuntimeError(f"engine {self.settings.model} is "
-                               f"{'shut down' if self._closed else 'dead (EngineCore errored)'}")
+            raise RuntimeError(f"engine {self.settings.model} is shut down" if self._closed
+                               else core_died(self.settings))
         return {"processes": process_ids([os.getpid(), *self._core_pids]),
                 "weight_version": self._weight_version}
 
@@ -439,24 +444,6 @@ class RolloutEngine:
             raise RuntimeError(f"unexpected vLLM finish reason {out.finish_reason!r}")
         return Segment(token_ids=token_ids, logprobs=values, finish_reason=reason,
                        num_sampled=num_sampled, weight_version=version)
-
-
-START_FAILED = "tandem: the engine did not start"
-
-
-def start_failure(settings: EngineSettings) -> str:
-    """One line for an engine that did not start: vLLM's own reason (logged above it by the
-    EngineCore) most often is memory, and its advice names vLLM's flags, not ours."""
-    if settings.device == "cpu":
-        memory = (f"cluster.cpu_kvcache_gib={settings.cpu_kvcache_gib:g} (the KV cache must hold "
-                  "one full-length request: raise it)")
-    else:
-        memory = (f"cluster.gpu_memory_utilization={settings.gpu_memory_utilization:g} (raise it, "
-                  "or lower it on a GPU shared with the learner)")
-    return (f"{START_FAILED} ({settings.model}); vLLM's reason is logged above. If it is memory "
-            f"or the KV cache: {memory}, or a shorter context (max_model_len="
-            f"{settings.max_model_len} = rollout.max_prompt_tokens + the longer of "
-            "rollout.max_response_tokens and eval.max_response_tokens, or eval.context_tokens)")
 
 
 async def _last(outputs: AsyncIterator[Any]) -> Any:

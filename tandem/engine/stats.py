@@ -24,6 +24,7 @@ class EngineStats:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.generated_tokens = 0
+        self.preemptions = 0
 
     def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:
         """`stat_loggers` entry of `AsyncLLM.from_engine_args`."""
@@ -41,6 +42,7 @@ class EngineStats:
             "engine/prompt_tokens": self.prompt_tokens,
             "engine/cached_prompt_tokens": self.cached_tokens,
             "engine/generated_tokens": self.generated_tokens,
+            "engine/preemptions": self.preemptions,
         }
 
 
@@ -66,6 +68,8 @@ class _Recorder(StatLoggerBase):
             stats.prompt_tokens += prompt.total
             stats.cached_tokens += prompt.cached_tokens
             stats.generated_tokens += iteration_stats.num_generation_tokens
+            # a running request's KV blocks taken back for another's: it is computed again
+            stats.preemptions += iteration_stats.num_preempted_reqs
 
     def log_engine_initialized(self) -> None:
         pass

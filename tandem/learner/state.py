@@ -13,11 +13,19 @@ file of a checkpoint is read by a loader that builds only tensors and plain valu
   and a planner that loads those items with `weights_only=True`.
 
 A refused file raises CheckpointError naming it; nothing in it runs.
+
+Checkpoints written before the RNG states became tensors (tandem before 82d0731) hold
+`random.getstate()` and `np.random.get_state()` as pickled: a tuple with a numpy array. Such a
+`rank{N}.pt` is read again with `weights_only=True` and exactly the three numpy globals that
+array needs allowed (`_OLD_RNG_GLOBALS`); the file must then have the old layout, that array
+(624 uint32 words) being its only one, or it is refused. A week-old run resumes exactly; its
+next save writes the new format.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import random
@@ -34,6 +42,8 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from tandem.checkpoint import CheckpointError
 
+log = logging.getLogger("tandem")
+
 # What DCP's .metadata pickle may name (torch 2.13): its metadata dataclasses, the storage
 # index, and the torch/pathlib values they hold. Anything else is refused.
 _METADATA_GLOBALS = {
@@ -43,6 +53,13 @@ _METADATA_GLOBALS = {
 } | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
      ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
      ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+# What a uint32 numpy array pickles as: all an old-format RNG state needs beyond plain values,
+# and building one runs no code of the file's (an array of any other dtype, e.g. of objects, is
+# refused). The module is numpy._core in numpy 2, numpy.core in numpy 1 (either wrote them).
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_OLD_RNG_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32))] + [
+    (_RECONSTRUCT, f"{module}.multiarray._reconstruct") for module in ("numpy._core", "numpy.core")]
 
 
 def rank_file(directory: str | Path, rank: int) -> Path:
@@ -65,7 +82,18 @@ def load_rank_state(directory: str | Path, rank: int) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(_refused(path, error)) from None
+        refused = error
+    try:  # written before the RNG states were tensors? (module docstring)
+        with torch.serialization.safe_globals(_OLD_RNG_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state["rng"] = _rng_from_old_format(state["rng"])
+    except (pickle.UnpicklingError, KeyError, TypeError, ValueError):
+        raise CheckpointError(_refused(path, refused)) from None
+    if any(isinstance(value, np.ndarray) for value in _values(state)):
+        raise CheckpointError(_refused(path, refused))
+    log.warning("%s: read in the format before the RNG states were tensors; the next "
+                "checkpoint is written in the new one", path)
+    return state
 
 
 def load_sharded(state: dict[str, Any], directory: str | Path) -> None:
@@ -111,6 +139,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_from_old_format(old: dict[str, Any]) -> dict[str, Any]:
+    """`rng_state()`'s layout from the tuples `random.getstate()` and `np.random.get_state()`
+    give; ValueError/TypeError/KeyError if `old` is not exactly that."""
+    version, internal, gauss_next = old["python"]
+    name, key, pos, has_gauss, gauss = old["numpy"]
+    if not (isinstance(internal, tuple) and all(isinstance(i, int) for i in internal)
+            and isinstance(key, np.ndarray) and key.dtype == np.uint32 and key.shape == (624,)
+            and name == "MT19937"):
+        raise ValueError("not the RNG state tandem wrote")
+    return {"python": {"version": int(version), "internal": torch.tensor(internal,
+                                                                         dtype=torch.int64),
+                       "gauss_next": None if gauss_next is None else float(gauss_next)},
+            "numpy": {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            **{name: value for name, value in old.items() if name not in ("python", "numpy")}}
+
+
+def _values(tree: Any) -> Any:
+    """Every leaf of nested dicts, lists and tuples."""
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, (list, tuple)):
+        for item in tree:
+            yield from _values(item)
+    else:
+        yield tree
 
 
 def _refused(path: Path, error: Exception) -> str:

@@ -84,6 +84,8 @@ class Actors:
                                              ("junior", junior_dir, placement.junior)):
                 settings = engine_settings(config, model_dir, role, boundaries[role],
                                            first_core)
+                settings = [dataclasses.replace(s, ray_bundles=bundles) for s, bundles in zip(
+                    settings, placement.ray_bundles.get(role, [()] * len(settings)), strict=True)]
                 if cluster.colocated:
                     settings = [dataclasses.replace(s, enable_sleep_mode=True) for s in settings]
                 setattr(actors, role, launch_engines(settings, options))
@@ -124,17 +126,18 @@ class Actors:
             self.learned_version = version
         return metrics
 
-    def restart_engine(self, role: int, replica: int) -> None:
+    def restart_engine(self, role: int, replica: int, reason: str = "") -> None:
         """Replace a dead or hung engine replica in place (`senior[replica] = new`, so every
         holder of the list sees it): kill what is left of it, start one from the same settings
         and placement, and give a senior the learners' current weights. Raises `EngineFailure`
-        once `cluster.max_engine_restarts` restarts are spent."""
+        (with `reason`, why it was lost) once `cluster.max_engine_restarts` restarts are spent."""
         name = ROLE_NAMES[role]
         engines = getattr(self, name)
         ray.kill(engines[replica], no_restart=True)
         self._reap(engines[replica])
         if self.restarts >= self.max_restarts:
-            raise EngineFailure(f"the {name} engine (replica {replica}) failed after "
+            raise EngineFailure(f"the {name} engine (replica {replica}) failed"
+                                f"{f' ({reason})' if reason else ''} after "
                                 f"{self.restarts} engine restart(s), the most "
                                 f"cluster.max_engine_restarts={self.max_restarts} allows")
         self.restarts += 1

@@ -10,8 +10,8 @@ from typing import Any
 
 import ray
 
-from tandem.engine.api import EngineSettings
-from tandem.engine.rollout_engine import START_FAILED, RolloutEngine
+from tandem.engine.api import START_FAILED, EngineSettings
+from tandem.engine.rollout_engine import RolloutEngine
 from tandem.engine.version import check_vllm
 from tandem.runtime.cluster import wait
 

@@ -4,10 +4,15 @@ The topology comes from `cluster.*` (conf/cluster/). Each role gets its own plac
 reserved before any actor starts, so a run either gets everything it asked for or fails in
 seconds with a message that compares what was asked with what the Ray cluster has.
 
-- Disaggregated (default): one bundle per engine replica ({GPU: tensor_parallel_size} on cuda)
-  and one per learner rank ({GPU: 1}). The learner's group is reserved first, on one node if
-  one can hold it (STRICT_PACK, else PACK); then the engines of both roles share one group
-  that spreads over nodes when `cluster.num_nodes > 1` (else packs).
+- Disaggregated (default): one bundle per learner rank ({GPU: 1}) and one per engine replica
+  ({GPU: 1} on cuda). The learner's group is reserved first, on one node if one can hold it
+  (STRICT_PACK, else PACK); then the engines of both roles share one group that spreads over
+  nodes when `cluster.num_nodes > 1` (else packs).
+- Tensor parallel (`tensor_parallel_size > 1`, `engine_groups`): vLLM's Ray executor refuses a
+  bundle with more than one GPU. Such a replica gets a group of its own (STRICT_PACK: its ranks
+  on one node) of one {GPU: 1} bundle per rank; its actor takes only CPUs, in the first bundle,
+  and its `EngineSettings.ray_bundles` name the bundles: the engine has vLLM start one worker in
+  each (the Ray executor with `VLLM_RAY_BUNDLE_INDICES`, in the actor's placement group).
 - Colocated (`cluster.colocated`, cuda only): one bundle per GPU that the learner rank, the
   senior replica and the junior replica on that GPU share, each taking a fraction of it for
   Ray's accounting. Memory is shared by time, not by fraction: the engines sleep while the
@@ -24,8 +29,8 @@ of one job, so share one (docs/output.md, "Parallel sweeps").
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -36,6 +41,16 @@ from tandem.config.cluster import ClusterConfig
 # Ray accounting of a shared GPU in colocated mode (memory is governed by the engines'
 # gpu_memory_utilization and by sleeping, not by these numbers).
 COLOCATED_GPU_SHARE = {"learner": 0.4, "senior": 0.3, "junior": 0.3}
+
+
+class EngineGroup(NamedTuple):
+    """One placement group of engine replicas."""
+
+    name: str
+    bundles: list[dict[str, float]]
+    strategy: str
+    replicas: list[tuple[str, tuple[int, ...]]]
+    """(role, indices of the replica's own bundles) per replica, seniors first."""
 
 
 class PlacementError(RuntimeError):
@@ -50,6 +65,10 @@ class Placement:
     junior: list[dict[str, Any]]
     learner: list[dict[str, Any]]
     groups: list[PlacementGroup]
+    ray_bundles: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    """By role, for each replica: the bundles of its group that its tensor-parallel workers
+    take (`EngineSettings.ray_bundles`); empty for an engine that runs its model in its own
+    actor (tensor_parallel_size 1, CPU, colocated)."""
 
     def remove(self) -> None:
         """Release the reservations (after the actors are gone)."""
@@ -122,7 +141,7 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
         return PlacementGroupSchedulingStrategy(placement_group=group,
                                                 placement_group_bundle_index=index)
 
-    groups, options = [], {}
+    groups, options, ray_bundles = [], {}, {}
     if cuda and cluster.colocated:
         colocated_shares(cluster)
         cpus = (cluster.learner.cpus_per_rank + cluster.senior.cpus + cluster.junior.cpus)
@@ -151,24 +170,49 @@ def reserve(cluster: ClusterConfig, timeout_s: float) -> Placement:
         options["learner"] = [{"num_cpus": learner.cpus_per_rank, "num_gpus": 1 if cuda else 0,
                                "scheduling_strategy": strategy(group, i)}
                               for i in range(learner.world_size)]
-        # One group for the engines of both roles, so SPREAD can put them on different nodes.
-        bundles, roles = [], []
-        for role in ("senior", "junior"):
-            engines = getattr(cluster, role)
-            gpus = float(engines.tensor_parallel_size) if cuda else 0.0
-            bundle = {"CPU": float(engines.cpus), **({"GPU": gpus} if cuda else {})}
-            bundles += [bundle] * engines.replicas
-            roles += [(role, engines.cpus, gpus)] * engines.replicas
-        group = placement_group(bundles, strategy="SPREAD" if cluster.num_nodes > 1 else "PACK",
-                                name=f"tandem-engines-{run_tag}")
-        groups.append(group)
         options.update(senior=[], junior=[])
-        for index, (role, cpus, gpus) in enumerate(roles):
-            options[role].append({"num_cpus": cpus, "num_gpus": gpus,
-                                  "scheduling_strategy": strategy(group, index)})
-    placement = Placement(options["senior"], options["junior"], options["learner"], groups)
+        for engines in engine_groups(cluster):
+            group = placement_group(engines.bundles, strategy=engines.strategy,
+                                    name=f"{engines.name}-{run_tag}")
+            groups.append(group)
+            for role, own in engines.replicas:
+                tensor_parallel = len(own) > 1  # its workers take the GPUs, the actor none
+                options[role].append({"num_cpus": getattr(cluster, role).cpus,
+                                      "num_gpus": 1 if cuda and not tensor_parallel else 0,
+                                      "scheduling_strategy": strategy(group, own[0])})
+                ray_bundles.setdefault(role, []).append(own if tensor_parallel else ())
+    placement = Placement(options["senior"], options["junior"], options["learner"], groups,
+                          ray_bundles)
     _await_groups(groups, groups, cluster, timeout_s)
     return placement
+
+
+def engine_groups(cluster: ClusterConfig) -> list[EngineGroup]:
+    """The engines' placement groups when not colocated.
+
+    Engines of one GPU or CPU bundle share one group, so SPREAD can put them on different nodes
+    (`cluster.num_nodes > 1`). A tensor-parallel replica gets a group of its own, STRICT_PACK so
+    its ranks share a node: one {GPU: 1} bundle per rank (vLLM's Ray executor refuses more), the
+    first also holding the engine actor's CPUs."""
+    shared: list[dict[str, float]] = []
+    shared_replicas, own_groups = [], []
+    for role in ("senior", "junior"):
+        engines = getattr(cluster, role)
+        first = {"CPU": float(engines.cpus)}
+        if cluster.device == "cuda":
+            first["GPU"] = 1.0
+        for replica in range(engines.replicas):
+            if cluster.device == "cuda" and engines.tensor_parallel_size > 1:
+                ranks = engines.tensor_parallel_size
+                own_groups.append(EngineGroup(
+                    f"tandem-{role}-{replica}", [first] + [{"GPU": 1.0}] * (ranks - 1),
+                    "STRICT_PACK", [(role, tuple(range(ranks)))]))
+            else:
+                shared_replicas.append((role, (len(shared),)))
+                shared.append(first)
+    spread = "SPREAD" if cluster.num_nodes > 1 else "PACK"
+    shared_group = EngineGroup("tandem-engines", shared, spread, shared_replicas)
+    return ([shared_group] if shared else []) + own_groups
 
 
 def fits_one_node(resources: dict[str, float]) -> bool:
@@ -191,4 +235,5 @@ def _await_groups(waited: list[PlacementGroup], reserved: list[PlacementGroup],
             f"the placement groups for cluster={cluster.name} were not granted within "
             f"{timeout_s:g} s (asked {demand(cluster)} over {cluster.num_nodes} node(s)); the "
             "cluster has the resources in total but not in the shapes asked (e.g. a bundle "
-            "needs more CPUs or GPUs than any one node has)")
+            "needs more CPUs or GPUs than any one node has, or a tensor-parallel engine more "
+            "GPUs than any one node has free)")

@@ -242,3 +242,49 @@ def test_rng_state_round_trips_through_weights_only_loading(tmp_path):
     torch.manual_seed(9)
     set_rng_state(load_rank_state(tmp_path, 0)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _old_rank_state(scheduler: dict) -> dict:
+    """A rank's state as tandem wrote it before the RNG states were tensors (82d0731)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    return {"step": 7, "scheduler": scheduler, "rng": state, "extra": {"data": [3, 1]}}
+
+
+def test_a_checkpoint_from_before_tensor_rng_states_resumes_exactly(tmp_path):
+    """A week-old run's rank0.pt (tuples and a numpy array) loads with weights_only=True and
+    the three numpy globals allowed, and every RNG continues where it was saved."""
+    random.seed(4)
+    np.random.seed(5)
+    torch.manual_seed(6)
+    random.gauss(0, 1)
+    np.random.standard_normal()  # a cached gaussian on both sides
+    torch.save(_old_rank_state({"last_epoch": 7}), tmp_path / "rank0.pt")
+    expected = (random.gauss(0, 1), np.random.standard_normal(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    own = load_rank_state(tmp_path, 0)
+    assert (own["step"], own["scheduler"], own["extra"]) == (7, {"last_epoch": 7},
+                                                            {"data": [3, 1]})
+    set_rng_state(own["rng"])
+    assert (random.gauss(0, 1), np.random.standard_normal(), torch.rand(1).item()) == expected
+    # and the next save is in the new format, which needs no allowance
+    save_rank_state(tmp_path, 0, own)
+    torch.load(tmp_path / "rank0.pt", weights_only=True)
+
+
+def test_an_old_format_file_holding_anything_else_is_still_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    old = _old_rank_state({})
+    planted = {**old, "extra": _Payload(marker)}  # code: never allowed
+    objects = {**old, "extra": np.array([marker], dtype=object)}  # an array of objects
+    another = {**old, "extra": np.zeros(3, dtype=np.uint32)}  # an array beside the RNG's
+    name, key, *rest = old["rng"]["numpy"]
+    wrong_key = {**old, "rng": {**old["rng"], "numpy": (name, key.astype(np.int64), *rest)}}
+    short_key = {**old, "rng": {**old["rng"], "numpy": (name, key[:9], *rest)}}
+    for case in (planted, objects, another, wrong_key, short_key):
+        torch.save(case, tmp_path / "rank0.pt")
+        with pytest.raises(ckpt.CheckpointError, match=r"rank0.pt: refused to load"):
+            load_rank_state(tmp_path, 0)
+    assert not marker.exists()

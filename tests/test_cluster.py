@@ -586,70 +586,234 @@ while [[ $# -gt 0 && $1 == -* ]]; do
 done
 exec "$@"
 """
+# scontrol: one node; every call is recorded, so a requeue can be counted
+FAKE_SCONTROL = """#!/bin/bash
+echo "$*" >> "$FAKE_SCONTROL_LOG"
+[[ $1 == show ]] && echo localhost
+exit 0
+"""
+FAKE_SQUEUE = "#!/bin/bash\necho 00:20:00\n"
 
 
-@pytest.mark.slow
-def test_slurm_script_runs_a_one_node_job_end_to_end(tmp_path):
-    """The sbatch script on this machine, with srun/scontrol/squeue faked for one node: it
-    must start the head, wait for it, submit the run, and leave no Ray process behind."""
+def _slurm_env(tmp_path: Path, job_id: str, cpus: int) -> dict[str, str]:
+    """The environment sbatch would give the script on one node, with srun/scontrol/squeue
+    faked in front of PATH and a private HOME (the job's token goes to $HOME/.ray)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", "#!/bin/bash\necho localhost\n"),
-                       ("squeue", "#!/bin/bash\necho 00:20:00\n")):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL),
+                       ("squeue", FAKE_SQUEUE)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    home = tmp_path / "home"
-    home.mkdir()
-    job_id = f"test{os.getpid()}"
-    ray_tmp = f"/tmp/ray-{job_id}"
-    gcs, dashboard, *others = _free_ports(9)
-    flags = ["--ray-client-server-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--node-manager-port", "--object-manager-port",
-             "--runtime-env-agent-port", "--metrics-export-port"]
+    (tmp_path / "home").mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN",
-                        "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+                        "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "SLURM_RESTART_COUNT")}
     env.update({
         "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        "HOME": str(home), "SLURM_SUBMIT_DIR": str(REPO_ROOT), "SLURM_JOB_ID": job_id,
-        "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "2",
-        "TANDEM_VENV": str(Path(sys.executable).parent.parent),
-        "TANDEM_RAY_PORT": str(gcs), "TANDEM_DASHBOARD_PORT": str(dashboard),
-        "TANDEM_DASHBOARD_HOST": "127.0.0.1",
-        "TANDEM_RAY_START_ARGS": " ".join(f"{f}={p}" for f, p in zip(flags, others, strict=True)),
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        "HOME": str(tmp_path / "home"), "SLURM_SUBMIT_DIR": str(REPO_ROOT),
+        "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_CPUS_PER_TASK": str(cpus),
+        "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
+        "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
     })
-    env["FAKE_SRUN_LOG"] = str(tmp_path / "srun.log")
-    script = REPO_ROOT / "cluster" / "slurm.sbatch"
+    return env
 
-    # no shared run dir: refused before any Ray process starts
-    refused = subprocess.run(["bash", str(script), *JOB_OVERRIDES, "cluster=local_cpu"],
-                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and "give hydra.run.dir=/shared/" in refused.stderr
-    assert not (tmp_path / "srun.log").exists()
 
+def _requeues(tmp_path: Path) -> list[str]:
+    log = tmp_path / "scontrol.log"
+    calls = log.read_text().splitlines() if log.is_file() else []
+    return [call for call in calls if call.startswith("requeue")]
+
+
+def _start_sbatch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     # its own session, so that a timeout here can still stop everything it started
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(["bash", str(script), *JOB_OVERRIDES, "cluster=local_cpu",
-                                f"hydra.run.dir={run_dir}"],
-                               env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(["bash", str(REPO_ROOT / "cluster" / "slurm.sbatch"), *args],
+                            env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finish_sbatch(process: subprocess.Popen, ray_tmp: str,
+                   timeout_s: float) -> tuple[str, dict[int, str]]:
+    """Its output and the processes of its session still alive after it ended (killed)."""
     try:
-        out, _ = process.communicate(timeout=JOB_TIMEOUT_S)
+        out, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         out, _ = process.communicate()
     finally:
         left = _survivors(process.pid, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert process.returncode == 0, out[-4000:]
+    return out, left
+
+
+def _wait_until(check, process: subprocess.Popen, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if process.poll() is not None or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise AssertionError(f"no {what} (exit {process.poll()}):\n"
+                                 f"{process.communicate()[0][-4000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_slurm_script_runs_a_job_and_usr1_stops_checkpoints_and_requeues_it(tmp_path):
+    """The sbatch script on this machine, with srun/scontrol/squeue faked for one node, runs a
+    real training job; USR1 (what `--signal=B:USR1@900` sends before the time limit) must
+    stop it the way `ray job stop` does (it finishes its step and checkpoints it), tear Ray
+    down, requeue the job once and exit 0, leaving no process behind."""
+    job_id = f"test{os.getpid()}"
+    ray_tmp = f"/tmp/ray-{job_id}"
+    env = _slurm_env(tmp_path, job_id, cpus=4)  # local_cpu: 2 engines + 1 learner rank
+    gcs, dashboard, *others = _free_ports(9)
+    flags = ["--ray-client-server-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--node-manager-port", "--object-manager-port",
+             "--runtime-env-agent-port", "--metrics-export-port"]
+    env.update({
+        "TANDEM_VENV": str(Path(sys.executable).parent.parent),
+        "TANDEM_RAY_PORT": str(gcs), "TANDEM_DASHBOARD_PORT": str(dashboard),
+        "TANDEM_DASHBOARD_HOST": "127.0.0.1",
+        "TANDEM_RAY_START_ARGS": " ".join(f"{f}={p}" for f, p in zip(flags, others, strict=True)),
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    })
+
+    # no shared run dir: refused before any Ray process starts
+    refused = subprocess.run(["bash", str(REPO_ROOT / "cluster" / "slurm.sbatch"),
+                              *JOB_OVERRIDES, "cluster=local_cpu"],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "give hydra.run.dir=/shared/" in refused.stderr
+    assert not (tmp_path / "srun.log").exists()
+
+    run_dir = tmp_path / "run"
+    job = [o for o in TRAIN_JOB if not o.startswith("trainer.total_steps=")]
+    process = _start_sbatch([*job, "trainer.total_steps=1000", "trainer.save_every=0",
+                             "cluster=local_cpu", f"hydra.run.dir={run_dir}"], env, tmp_path)
+    _wait_until(lambda: _metrics_steps(run_dir), process, JOB_TIMEOUT_S, "training step")
+    usr1_at = time.time()
+    process.send_signal(signal.SIGUSR1)
+    out, left = _finish_sbatch(process, ray_tmp, JOB_TIMEOUT_S)
+    exited_at = time.time()
+
+    assert process.returncode == 0, out[-4000:]  # requeued: SLURM restarts it, not a failure
     assert "tandem: 1 nodes joined, 0 GPUs" in out
-    assert JOB_LOG_MARKER in out and "SUCCEEDED" in out
     assert "trainer.resume=auto" in out.split("submit: entrypoint:", 1)[1].splitlines()[0]
     srun_calls = (tmp_path / "srun.log").read_text().splitlines()
     assert any("test -f" in call for call in srun_calls)  # the run dir checked on every node
     ray_calls = [call for call in srun_calls if "ray start" in call]
-    assert ray_calls and all("--cpus-per-task=2" in call and "--num-cpus=2" in call
+    assert ray_calls and all("--cpus-per-task=4" in call and "--num-cpus=4" in call
                              and "--num-gpus=0" in call for call in ray_calls), ray_calls
-    assert not left, f"Ray processes left after the script ended: {left}"
-    assert not list((home / ".ray").iterdir()), "the job's auth token was not removed"
+    # (a) the stop reached the driver, which finished its step and checkpointed it
+    assert f"USR1: stopping job tandem-slurm-{job_id}-0" in out
+    assert "SIGTERM: finishing this step" in out and "stopped by SIGTERM after step" in out, \
+        out[-4000:]
+    assert "STOPPED" in out
+
+    from tandem import checkpoint as ckpt
+
+    steps = _metrics_steps(run_dir)
+    assert steps == list(range(1, steps[-1] + 1))
+    newest = ckpt.find_resume("auto", run_dir)
+    assert newest is not None and newest.name == f"step_{steps[-1]:06d}", (steps, newest)
+    assert ckpt.read_state(newest)["step"] == steps[-1]
+    # (b) requeued once, after the checkpoint was complete and Ray was down
+    assert _requeues(tmp_path) == [f"requeue {job_id}"]
+    requeued_at = (tmp_path / "scontrol.log").stat().st_mtime
+    saved_at = (newest / ckpt.STATE_FILE).stat().st_mtime
+    assert saved_at <= requeued_at
+    assert out.index("tandem: stopping the Ray cluster") < out.index("requeueing job")
+    # (c) Ray torn down: nothing the script started survives; the token is gone
+    assert not left, f"processes left after the script ended: {left}"
+    assert not list((tmp_path / "home" / ".ray").iterdir()), "the job's token was not removed"
+    print(f"slurm USR1 after step {steps[-1]}: the driver got SIGTERM after "
+          f"{_log_time(out, 'SIGTERM: finishing this step') - usr1_at:.1f} s, checkpoint "
+          f"complete after {saved_at - usr1_at:.1f} s, requeued after "
+          f"{requeued_at - usr1_at:.1f} s, script exited after {exited_at - usr1_at:.1f} s")
+
+
+# Stand-ins for the stop decisions, so that each costs a second instead of a Ray start and a
+# run: `ray start` sleeps, the node wait succeeds (or hangs with STUB_NODE_WAIT=hang),
+# submit.py "submits" its job after STUB_SUBMIT_DELAY_S and runs it until `ray job stop`
+# reaches it, then reports STOPPED (or, with STUB_JOB=finishes, SUCCEEDED: it had ended).
+STUB_PYTHON = """#!/bin/bash
+case "$1" in
+  -) cat > /dev/null
+     echo waiting > "$STUB_DIR/node_wait"
+     [[ ${STUB_NODE_WAIT:-} == hang ]] && exec sleep 600
+     echo "tandem: 1 nodes joined, 0 GPUs";;
+  cluster/submit.py)
+     while [[ $1 != --submission-id ]]; do shift; done
+     echo started > "$STUB_DIR/submit_started"
+     sleep "${STUB_SUBMIT_DELAY_S:-0}"
+     echo "$2" > "$STUB_DIR/submitted"
+     while [[ ! -f $STUB_DIR/stop ]]; do sleep 0.1; done
+     [[ ${STUB_JOB:-} == finishes ]] && { echo SUCCEEDED; exit 0; }
+     echo STOPPED; exit 1;;
+  *) exec "$STUB_REAL_PYTHON" "$@";;
+esac
+"""
+STUB_RAY = """#!/bin/bash
+echo "ray $*" >> "$STUB_DIR/ray.log"
+case "$1 $2" in
+  "start "*) exec sleep 600;;
+  "job stop") [[ -f $STUB_DIR/submitted && $(< "$STUB_DIR/submitted") == "${*: -1}" ]] || {
+                echo "RuntimeError: job ${*: -1} does not exist" >&2; exit 1; }
+              touch "$STUB_DIR/stop";;
+esac
+"""
+
+
+_REQUEUE_LIMIT = {"SLURM_RESTART_COUNT": "2", "TANDEM_MAX_REQUEUES": "2"}
+_BELOW_LIMIT = {"SLURM_RESTART_COUNT": "1", "TANDEM_MAX_REQUEUES": "2"}
+_STOPPED = "tandem: submit.py exited 1"
+_NOT_STARTED = "not submitted, not requeued (the {} came during start-up"
+
+
+@pytest.mark.parametrize(("sig", "when", "env", "code", "requeued", "message"), [
+    pytest.param(signal.SIGTERM, "running", {}, 143, False, _STOPPED, id="scancel"),
+    pytest.param(signal.SIGUSR1, "running", _BELOW_LIMIT, 0, True, "requeueing job",
+                 id="below the requeue limit"),
+    pytest.param(signal.SIGUSR1, "running", _REQUEUE_LIMIT, 143, False,
+                 "not requeued: restart 2 reached TANDEM_MAX_REQUEUES (2)",
+                 id="at the requeue limit"),
+    pytest.param(signal.SIGUSR1, "running", {"TANDEM_REQUEUE": "0"}, 143, False, _STOPPED,
+                 id="TANDEM_REQUEUE=0"),
+    pytest.param(signal.SIGUSR1, "running", {"STUB_JOB": "finishes"}, 0, False,
+                 "had finished before the USR1: not requeued", id="the run had finished"),
+    pytest.param(signal.SIGUSR1, "submitting", {"STUB_SUBMIT_DELAY_S": "3"}, 0, True,
+                 "requeueing job", id="before the job exists"),
+    pytest.param(signal.SIGUSR1, "starting", {"STUB_NODE_WAIT": "hang"}, 143, False,
+                 _NOT_STARTED.format("USR1"), id="USR1 during start-up"),
+    pytest.param(signal.SIGTERM, "starting", {"STUB_NODE_WAIT": "hang"}, 143, False,
+                 _NOT_STARTED.format("SIGTERM"), id="scancel during start-up"),
+])
+def test_slurm_stop_signal_decides_requeue_and_exit_status(tmp_path, sig, when, env, code,
+                                                            requeued, message):
+    """What the script does with USR1 (time limit near) and SIGTERM (scancel, pre-emption),
+    with Ray and the run stubbed out: whether the stop reaches the job, whether the job is
+    requeued, the exit status SLURM sees, and that nothing it started is left."""
+    job_id = f"stub{os.getpid()}"
+    stub_dir = tmp_path / "stub"
+    stub_bin = stub_dir / "bin"
+    stub_bin.mkdir(parents=True)
+    for name, text in (("python", STUB_PYTHON), ("ray", STUB_RAY)):
+        (stub_bin / name).write_text(text)
+        (stub_bin / name).chmod(0o755)
+    full_env = _slurm_env(tmp_path, job_id, cpus=2)
+    full_env.update(env, PATH=f"{stub_bin}{os.pathsep}{full_env['PATH']}",
+                    STUB_DIR=str(stub_dir), STUB_REAL_PYTHON=sys.executable,
+                    TANDEM_VENV=str(tmp_path / "no-venv"))
+    process = _start_sbatch(["cluster=local_cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+                            full_env, tmp_path)
+    ready = {"starting": "node_wait", "submitting": "submit_started", "running": "submitted"}
+    _wait_until((stub_dir / ready[when]).is_file, process, 60, ready[when])
+    process.send_signal(sig)
+    out, left = _finish_sbatch(process, f"/tmp/ray-{job_id}", 60)
+
+    assert process.returncode == code, out
+    assert message in out, out
+    assert _requeues(tmp_path) == ([f"requeue {job_id}"] if requeued else []), out
+    # the stop reached the job exactly when there was one to stop
+    assert (stub_dir / "stop").is_file() == (when != "starting"), out
+    assert "tandem: stopping the Ray cluster" in out
+    assert not left, f"processes left after the script ended: {left}"
+    assert not list((tmp_path / "home" / ".ray").iterdir()), "the job's token was not removed"

@@ -28,12 +28,12 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from tandem.config import cluster, evaluation, export, model, schema
+from tandem.config import cluster, evaluation, export, learner, model, schema
 from tandem.config.compose import compose
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 PAPER_PRESET = "experiment=paper_trl"
-MODULES = (schema, model, cluster, evaluation, export)
+MODULES = (schema, model, cluster, evaluation, export, learner)
 _UNKNOWN = "\0"  # a loop variable whose values are not constants (enumerate): key stays open
 
 

@@ -32,6 +32,7 @@ from tandem.config.checks import (
 from tandem.config.cluster import ClusterConfig
 from tandem.config.evaluation import EvalConfig
 from tandem.config.export import ExportHubConfig
+from tandem.config.learner import LearnerConfig
 from tandem.config.model import ModelConfig, ModelSpec  # noqa: F401 (ModelSpec: re-exported)
 
 PAPER_INSTRUCTION = (
@@ -450,6 +451,7 @@ class TandemConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

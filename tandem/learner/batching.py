@@ -1,4 +1,9 @@
-"""Episodes -> learner tensors: rank shards, token-budget micro-batches, padded collation.
+"""Episodes -> learner tensors: rank shards, token-budget micro-batches, collation.
+
+A micro-batch's loss-side tensors (masks, advantages, rollout log-probs) are always laid out
+padded, one row per episode: the loss aggregates per episode. What the model runs on is either
+those padded rows or, with `learner.packing`, one row of the episodes back to back (`Packed`):
+no compute on padding, and the token budget counts real tokens.
 
 Pure functions. Every learner rank runs the same plan (same episodes, same order), so the
 ranks agree on how many micro-batches a mini-batch has without talking to each other — FSDP
@@ -15,6 +20,23 @@ from tandem.episode import Episode
 
 
 @dataclass
+class Packed:
+    """A micro-batch's episodes concatenated into one row, for the model's forward.
+
+    Positions restart at 0 with each episode, which is how the attention keeps to it
+    (transformers derives the varlen boundaries, or SDPA's block-diagonal mask, from the
+    restarts). `scored` selects the response targets in the same order as the padded
+    `response_mask` does (episode by episode, position by position), so log-probs computed
+    here go back to the padded layout by that mask alone.
+    """
+
+    input_ids: torch.Tensor  # [1, tokens]
+    position_ids: torch.Tensor  # [1, tokens] 0, 1, ... within each episode
+    targets: torch.Tensor  # [1, tokens - 1] the next token; across a boundary, never scored
+    scored: torch.Tensor  # [1, tokens - 1] 1 where the target is a response token
+
+
+@dataclass
 class MicroBatch:
     """Right-padded tensors for one forward/backward; targets are input_ids shifted by one."""
 
@@ -27,6 +49,8 @@ class MicroBatch:
     advantages: torch.Tensor  # [batch]
     episodes: int
     """Real episodes in the batch; a padding micro-batch (see `plan`) has 0."""
+    packed: Packed | None = None
+    """The same episodes as one row (learner.packing); None: the model runs on the padded rows."""
 
     @property
     def senior_tokens(self) -> int:
@@ -56,43 +80,49 @@ def shard(indices: list[int], lengths: list[int], world_size: int) -> list[list[
     return [sorted(s) for s in shards]
 
 
-def split_by_token_budget(indices: list[int], lengths: list[int],
-                          token_budget: int) -> list[list[int]]:
-    """Micro-batches of episodes, each one's padded size (count x longest) within the budget.
+def split_by_token_budget(indices: list[int], lengths: list[int], token_budget: int,
+                          packed: bool = False) -> list[list[int]]:
+    """Micro-batches of episodes, longest first, each one's size within the budget: padded,
+    count x longest; `packed`, the sum of the lengths.
 
     An episode longer than the budget gets a micro-batch of its own rather than an error:
     the budget bounds memory for typical batches, the model's context bounds the rest.
     """
     groups: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in sorted(indices, key=lambda i: (-lengths[i], i)):
         longest_if_added = max(longest, lengths[i])
-        if current and longest_if_added * (len(current) + 1) > token_budget:
+        size = total + lengths[i] if packed else longest_if_added * (len(current) + 1)
+        if current and size > token_budget:
             groups.append(current)
-            current, longest_if_added = [], lengths[i]
+            current, longest_if_added, total = [], lengths[i], 0
         current.append(i)
         longest = longest_if_added
+        total += lengths[i]
     if current:
         groups.append(current)
     return groups
 
 
 def plan(lengths: list[int], indices: list[int], world_size: int,
-         token_budget: int) -> list[list[list[int]]]:
-    """Per rank, the micro-batches (episode indices) of one mini-batch.
+         token_budget: int, packed: bool = False) -> list[list[list[int]]]:
+    """Per rank, the micro-batches (episode indices) of one mini-batch; `packed`: the budget
+    counts real tokens (see `split_by_token_budget`).
 
     Ranks with fewer micro-batches than the busiest rank get empty ones appended: they run a
     forward/backward with zero loss so the collectives stay matched.
     """
-    per_rank = [split_by_token_budget(s, lengths, token_budget)
+    per_rank = [split_by_token_budget(s, lengths, token_budget, packed)
                 for s in shard(indices, lengths, world_size)]
     most = max(len(micro) for micro in per_rank)
     return [micro + [[] for _ in range(most - len(micro))] for micro in per_rank]
 
 
-def collate(episodes: list[Episode], advantages: list[float], pad_id: int) -> MicroBatch:
-    """Right-pad prompt + response of each episode into one MicroBatch.
+def collate(episodes: list[Episode], advantages: list[float], pad_id: int,
+            packed: bool = False) -> MicroBatch:
+    """Right-pad prompt + response of each episode into one MicroBatch; `packed`: with the
+    episodes also concatenated for the forward (`pack`).
 
     With no episodes (a padding micro-batch) returns one pad token pair with empty masks.
     """
@@ -127,4 +157,23 @@ def collate(episodes: list[Episode], advantages: list[float], pad_id: int) -> Mi
         response_mask=response_mask, author_mask=author_mask,
         rollout_logprobs=rollout_logprobs,
         advantages=torch.tensor(advantages, dtype=torch.float32), episodes=batch,
+        packed=pack(episodes) if packed else None,
     )
+
+
+def pack(episodes: list[Episode]) -> Packed:
+    """The episodes' prompt + response back to back in one row (see `Packed`)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    scored: list[int] = []
+    for episode in episodes:
+        prompt, response = len(episode.prompt_ids), len(episode.response_ids)
+        ids += episode.prompt_ids + episode.response_ids
+        positions += range(prompt + response)
+        # each episode's prompt + response - 1 targets: its last token's target is the next
+        # episode's first token, never scored
+        scored += [0] * (prompt - 1) + [1] * response + [0]
+    input_ids = torch.tensor([ids], dtype=torch.long)  # [1, tokens]
+    return Packed(input_ids=input_ids, position_ids=torch.tensor([positions]),
+                  targets=input_ids[:, 1:].clone(),
+                  scored=torch.tensor([scored[:-1]], dtype=torch.float32))

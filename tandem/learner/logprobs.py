@@ -46,17 +46,21 @@ class TokenLogprobs(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 targets: torch.Tensor, scored: torch.Tensor, temperature: float,
-                entropy: str = "detached") -> tuple[torch.Tensor, torch.Tensor]:
+                entropy: str = "detached", position_ids: torch.Tensor | None = None,
+                place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropies), each [batch, seq - 1]: at target t, log p(targets[:, t] |
         input_ids[:, :t + 1]) with logits / `temperature`, where `scored` is true, else 0.
 
         `entropy`: "grad" (an entropy bonus trains on it), "detached" (a metric) or "none"
-        (not computed: zeros).
+        (not computed: zeros). Packed input (batching.Packed): `position_ids` restart at each
+        episode, `attention_mask` is None, and the scored values are returned where `place`
+        (the padded response mask, as many positions as `scored`, in the same order) is true.
         """
         decoder = self.causal_lm.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids,
                          use_cache=False).last_hidden_state  # [batch, seq, hidden]
         where = scored.bool()  # [batch, seq - 1]
         if not where.any():
@@ -79,6 +83,11 @@ class TokenLogprobs(nn.Module):
         entropies = torch.cat([p[1] for p in pieces])  # [scored]
         if not scored.bool().any():
             logprobs, entropies = logprobs * 0.0, entropies * 0.0
+        if place is not None:  # back to the padded layout
+            where = place.bool()  # [batch, seq - 1]
+            if not scored.bool().any():  # the one position scored times 0 above
+                where = torch.zeros_like(where)
+                where[0, 0] = True
         index = where.nonzero(as_tuple=True)
         zeros = torch.zeros(where.shape, dtype=torch.float32, device=rows.device)
         return (zeros.index_put(index, logprobs),  # [batch, seq - 1]
@@ -118,11 +127,18 @@ class TokenLogprobs(nn.Module):
 def token_logprobs(policy: TokenLogprobs, micro: MicroBatch, temperature: float,
                    entropy: str = "detached") -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, entropies) [batch, seq - 1] of a micro-batch at its response positions
-    (senior and junior tokens; 0 at prompt and padding positions), on the policy's device."""
+    (senior and junior tokens; 0 at prompt and padding positions), on the policy's device;
+    computed on the packed row where the micro-batch has one."""
     device = next(policy.parameters()).device
-    return policy(micro.input_ids.to(device), micro.attention_mask.to(device),
-                  micro.targets.to(device), micro.response_mask.to(device), temperature,
-                  entropy)
+    packed = micro.packed
+    if packed is None:
+        return policy(micro.input_ids.to(device), micro.attention_mask.to(device),
+                      micro.targets.to(device), micro.response_mask.to(device), temperature,
+                      entropy)
+    return policy(packed.input_ids.to(device), None, packed.targets.to(device),
+                  packed.scored.to(device), temperature, entropy,
+                  position_ids=packed.position_ids.to(device),
+                  place=micro.response_mask.to(device))
 
 
 def check_head(causal_lm: nn.Module) -> None:

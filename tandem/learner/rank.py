@@ -181,10 +181,11 @@ class Learner:
         mini_batches = batching.mini_batches(
             [e.group for e in episodes], trainer.mini_batch_prompts, trainer.prompts_per_step,
             loss_kept(episodes, self.config.algorithm.overlong))
-        plans = [batching.plan(lengths, mini, self.world_size, trainer.micro_batch_tokens)[
-            self.rank] for mini in mini_batches]
+        packing = self.config.learner.packing
+        plans = [batching.plan(lengths, mini, self.world_size, trainer.micro_batch_tokens,
+                               packing)[self.rank] for mini in mini_batches]
         micro_batches = [[batching.collate([episodes[i] for i in micro],
-                                           [advantages[i] for i in micro], self.pad_id)
+                                           [advantages[i] for i in micro], self.pad_id, packing)
                           for micro in plan] for plan in plans]
 
         # Updates after the first see weights that already moved: their old log-probs must

@@ -4,7 +4,7 @@
     python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
     python -m bench.all --only rollout vs_trl
 
-Runs bench.rollout, bench.learner, bench.weight_sync and bench.vs_trl (each in its own process,
+Runs bench.rollout, bench.learner, bench.packing, bench.weight_sync and bench.vs_trl (each in its own process,
 one after the other: they would fight for the cores), and bench.weight_sync_gpu when CUDA is
 present. Each benchmark prints its headline figures as `name: value` lines; those become rows of
 a table (figure, value, goal, machine, date, command) written between the markers below in
@@ -57,6 +57,8 @@ BENCHES = (
           (Figure("tandem/solo step", ">= 0.85"), Figure("tandem/solo word", ">= 0.6"))),
     Bench("learner", (), ("--models", "tiny", "--steps", "1"),
           (Figure("learner/plain", ">= 0.9 (world size 1)"),)),
+    Bench("packing", (), ("--models", "tiny", "--steps", "1"),
+          (Figure("learner packed/padded", "> 1 (tokens/s)"),)),
     Bench("weight_sync", (), ("--models", "tiny", "--pushes", "1"),
           (Figure("push GB/s", ">= 1 on CPU", " GB/s"),)),
     Bench("vs_trl", (), ("--models", "tiny", "--prompts", "2", "--group-size", "2",

@@ -321,7 +321,8 @@ class TrainerConfig:
     mini_batch_prompts: int = 8
     """Prompts per optimizer update; prompts_per_step / mini_batch_prompts updates a step."""
     micro_batch_tokens: int = 16384
-    """Token budget of one padded forward/backward micro-batch (per learner rank)."""
+    """Token budget of one forward/backward micro-batch (per learner rank): episodes x the
+    longest, padding included; with learner.packing, real tokens."""
     logprob_chunk_tokens: int = 1024
     """Response positions whose fp32 logits exist at once when computing log-probs and
     entropies (the output head runs chunk by chunk, recomputed in backward): bounds the head's

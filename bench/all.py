@@ -4,11 +4,11 @@
     python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
     python -m bench.all --only rollout vs_trl
 
-Runs bench.rollout, bench.learner, bench.packing, bench.weight_sync and bench.vs_trl (each in its own process,
-one after the other: they would fight for the cores), and bench.weight_sync_gpu when CUDA is
-present. Each benchmark prints its headline figures as `name: value` lines; those become rows of
-a table (figure, value, goal, machine, date, command) written between the markers below in
-docs/BENCHMARKS.md, so the notes around them survive a rerun. The rollout benchmark's
+Runs bench.rollout, bench.learner, bench.packing, bench.weight_sync and bench.vs_trl (each in
+its own process, one after the other: they would fight for the cores), and bench.weight_sync_gpu
+when CUDA is present. Each benchmark prints its headline figures as `name: value` lines; those
+become rows of a table (figure, value, goal, machine, date, command) written between the markers
+below in docs/BENCHMARKS.md, so the notes around them survive a rerun. The rollout benchmark's
 tandem/solo ratio per schedule becomes a bar chart (docs/benchmarks/schedules.png). The section
 is rewritten whole: with `--only` it holds only the benchmarks run.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from bench.all import cpu_model
+from bench.learner_memory import status_gib
 from tandem.config.compose import compose
 from tandem.learner import loading
 from tandem.learner import rank as learner_rank
@@ -38,19 +39,6 @@ from tandem.testkit import full_batch
 GIB = 2**30
 
 
-def _status(field: str) -> float:
-    """A /proc/self/status memory field in GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _overrides(model: str, world_size: int) -> list[str]:
@@ -67,7 +55,7 @@ def _mark_after(module, name: str, marks: dict[str, float]) -> None:
 
     def marked(*args, **kwargs):
         result = original(*args, **kwargs)
-        marks["loaded"] = _status("VmHWM")
+        marks["loaded"] = status_gib("VmHWM")
         return result
 
     setattr(module, name, marked)
@@ -85,17 +73,17 @@ def child(args: argparse.Namespace) -> None:
     _mark_after(learner_rank, "shard_model", marks)
     _mark_after(loading, "load_weights", marks)
     Path("/proc/self/clear_refs").write_text("5")  # peak mark := current RSS
-    before = _status("VmRSS")
+    before = status_gib("VmRSS")
     started = time.perf_counter()
     learner = Learner(config, path, args.rank, args.world_size, "127.0.0.1", args.port)
     elapsed = time.perf_counter() - started
-    built, anon = _status("VmHWM"), _status("RssAnon")
+    built, anon = status_gib("VmHWM"), status_gib("RssAnon")
     shard = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes
                 for p in learner.model.parameters())
     learner.train_step(*full_batch(config, vocab=len(learner.tokenizer)))
     row = {"meta_init": args.meta_init, "rank": args.rank, "world_size": args.world_size,
            "rss_before_gib": round(before, 3), "peak_loaded_gib": round(marks["loaded"], 3),
-           "peak_built_gib": round(built, 3), "peak_step_gib": round(_status("VmHWM"), 3),
+           "peak_built_gib": round(built, 3), "peak_step_gib": round(status_gib("VmHWM"), 3),
            "anon_built_gib": round(anon, 3), "own_shard_gib": round(shard / GIB, 3),
            "init_s": round(elapsed, 1)}
     learner.close()
@@ -138,7 +126,7 @@ def main() -> None:
         child(args)
         return
     path = resolve_model(compose(_overrides(args.model, args.world_size)).model.senior.path)
-    print(f"model {args.model} ({path}), {args.world_size} ranks, CPU: {_cpu()}, "
+    print(f"model {args.model} ({path}), {args.world_size} ranks, CPU: {cpu_model()}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     before, after = _variant(args, "false"), _variant(args, "true")
     for old, new in zip(before, after, strict=True):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -24,20 +23,16 @@ import sys
 import time
 from pathlib import Path
 
+from bench.all import cpu_model
 
-def _status(field: str) -> float:
+
+def status_gib(field: str) -> float:
     """A /proc/self/status memory field in GiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024 / 2**30
     raise RuntimeError(f"{field} not in /proc/self/status")
 
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _episodes(vocab: int, count: int, prompt: int, response: int, seed: int = 0):
@@ -86,18 +81,18 @@ def child(args: argparse.Namespace) -> None:
     vocab = learner.model.get_output_embeddings().weight.shape[0]
     learner.train_step(*_episodes(vocab, args.episodes, 8, 8, seed=1))  # AdamW moments
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status("VmRSS")
+    before = status_gib("VmRSS")
     started = time.perf_counter()
     metrics = learner.train_step(*_episodes(vocab, args.episodes, args.prompt_tokens, response))
     elapsed = time.perf_counter() - started
-    peak = _status("VmHWM")
+    peak = status_gib("VmHWM")
     learner.close()
     print(json.dumps({
         "code": str(Path(tandem.__file__).parent.parent), "chunk": args.chunk or "n/a",
         "model": args.model, "vocab": vocab, "micro_batch_tokens": args.micro_batch_tokens,
         "rss_before_gib": round(before, 3), "peak_gib": round(peak, 3),
         "step_adds_gib": round(peak - before, 3), "step_s": round(elapsed, 1),
-        "loss": metrics["train/loss"], "cpu": _cpu(), "threads": args.threads}))
+        "loss": metrics["train/loss"], "cpu": cpu_model(), "threads": args.threads}))
 
 
 def main() -> None:

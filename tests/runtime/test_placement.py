@@ -90,15 +90,7 @@ def test_the_learner_group_stays_on_one_node_whatever_the_engines_spread():
             ray.shutdown()
             cluster.shutdown()
     """)
-    cluster = _tensor_parallel_cluster()
-    script = script.replace("CLUSTER", f"ClusterConfig(name='tp', device='cuda', "
-                            f"senior=EngineResources(**{vars(cluster.senior)}), "
-                            f"junior=EngineResources(**{vars(cluster.junior)}), "
-                            f"learner=LearnerResources(**{vars(cluster.learner)}))")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    nodes = json.loads(done.stdout.strip().splitlines()[-1])
+    nodes = _run_script(script)
     assert len(nodes["learner"]) == 1, nodes  # both ranks on one node
 
 
@@ -115,6 +107,15 @@ def test_two_runs_in_one_ray_namespace_each_get_their_own_groups(ray_cluster):
         second.remove()
     finally:
         first.remove()
+
+
+def _run_script(script: str) -> dict:
+    """Run a Ray script in a process of its own (a Ray cluster of its own: the session has one
+    already) from the repository root; the JSON its last line prints."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _tensor_parallel_cluster(num_nodes: int = 1) -> ClusterConfig:
@@ -197,14 +198,11 @@ def test_tensor_parallel_replicas_are_handed_their_own_gpu_bundles():
             ray.shutdown()
     """)
     cluster = _tensor_parallel_cluster()
-    script = script.replace("CLUSTER", f"ClusterConfig(name='tp', device='cuda', "
-                            f"senior=EngineResources(**{vars(cluster.senior)}), "
-                            f"junior=EngineResources(**{vars(cluster.junior)}), "
-                            f"learner=LearnerResources(**{vars(cluster.learner)}))")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": REPO_ROOT})
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = _run_script(script.replace(
+        "CLUSTER", f"ClusterConfig(name='tp', device='cuda', "
+        f"senior=EngineResources(**{vars(cluster.senior)}), "
+        f"junior=EngineResources(**{vars(cluster.junior)}), "
+        f"learner=LearnerResources(**{vars(cluster.learner)}))"))
     assert seen["bundles"] == {"senior": [[0, 1], [0, 1]], "junior": [[]]}
     learner_group, shared_group, *senior_groups = seen["groups"]
     assert [engine["group"] for engine in seen["senior"]] == senior_groups

@@ -120,17 +120,23 @@ def _measure(target, *args) -> tuple[float, float]:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_batch_args(description: str, prompt_tokens: int,
+                     response_tokens: int) -> argparse.Namespace:
+    """The learner benchmarks' command line: models, steps and the batch's shape."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--groups", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--response-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=prompt_tokens)
+    parser.add_argument("--response-tokens", type=int, default=response_tokens)
     parser.add_argument("--micro-batch-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_batch_args(__doc__.splitlines()[0], prompt_tokens=64, response_tokens=128)
 
     ratios = []
     for name in args.models:

@@ -18,13 +18,12 @@ holds more episodes and the step runs fewer, larger forwards.
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 from transformers import AutoConfig
 
-from bench.learner import MODELS, _measure, _run_learner
+from bench.learner import MODELS, _measure, _run_learner, parse_batch_args
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.models import resolve_model
@@ -63,16 +62,7 @@ def _config(preset: str, path: str | None, args, packing: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--prompt-tokens", type=int, default=96)
-    parser.add_argument("--response-tokens", type=int, default=256)
-    parser.add_argument("--micro-batch-tokens", type=int, default=2048)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parse_batch_args(__doc__.splitlines()[0], prompt_tokens=96, response_tokens=256)
 
     ratios = []
     for name in args.models:

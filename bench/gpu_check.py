@@ -8,7 +8,8 @@ torch but neither Ray nor vLLM, and no network. So each check runs as plain Pyth
 can, and one that needs what the machine lacks is skipped with the reason, never failed:
 
 - `gpu tests`: the tests marked `gpu` (`pytest -m gpu`: the CUDA IPC and NCCL transport ends,
-  the learner's peak memory on a Qwen3-0.6B-shaped model); needs pytest, and hydra-core,
+  the learner's peak memory on a Qwen3-0.6B-shaped model, packed micro-batches through
+  flash-attn's varlen kernel); needs pytest, and hydra-core,
   omegaconf and transformers (pure-Python wheels a session can carry) as tandem's config and
   learner do;
 - `push qwen3-0.6b`, `push qwen3-4b`: bench/weight_sync_gpu.py over CUDA IPC (and NCCL with

@@ -73,6 +73,7 @@ class Workload:
     warmup: int = 1
     steps: int = 3
     seed: int = 0
+    overrides: tuple[str, ...] = ()  # more config overrides, applied last (bench.scaling)
 
 
 def tandem_overrides(work: Workload, algorithm: str) -> list[str]:
@@ -87,7 +88,7 @@ def tandem_overrides(work: Workload, algorithm: str) -> list[str]:
         f"eval.max_response_tokens={work.tokens}", f"rollout.temperature={work.temperature}",
         f"optim.lr={work.lr}", f"seed={work.seed}", "reward.num_workers=1",
         # engines start in seconds; TRL's generate is not compiled either
-        "cluster.enforce_eager=true", "cluster.cpu_kvcache_gib=0.5",
+        "cluster.enforce_eager=true", "cluster.cpu_kvcache_gib=0.5", *work.overrides,
     ]
 
 

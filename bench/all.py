@@ -4,13 +4,14 @@
     python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
     python -m bench.all --only rollout vs_trl
 
-Runs bench.rollout, bench.learner, bench.packing, bench.weight_sync and bench.vs_trl (each in
-its own process, one after the other: they would fight for the cores), and bench.weight_sync_gpu
-when CUDA is present. Each benchmark prints its headline figures as `name: value` lines; those
-become rows of a table (figure, value, goal, machine, date, command) written between the markers
-below in docs/BENCHMARKS.md, so the notes around them survive a rerun. The rollout benchmark's
-tandem/solo ratio per schedule becomes a bar chart (docs/benchmarks/schedules.png). The section
-is rewritten whole: with `--only` it holds only the benchmarks run.
+Runs bench.rollout, bench.learner, bench.packing, bench.weight_sync, bench.vs_trl and
+bench.scaling (each in its own process, one after the other: they would fight for the cores), and
+bench.weight_sync_gpu when CUDA is present. Each benchmark prints its headline figures as
+`name: value` lines; those become rows of a table (figure, value, goal, machine, date, command)
+written between the markers below in docs/BENCHMARKS.md, so the notes around them survive a
+rerun. The rollout benchmark's tandem/solo ratio per schedule becomes a bar chart
+(docs/benchmarks/schedules.png). The section is rewritten whole: with `--only` it holds only the
+benchmarks run.
 
 Absolute figures depend on the machine (DESIGN.md: the same kind of machine differs between
 sessions), so each row names the CPU model; ratios measured in one run compare across machines.
@@ -64,6 +65,9 @@ BENCHES = (
     Bench("vs_trl", (), ("--models", "tiny", "--prompts", "2", "--group-size", "2",
                          "--tokens", "32", "--steps", "1"),
           (Figure("trl/tandem step time", ">= 2"),)),
+    Bench("scaling", (), ("--quick",),
+          (Figure("rollout 2/1 replicas", "~1 on 2 CPU cores (shared); ~2 with a GPU each"),
+           Figure("step s/token largest/smallest group", "< 1"))),
     Bench("weight_sync_gpu", (), ("--models", "qwen3-0.6b", "--pushes", "1"),
           (Figure("push GB/s", "Qwen3-4B push < 0.5 s", " GB/s"),), needs_cuda=True),
 )

@@ -76,7 +76,8 @@ def shard_model(policy: TokenLogprobs, device: str, activation_checkpointing: bo
     `TokenLogprobs` around the causal LM: the chunked head runs inside the root's forward.
 
     One CPU rank is left unsharded: FSDP would only copy parameters in and out around every
-    forward and backward, with nothing to shard and fp32 anyway.
+    forward and backward, with nothing to shard (and CPU parameters stay fp32: bf16 compute on
+    CPU is autocast's, inside TokenLogprobs).
     """
     model = policy.causal_lm
     blocks = model.model.layers

@@ -23,7 +23,7 @@ import random
 import torch
 from transformers import AutoConfig
 
-from bench.learner import MODELS, _measure, _run_learner, parse_batch_args
+from bench.learner import MODELS, _measure, _run_learner, batch_parser
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.models import resolve_model
@@ -62,7 +62,8 @@ def _config(preset: str, path: str | None, args, packing: bool):
 
 
 def main() -> None:
-    args = parse_batch_args(__doc__.splitlines()[0], prompt_tokens=96, response_tokens=256)
+    args = batch_parser(__doc__.splitlines()[0], prompt_tokens=96,
+                        response_tokens=256).parse_args()
 
     ratios = []
     for name in args.models:
@@ -79,8 +80,8 @@ def main() -> None:
               f"{torch.get_num_threads()}")
         rates = {}
         for packing in (False, True):
-            seconds, peak_kb = _measure(_run_learner, _config(preset, path, args, packing),
-                                        path, batch, args.steps)
+            seconds, peak_kb, _ = _measure(_run_learner, _config(preset, path, args, packing),
+                                           path, batch, args.steps, False)
             rates[packing] = tokens / seconds
             label = "packed" if packing else "padded"
             print(f"  {label}: {rates[packing]:8.1f} tokens/s  peak RSS {peak_kb / 2**20:.2f} GiB")

@@ -157,6 +157,7 @@ BAD_VALUES = [
     (["reward.timeout_s=0"], "reward.timeout_s"),
     (["eval.pass_k=[1,16]"], "eval.pass_k"),
     (["seed=-1"], "seed"),
+    (["learner.cpu_compute_dtype=float16"], "learner.cpu_compute_dtype"),
 ]
 
 # Accepted before the ranges were explicit; each failed minutes later in AdamW, vLLM or the

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.config.checks import check_choice
+
+CPU_COMPUTE_DTYPES = ("float32", "bfloat16")
+
 
 @dataclass
 class LearnerConfig:
-    """The learner's micro-batch layout."""
+    """The learner's micro-batch layout and CPU compute precision."""
 
     packing: bool = False
     """Padding-free micro-batches: a micro-batch's episodes are concatenated into one row,
@@ -22,3 +26,17 @@ class LearnerConfig:
     trainer.micro_batch_tokens counts real tokens instead of episodes x the longest. Same loss
     as padding (tandem/learner/batching.py). From verl's use_remove_padding and OpenRLHF's
     --packing_samples; TRL's padding_free."""
+
+    cpu_compute_dtype: str = "float32"
+    """Precision of the learner's matmuls on CPU: float32, or bfloat16 under torch.autocast
+    (decoder and output head in bf16; the log-softmax, master weights, AdamW state and
+    gradient reduction stay fp32). Old log-probs, the reference model and `score` use the
+    same compute, so ratios compare like with like. bfloat16 needs a CPU with AVX512-BF16 or
+    AMX (avx512_bf16 / amx_bf16 in /proc/cpuinfo; bf16 on aarch64): elsewhere bf16 is
+    emulated, many times slower, and the learner refuses it at start. Ignored on GPU, which
+    always computes in bf16 (FSDP2 MixedPrecisionPolicy). The GPU recipe of verl, OpenRLHF
+    and TRL (bf16 compute, fp32 masters) carried to CPUs with bf16 units
+    (docs/loss.md, "Precision")."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.cpu_compute_dtype, CPU_COMPUTE_DTYPES, "learner.cpu_compute_dtype")

@@ -12,6 +12,12 @@ head's peak is a few [chunk_tokens, vocab] fp32 tensors, whatever the micro-batc
 Only the positions asked for are scored (response tokens: prompt positions are never trained
 or compared), and the result is 0 elsewhere.
 
+With `autocast_dtype` (bf16 on CPU, learner.cpu_compute_dtype; tandem/learner/precision.py) the
+decoder and the head's matmul run under `torch.autocast`; the head's bf16 logits are cast to
+fp32 before the log-softmax, which is what the GPU's bf16 MixedPrecisionPolicy does too. Every
+pass (training, old log-probs, the reference model, `score`) goes through here, so all of them
+share one precision.
+
 `TokenLogprobs` is an `nn.Module` around the causal LM so that FSDP2 can make it the root:
 the head's and embeddings' parameters are gathered for its forward, which is where every
 chunk, and every chunk's recompute in backward, runs. The causal LM inside keeps its own
@@ -19,6 +25,8 @@ parameter names (checkpoints, weight pushes and exports read those).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -36,14 +44,17 @@ _CHECK_TOKENS = 8
 class TokenLogprobs(nn.Module):
     """A causal LM that answers with the log-prob of each target token and the entropy of
     each next-token distribution, at the positions asked for, computed `chunk_tokens`
-    positions at a time."""
+    positions at a time; with `autocast_dtype`, the decoder and the head's matmul compute in
+    that dtype under autocast."""
 
-    def __init__(self, causal_lm: nn.Module, chunk_tokens: int) -> None:
+    def __init__(self, causal_lm: nn.Module, chunk_tokens: int,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if chunk_tokens < 1:
             raise ValueError(f"trainer.logprob_chunk_tokens must be >= 1, got {chunk_tokens}")
         self.causal_lm = causal_lm
         self.chunk_tokens = chunk_tokens
+        self.autocast_dtype = autocast_dtype
         self.softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -59,9 +70,10 @@ class TokenLogprobs(nn.Module):
         (the padded response mask, as many positions as `scored`, in the same order) is true.
         """
         decoder = self.causal_lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # [batch, seq, hidden]
+        with self._compute(input_ids.device):
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids,
+                             use_cache=False).last_hidden_state  # [batch, seq, hidden]
         where = scored.bool()  # [batch, seq - 1]
         if not where.any():
             # Score one position anyway (times 0): its backward still reaches every parameter,
@@ -100,11 +112,20 @@ class TokenLogprobs(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits of hidden states, as the model's own forward makes them (softcapped
-        where the model softcaps)."""
-        logits = self.causal_lm.get_output_embeddings()(hidden).float()  # [..., vocab]
+        where the model softcaps); the head's matmul in `autocast_dtype` where one is set."""
+        with self._compute(hidden.device):
+            logits = self.causal_lm.get_output_embeddings()(hidden)  # [..., vocab]
+        logits = logits.float()  # [..., vocab]: the log-softmax is fp32 whatever the matmul
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap  # [..., vocab]
         return logits
+
+    def _compute(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast to `autocast_dtype` (entered around each matmul-heavy call, so that a
+        checkpointed chunk's recompute in backward enters it again), or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _score_chunk(self, rows: torch.Tensor, targets: torch.Tensor, temperature: float,
                      entropy: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
-from tandem.learner import batching, loading
+from tandem.learner import batching, loading, precision
 from tandem.learner.logprobs import TokenLogprobs, check_head, token_logprobs
 from tandem.learner.state import (
     load_rank_state,
@@ -76,7 +76,8 @@ def shard_model(policy: TokenLogprobs, device: str, activation_checkpointing: bo
     `TokenLogprobs` around the causal LM: the chunked head runs inside the root's forward.
 
     One CPU rank is left unsharded: FSDP would only copy parameters in and out around every
-    forward and backward, with nothing to shard and fp32 anyway.
+    forward and backward, with nothing to shard (and CPU parameters stay fp32: bf16 compute on
+    CPU is autocast's, inside TokenLogprobs).
     """
     model = policy.causal_lm
     blocks = model.model.layers
@@ -86,8 +87,9 @@ def shard_model(policy: TokenLogprobs, device: str, activation_checkpointing: bo
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if device == "cpu" and world_size == 1:
         return
-    # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; on CPU plain
-    # fp32, which is what the world-size equivalence test needs.
+    # bf16 compute with fp32 master weights and fp32 gradient reduction on GPU; on CPU the
+    # parameters stay fp32 here (the world-size equivalence test needs it) and bf16, when
+    # asked for, comes from autocast inside TokenLogprobs (learner/precision.py).
     mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
              if device == "cuda" else MixedPrecisionPolicy())
     for block in blocks:
@@ -116,6 +118,9 @@ class Learner:
         self.config = config
         self.rank, self.world_size = rank, world_size
         self.device = config.cluster.device
+        # before anything loads: a CPU without bf16 units is refused at once
+        self.autocast_dtype = precision.compute_dtype(config.learner.cpu_compute_dtype,
+                                                      self.device, precision.cpu_flags())
         if self.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if not dist.is_initialized():
@@ -145,12 +150,16 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda update: min(1.0, (update + 1) / warmup) if warmup else 1.0)
         self.step = 0
-        log.info("learner rank %d/%d ready: %s on %s", rank, world_size, model_path, self.device)
+        compute = ("bf16 (FSDP2 mixed precision)" if self.device == "cuda"
+                   else "bf16 (autocast)" if self.autocast_dtype is not None else "fp32")
+        log.info("learner rank %d/%d ready: %s on %s, %s compute, fp32 masters", rank,
+                 world_size, model_path, self.device, compute)
 
     def _load(self, model_path: str) -> TokenLogprobs:
         attention = CUDA_ATTENTION if self.device == "cuda" else "sdpa"
         trainer = self.config.trainer
-        # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute.
+        # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute, on
+        # CPU with learner.cpu_compute_dtype=bfloat16 autocast does (TokenLogprobs).
         if trainer.meta_init:
             model = loading.build_on_meta(model_path, attention)
         else:
@@ -159,7 +168,7 @@ class Learner:
             if self.device == "cuda":
                 model = model.to("cuda")
             check_head(model)
-        policy = TokenLogprobs(model, trainer.logprob_chunk_tokens)
+        policy = TokenLogprobs(model, trainer.logprob_chunk_tokens, self.autocast_dtype)
         shard_model(policy, self.device, trainer.activation_checkpointing, self.world_size)
         if trainer.meta_init:
             loading.materialise(policy, self.device)  # this rank's shards only

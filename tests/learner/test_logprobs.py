@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 import torch
+from single_rank import ADVANTAGES, four_episodes, single_rank
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -14,12 +14,10 @@ from transformers import (
     Qwen3Config,
 )
 
-from tandem.config.compose import compose
 from tandem.config.schema import AlgorithmConfig
 from tandem.episode import Episode
 from tandem.learner import batching
 from tandem.learner.logprobs import TokenLogprobs, check_head, token_logprobs
-from tandem.learner.rank import Learner
 from tandem.loss import grpo_loss
 
 VOCAB = 96
@@ -148,29 +146,11 @@ def test_softcapped_logits_are_reproduced_and_other_head_scales_refused():
         check_head(granite)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _trained(model_dir, chunk: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    config = compose([
-        "model@model.senior=tiny", f"model.senior.path={model_dir}",
-        "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=64",
-        "eval.max_response_tokens=64", "algorithm.group_size=2", "trainer.prompts_per_step=2",
-        "trainer.mini_batch_prompts=1", "trainer.micro_batch_tokens=64", "optim.lr=1e-3",
-        "algorithm.entropy_coef=0.01", f"trainer.logprob_chunk_tokens={chunk}",
-    ])
-    rng = random.Random(3)
-    episodes = [Episode(prompt_ids=[rng.randrange(10, 900) for _ in range(6)],
-                        response_ids=[rng.randrange(10, 900) for _ in range(n)],
-                        author_mask=[rng.randrange(2) for _ in range(n)],
-                        logprobs=[-3.0] * n, group=g)
-                for g, n in ((0, 11), (0, 17), (1, 9), (1, 20))]
-    learner = Learner(config, str(model_dir), 0, 1, "127.0.0.1", _free_port())
+    learner = single_rank(model_dir, "optim.lr=1e-3", "algorithm.entropy_coef=0.01",
+                          f"trainer.logprob_chunk_tokens={chunk}")
     try:
-        metrics = learner.train_step(episodes, [0.5, -0.5, 1.0, -1.0])
+        metrics = learner.train_step(four_episodes(), ADVANTAGES)
         return {k: v.detach().clone() for k, v in learner.model.state_dict().items()}, metrics
     finally:
         learner.close()

@@ -4,10 +4,10 @@ all in fp32, and is refused on CPUs without bf16 units."""
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 import torch
+from single_rank import ADVANTAGES, four_episodes, single_rank
 from transformers import AutoModelForCausalLM
 
 from tandem.config.checks import ConfigError
@@ -125,31 +125,14 @@ def test_bf16_compute_stays_within_tolerance_of_fp32_with_fp32_masters(tiny_mode
     assert cosine > 0.99
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _learner_step(model_dir, dtype: str) -> tuple[dict[str, float], list[float], Learner]:
     """Two updates (the second on recomputed old log-probs) with a frozen reference, at a
     learning rate too small to move an fp32 weight, then `score`."""
-    config = compose([
-        "model@model.senior=tiny", f"model.senior.path={model_dir}",
-        "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=64",
-        "eval.max_response_tokens=64", "algorithm.group_size=2", "trainer.prompts_per_step=2",
-        "trainer.mini_batch_prompts=1", "trainer.micro_batch_tokens=64", "optim.lr=1e-30",
-        "algorithm.kl_coef=0.1", f"learner.cpu_compute_dtype={dtype}",
-    ])
-    rng = random.Random(3)
-    episodes = [Episode(prompt_ids=[rng.randrange(10, 900) for _ in range(6)],
-                        response_ids=[rng.randrange(10, 900) for _ in range(n)],
-                        author_mask=[rng.randrange(2) for _ in range(n)],
-                        logprobs=[-3.0] * n, group=g)
-                for g, n in ((0, 11), (0, 17), (1, 9), (1, 20))]
-    learner = Learner(config, str(model_dir), 0, 1, "127.0.0.1", _free_port())
+    episodes = four_episodes()
+    learner = single_rank(model_dir, "optim.lr=1e-30", "algorithm.kl_coef=0.1",
+                          f"learner.cpu_compute_dtype={dtype}")
     try:
-        metrics = learner.train_step(episodes, [0.5, -0.5, 1.0, -1.0])
+        metrics = learner.train_step(episodes, ADVANTAGES)
         scores = learner.score([e.prompt_ids + e.response_ids for e in episodes[:2]], [6, 6])
         assert all(p.dtype == torch.float32 for p in learner.model.parameters())
         return metrics, [x for row in scores for x in row], learner

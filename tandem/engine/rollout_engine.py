@@ -282,7 +282,7 @@ class RolloutEngine:
         """Join learner rank 0's dedicated broadcast group (see tandem.transport.nccl) with the
         group's `secret`; returns the number of ranks this engine holds (its tensor-parallel
         workers)."""
-        self._check_open()
+        self._check_open(serving=False)
         await self._llm.collective_rpc(
             "tandem_group_join",
             args=(host, port, secret, rank_offset, world_size, timeout_s, backend))
@@ -297,7 +297,7 @@ class RolloutEngine:
 
     async def _load(self, stage_method: str, args: tuple, version: int, bucket: int,
                     num_buckets: int) -> dict[str, float]:
-        self._check_open()
+        self._check_open(serving=False)  # a senior slept at level 2 waits for exactly this
         if self._in_flight:
             raise RuntimeError(f"load_weights needs a drained engine, but {self._in_flight} calls "
                                "are in flight: finish the rollout before pushing weights")
@@ -391,12 +391,14 @@ class RolloutEngine:
 
     # --------------------------------------------------------------- helpers
 
-    def _check_open(self) -> None:
+    def _check_open(self, serving: bool = True) -> None:
+        """Refuse a call the engine cannot take now; `serving=False` for the calls that bring
+        weights (a push, joining the weight group), which an engine without weights needs."""
         if self._closed:
             raise RuntimeError("this RolloutEngine was shut down")
         if self._loading:
             raise RuntimeError("weights are being loaded: wait for load_weights to return")
-        if self._weights_dropped:
+        if serving and self._weights_dropped:
             raise RuntimeError("this engine dropped its weights (sleep level 2) and no push "
                                "has landed since: it has nothing to serve")
 

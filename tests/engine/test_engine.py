@@ -14,6 +14,7 @@ import time
 import psutil
 import pytest
 import torch
+from safetensors.torch import load_file
 from vllm import SamplingParams
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
@@ -350,8 +351,6 @@ def test_concurrent_requests_are_batched_not_serialized(run, engine):
 
 def test_load_weights_changes_scores_to_the_new_weights_and_back(run, engine, tiny_dir,
                                                                  hf_model, prompt, reference):
-    from safetensors.torch import load_file
-
     original = load_file(tiny_dir / "model.safetensors")
     noise = torch.Generator().manual_seed(7)
     perturbed = {name: w + 0.05 * torch.randn(w.shape, generator=noise)
@@ -393,6 +392,27 @@ def test_load_weights_changes_scores_to_the_new_weights_and_back(run, engine, ti
     restored = run(engine.score([sequence], [1]))[0]
     assert restored == pytest.approx(before, abs=1e-5)
     assert run(engine.generate(prompt, StopRule(4), GREEDY)).weight_version == 2
+
+
+def test_an_engine_without_its_weights_refuses_to_serve_until_a_push_lands(run, engine,
+                                                                           tiny_dir, prompt):
+    """A colocated senior sleeps at level 2, which drops its weights: it must refuse to sample
+    from the uninitialised memory it wakes onto, and must still take the push that restores
+    it (vLLM's sleep mode does not run on CPU, so the state sleep(2) leaves is set directly)."""
+    sequence = prompt + [7, 8]
+    before = run(engine.score([sequence], [1]))[0]
+    engine._weights_dropped = True  # what sleep(level=2) records
+    try:
+        for call in (engine.generate(prompt, StopRule(4), GREEDY),
+                     engine.score([sequence], [1]), engine.turn("dropped", prompt, StopRule(4),
+                                                                 GREEDY)):
+            with pytest.raises(RuntimeError, match="dropped its weights"):
+                run(call)
+        items = list(load_file(tiny_dir / "model.safetensors").items())
+        run(engine.load_weights(items, version=run(engine.weight_version()) + 1))
+    finally:
+        engine._weights_dropped = False
+    assert run(engine.score([sequence], [1]))[0] == pytest.approx(before, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- replicas and Ray

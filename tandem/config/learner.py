@@ -22,7 +22,7 @@ class LearnerConfig:
     packing: bool = False
     """Padding-free micro-batches: a micro-batch's episodes are concatenated into one row,
     positions restart at each episode and attention stays within it (flash-attn's varlen
-    kernel on GPU, a block-diagonal causal mask with SDPA on CPU), and
+    kernel on GPU, SDPA episode by episode on CPU), and
     trainer.micro_batch_tokens counts real tokens instead of episodes x the longest. Same loss
     as padding (tandem/learner/batching.py). From verl's use_remove_padding and OpenRLHF's
     --packing_samples; TRL's padding_free."""

@@ -23,9 +23,10 @@ from tandem.episode import Episode
 class Packed:
     """A micro-batch's episodes concatenated into one row, for the model's forward.
 
-    Positions restart at 0 with each episode, which is how the attention keeps to it
-    (transformers derives the varlen boundaries, or SDPA's block-diagonal mask, from the
-    restarts). `scored` selects the response targets in the same order as the padded
+    Positions restart at 0 with each episode and `bounds` marks where each starts: the
+    attention keeps within an episode by them (flash-attn's varlen kernel on GPU, SDPA per
+    episode on CPU: tandem.learner.attention; plain SDPA reads the restarts as a
+    block-diagonal mask). `scored` selects the response targets in the same order as the padded
     `response_mask` does (episode by episode, position by position), so log-probs computed
     here go back to the padded layout by that mask alone.
     """
@@ -34,6 +35,7 @@ class Packed:
     position_ids: torch.Tensor  # [1, tokens] 0, 1, ... within each episode
     targets: torch.Tensor  # [1, tokens - 1] the next token; across a boundary, never scored
     scored: torch.Tensor  # [1, tokens - 1] 1 where the target is a response token
+    bounds: torch.Tensor  # [episodes + 1] int32: where each episode starts, then the end
 
 
 @dataclass
@@ -166,9 +168,11 @@ def pack(episodes: list[Episode]) -> Packed:
     ids: list[int] = []
     positions: list[int] = []
     scored: list[int] = []
+    bounds = [0]
     for episode in episodes:
         prompt, response = len(episode.prompt_ids), len(episode.response_ids)
         ids += episode.prompt_ids + episode.response_ids
+        bounds.append(len(ids))
         positions += range(prompt + response)
         # each episode's prompt + response - 1 targets: its last token's target is the next
         # episode's first token, never scored
@@ -176,4 +180,5 @@ def pack(episodes: list[Episode]) -> Packed:
     input_ids = torch.tensor([ids], dtype=torch.long)  # [1, tokens]
     return Packed(input_ids=input_ids, position_ids=torch.tensor([positions]),
                   targets=input_ids[:, 1:].clone(),
-                  scored=torch.tensor([scored[:-1]], dtype=torch.float32))
+                  scored=torch.tensor([scored[:-1]], dtype=torch.float32),
+                  bounds=torch.tensor(bounds, dtype=torch.int32))

@@ -60,20 +60,27 @@ class TokenLogprobs(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 targets: torch.Tensor, scored: torch.Tensor, temperature: float,
                 entropy: str = "detached", position_ids: torch.Tensor | None = None,
-                place: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                place: torch.Tensor | None = None, bounds: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropies), each [batch, seq - 1]: at target t, log p(targets[:, t] |
         input_ids[:, :t + 1]) with logits / `temperature`, where `scored` is true, else 0.
 
         `entropy`: "grad" (an entropy bonus trains on it), "detached" (a metric) or "none"
         (not computed: zeros). Packed input (batching.Packed): `position_ids` restart at each
-        episode, `attention_mask` is None, and the scored values are returned where `place`
-        (the padded response mask, as many positions as `scored`, in the same order) is true.
+        episode, `bounds` are the episodes' boundaries (cu_seqlens), `attention_mask` is None,
+        and the scored values are returned where `place` (the padded response mask, as many
+        positions as `scored`, in the same order) is true.
         """
+        varlen = {}
+        if bounds is not None:  # read by flash-attn's varlen kernel and tandem's SDPA_VARLEN
+            longest = int((bounds[1:] - bounds[:-1]).max())
+            varlen = dict(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest,
+                          max_length_k=longest)
         decoder = self.causal_lm.get_decoder()
         with self._compute(input_ids.device):
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids,
-                             use_cache=False).last_hidden_state  # [batch, seq, hidden]
+                             position_ids=position_ids, use_cache=False,
+                             **varlen).last_hidden_state  # [batch, seq, hidden]
         where = scored.bool()  # [batch, seq - 1]
         if not where.any():
             # Score one position anyway (times 0): its backward still reaches every parameter,
@@ -159,7 +166,7 @@ def token_logprobs(policy: TokenLogprobs, micro: MicroBatch, temperature: float,
     return policy(packed.input_ids.to(device), None, packed.targets.to(device),
                   packed.scored.to(device), temperature, entropy,
                   position_ids=packed.position_ids.to(device),
-                  place=micro.response_mask.to(device))
+                  place=micro.response_mask.to(device), bounds=packed.bounds.to(device))
 
 
 def check_head(causal_lm: nn.Module) -> None:

@@ -46,6 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner import batching, loading, precision
+from tandem.learner.attention import SDPA_VARLEN
 from tandem.learner.logprobs import TokenLogprobs, check_head, token_logprobs
 from tandem.learner.state import (
     load_rank_state,
@@ -156,7 +157,9 @@ class Learner:
                  world_size, model_path, self.device, compute)
 
     def _load(self, model_path: str) -> TokenLogprobs:
-        attention = CUDA_ATTENTION if self.device == "cuda" else "sdpa"
+        # packed rows on CPU: SDPA episode by episode (tandem.learner.attention)
+        attention = (CUDA_ATTENTION if self.device == "cuda" else
+                     SDPA_VARLEN if self.config.learner.packing else "sdpa")
         trainer = self.config.trainer
         # fp32 master weights; on GPU the MixedPrecisionPolicy casts to bf16 for compute, on
         # CPU with learner.cpu_compute_dtype=bfloat16 autocast does (TokenLogprobs).

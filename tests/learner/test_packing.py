@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
+from tandem.learner.attention import SDPA_VARLEN
 from tandem.learner.logprobs import TokenLogprobs, token_logprobs
 from tandem.learner.rank import CUDA_ATTENTION
 from tandem.loss import grpo_loss
@@ -39,6 +40,7 @@ def test_pack_restarts_positions_and_scores_what_the_padded_rows_score():
     packed = micro.packed
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 5, 4]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
+    assert packed.bounds.tolist() == [0, 5, 7]
     scored = packed.scored[0].bool()
     # the same targets, in the same order, as the padded response mask selects
     assert packed.targets[0][scored].tolist() == micro.targets[micro.response_mask.bool()].tolist()
@@ -55,6 +57,13 @@ def test_packed_budget_counts_real_tokens_not_the_padded_rectangle():
     assert batching.split_by_token_budget([0, 1], [70, 10], 60, packed=True) == [[0], [1]]
 
 
+def _one_sequence(packed: batching.Packed) -> batching.Packed:
+    """The same row read as one long sequence: no restarts, no boundaries."""
+    tokens = packed.input_ids.shape[1]
+    return batching.Packed(packed.input_ids, torch.arange(tokens)[None], packed.targets,
+                           packed.scored, torch.tensor([0, tokens], dtype=torch.int32))
+
+
 def _loss_and_grads(policy, micro, algorithm):
     policy.zero_grad(set_to_none=True)
     logprobs, _ = token_logprobs(policy, micro, temperature=1.0)
@@ -66,11 +75,15 @@ def _loss_and_grads(policy, micro, algorithm):
         name: p.grad.clone() for name, p in policy.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_sum"])
-def test_packed_loss_and_gradients_match_padded(tiny_model_dir, loss_agg):
+@pytest.mark.parametrize("loss_agg,attention", [("token_mean", SDPA_VARLEN),
+                                                ("seq_mean_token_sum", SDPA_VARLEN),
+                                                ("token_mean", "sdpa")])
+def test_packed_loss_and_gradients_match_padded(tiny_model_dir, loss_agg, attention):
+    """The CPU learner's per-episode SDPA (what learner.packing uses), and plain SDPA reading
+    the position restarts as a block-diagonal mask."""
     algorithm = compose([f"algorithm.loss_agg={loss_agg}"]).algorithm
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
+                                                 attn_implementation=attention)
     policy = TokenLogprobs(model, chunk_tokens=16)
     episodes, advantages = _episodes(seed=3)
     padded = batching.collate(episodes, advantages, pad_id=0)
@@ -88,9 +101,7 @@ def test_packed_loss_and_gradients_match_padded(tiny_model_dir, loss_agg):
 
     # the restarts are what keeps attention within an episode: without them the packed row
     # is one long sequence and the log-probs differ (so the comparison above can fail)
-    flat = batching.Packed(packed.packed.input_ids,
-                           torch.arange(packed.packed.input_ids.shape[1])[None],
-                           packed.packed.targets, packed.packed.scored)
+    flat = _one_sequence(packed.packed)
     leaked, _, _ = _loss_and_grads(policy, batching.MicroBatch(
         **{**vars(packed), "packed": flat}), algorithm)
     assert float((leaked - logprobs).abs().max()) > 1e-3
@@ -110,9 +121,7 @@ def test_packed_matches_padded_on_cuda_with_the_learners_attention(tiny_model_di
     with torch.no_grad():
         expected, _ = token_logprobs(policy, padded, temperature=1.0)
         got, _ = token_logprobs(policy, packed, temperature=1.0)
-        flat = batching.Packed(packed.packed.input_ids,
-                               torch.arange(packed.packed.input_ids.shape[1])[None],
-                               packed.packed.targets, packed.packed.scored)
+        flat = _one_sequence(packed.packed)
         leaked, _ = token_logprobs(policy, batching.MicroBatch(**{**vars(packed),
                                                                   "packed": flat}), 1.0)
     scored = padded.response_mask.bool().cuda()

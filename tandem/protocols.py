@@ -213,13 +213,14 @@ async def score_chains(team: Team, prompts: PromptSet, solo: list[dict[str, Any]
     """Legibility (and drift, if asked) of each problem's solo chains: one record per problem
     with, per scored chain, the junior's cross-entropy (`junior_ce`, nats per token), the
     junior's token count (`tokens`) and, with `drift`, the senior - junior log-prob gap per
-    senior token (`logprob_gap`). Chains with no text are skipped."""
+    senior token (`logprob_gap`). Chains with no text are skipped; `samples` holds the index in
+    the solo record of each chain scored, in order."""
     special = set(team.senior_tokenizer.all_special_ids)
     records = []
     calls = []
     for index, (problem, record) in enumerate(zip(prompts.problems, solo, strict=True)):
-        senior_seqs, junior_seqs, starts = [], [], []
-        for sample in record["samples"]:
+        senior_seqs, junior_seqs, starts, scored = [], [], [], []
+        for number, sample in enumerate(record["samples"]):
             ids = list(sample["response_ids"])
             while ids and ids[-1] in special:  # the end-of-turn token is no text
                 ids.pop()
@@ -233,7 +234,8 @@ async def score_chains(team: Team, prompts: PromptSet, solo: list[dict[str, Any]
             senior_seqs.append(prompts.senior[index] + ids)
             junior_seqs.append(junior_prompt + junior_ids)
             starts.append(len(junior_prompt))
-        records.append({"uid": problem.uid, "senior_tokens": [
+            scored.append(number)
+        records.append({"uid": problem.uid, "samples": scored, "senior_tokens": [
             len(s) - len(prompts.senior[index]) for s in senior_seqs]})
         junior = team.junior[index % len(team.junior)]
         senior = team.senior[index % len(team.senior)]

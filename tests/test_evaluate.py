@@ -180,8 +180,13 @@ def test_legibility_and_drift_equal_transformers(eval_models, eval_engines, rewa
     eos = set(team.senior_tokenizer.all_special_ids)
     checked = 0
     for index, (record, scored) in enumerate(zip(solo, scores, strict=True)):
-        for sample, ce, gap in zip(record["samples"], scored["junior_ce"],
-                                   scored["logprob_gap"], strict=True):
+        # a sampled chain with no text (end of turn first) is not scored, and only such a chain
+        for number, sample in enumerate(record["samples"]):
+            if number not in scored["samples"]:
+                assert not sample["text"].strip() or all(i in eos for i in sample["response_ids"])
+        chosen = [record["samples"][number] for number in scored["samples"]]
+        for sample, ce, gap in zip(chosen, scored["junior_ce"], scored["logprob_gap"],
+                                   strict=True):
             ids = [i for i in sample["response_ids"]]
             while ids[-1] in eos:
                 ids.pop()
@@ -199,7 +204,7 @@ def test_legibility_and_drift_equal_transformers(eval_models, eval_engines, rewa
             assert ce == pytest.approx(-sum(junior_lp) / len(junior_lp), abs=1e-3)
             assert gap == pytest.approx((sum(senior) - sum(junior_lp)) / len(senior), abs=1e-3)
             checked += 1
-    assert checked == 4
+    assert checked >= 2  # of 4 sampled; random weights rarely end a chain at once
 
 
 def test_summaries_and_macro_follow_the_records():

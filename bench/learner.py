@@ -29,9 +29,10 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tandem.config import cpu
 from tandem.config.compose import compose
 from tandem.episode import Episode
-from tandem.learner import batching, precision
+from tandem.learner import batching
 from tandem.learner.logprobs import TokenLogprobs, token_logprobs
 from tandem.learner.rank import Learner
 from tandem.loss import grpo_loss
@@ -92,7 +93,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> f
 
 def _run_learner(config, path, batch, steps, emulate, queue):
     if emulate:  # measure bf16 on a CPU the learner would refuse it on (bench only)
-        precision.cpu_flags = lambda: "avx512_bf16"
+        cpu.cpu_flags = lambda: "avx512_bf16"
     learner = Learner(config, path, rank=0, world_size=1, master_addr="127.0.0.1",
                       master_port=_free_port())
     learner.train_step(*batch)  # warm-up
@@ -169,10 +170,10 @@ def main() -> None:
                         help="measure bf16 compute on a CPU without bf16 units too")
     args = parser.parse_args()
 
-    flags = precision.cpu_flags()
-    bf16_units = precision.has_bf16_units(flags)
+    flags = cpu.cpu_flags()
+    bf16_units = cpu.has_bf16_units(flags)
     bf16_skipped = not bf16_units and not args.emulated_bf16
-    units = sorted(precision.BF16_FLAGS & set(flags.split())) or ["none"]
+    units = sorted(cpu.BF16_FLAGS & set(flags.split())) or ["none"]
     peaks = {dtype: matmul_peak(getattr(torch, dtype)) for dtype in DTYPES}
     print(f"cpu bf16 units: {', '.join(units)}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, capability "

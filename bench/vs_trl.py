@@ -18,7 +18,8 @@ How the comparison is kept fair:
   (tandem's math-verify pool) and AdamW settings; one optimizer update per step on both sides;
 - same precision: fp32 everywhere. tandem's CPU learner trains in fp32, and TRL on CPU
   generates with its fp32 training model, so tandem's engines serve fp32 here too
-  (`model.senior.dtype=float32`), though its SmolLM2 preset serves bf16 by default;
+  (`model.senior.dtype=float32`, which the presets' `auto` also picks on CPUs without bf16
+  units; set here so a bf16-capable CPU compares the same precision);
 - warm-up steps excluded: medians over `--steps` after `--warmup` steps (engine start, model
   load and the first, slow batch are outside every figure);
 - the same number of generated tokens, per token: EOS ends an episode on both sides (tandem

@@ -11,6 +11,7 @@ import pytest
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from tandem.config import cpu
 from tandem.config.checks import ConfigError
 from tandem.config.cluster import check_devices
 from tandem.config.compose import CONF_DIR, compose, short_dirname, visible_gpus
@@ -272,6 +273,23 @@ def test_cpu_kv_cache_must_hold_one_full_length_request(tmp_path):
     windowed = _model_dir(tmp_path / "windowed", **SMOLLM2_SHAPE, sliding_window=1024)
     assert compose([f"model.senior.path={windowed}", "model.senior.max_context=null",
                     "cluster.cpu_kvcache_gib=0.01"])
+
+
+@pytest.mark.parametrize(("flags", "cluster", "expected"), [
+    ("fpu avx2 fma", "local_cpu", "float32"),  # Zen 1-3: bf16 would be emulated
+    ("avx2 avx512f avx512_bf16", "local_cpu", "bfloat16"),  # Zen 4
+    ("fp asimd sve bf16", "local_cpu", "bfloat16"),  # Graviton 3
+    ("fpu avx2 fma", "single_gpu", "bfloat16"),  # the GPU computes it, whatever the host
+])
+def test_auto_engine_dtype_follows_the_device(monkeypatch, flags, cluster, expected):
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    config = compose([f"cluster={cluster}", "model.senior.path=some/hub-model"])
+    assert (config.model.senior.dtype, config.model.junior.dtype) == (expected, expected)
+    explicit = compose([f"cluster={cluster}", "model.senior.path=some/hub-model",
+                        "model.senior.dtype=bfloat16", "model.junior.dtype=float16"])
+    assert (explicit.model.senior.dtype, explicit.model.junior.dtype) == ("bfloat16", "float16")
+    # the demo's SmolLM2 preset asks for auto
+    assert compose([f"cluster={cluster}"]).model.senior.dtype == expected
 
 
 @pytest.mark.parametrize(("preset", "gpus", "fits"), [

@@ -8,6 +8,12 @@ the last steps minus the first, because one step's mean of 32 episodes is noisy 
 and one low late step must not fail a run that learned (CI once saw 0.22, 0.31, 0.38, 0.34,
 0.56: slope +0.072, but only +0.19 from the first two steps to the last two).
 
+The engines serve fp32 (`model.*.dtype=auto` on a CPU without bf16 units: the learner's
+precision, and sampling 4x faster than the emulated bf16 they served before, when this test
+took 17 minutes of CI; fp32, seed 0: 0.16, 0.44, 0.66, 0.56, 0.72, 0.81, slope +0.115, 9.7
+min). Four steps are too few: 0.34, 0.25, 0.38, 0.41 (+0.031) with 4 prompts x 8, and 0.09,
+0.41, 0.38, 0.22 with 8 prompts x 4 (docs/RESULTS.md).
+
 The senior writes alone (algorithm=grpo, the p = 1 end of the same loop and scheduler, the
 junior engine running beside it): under p = 0.5 the base junior writes half of every answer and
 the reward climbs too slowly for a test of minutes (docs/RESULTS.md has both curves).

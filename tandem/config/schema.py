@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tandem.config import fit
+from tandem.config import cpu, fit
 from tandem.config.checks import (
     check,
     check_choice,
@@ -28,12 +28,13 @@ from tandem.config.checks import (
     check_range,
     looks_local,
     resolve_callable,
+    unresolved,
 )
 from tandem.config.cluster import ClusterConfig
 from tandem.config.evaluation import EvalConfig
 from tandem.config.export import ExportHubConfig
 from tandem.config.learner import LearnerConfig
-from tandem.config.model import ModelConfig, ModelSpec  # noqa: F401 (ModelSpec: re-exported)
+from tandem.config.model import ModelConfig, ModelSpec, engine_dtype  # noqa: F401 (ModelSpec: re-exported)
 
 PAPER_INSTRUCTION = (
     "Solve the following math problem step by step. Put your final answer inside \\boxed{}, "
@@ -459,6 +460,9 @@ class TandemConfig:
     def __post_init__(self) -> None:
         check_min(self.seed, 0, "seed")
         for role in ("senior", "junior"):
+            spec = getattr(self.model, role)
+            if not unresolved(spec.dtype):  # `auto` for this run's device, before the fit
+                spec.dtype = engine_dtype(spec.dtype, self.cluster.device, cpu.cpu_flags())
             fit.check_budgets(self, role)
             fit.check_kv_cache(self, role)
         check(self.algorithm.overlong != "soft_penalty" or self.algorithm.overlong_buffer_tokens

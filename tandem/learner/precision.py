@@ -10,38 +10,15 @@ FSDP at all (shard_model), and autocast covers world size 1 and gloo ranks alike
 
 bf16 pays only on CPUs with bf16 units (AVX512-BF16, AMX; BF16 on aarch64): elsewhere oneDNN
 emulates it and a matmul is several to a hundred times slower than fp32, so the learner
-refuses it there (`compute_dtype`).
+refuses it there (`compute_dtype`; the flags come from tandem/config/cpu.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from tandem.config.checks import ConfigError
-
-# /proc/cpuinfo names of bf16 matmul units: x86 AVX512-BF16 and AMX, aarch64 BF16
-BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The first `flags` (x86) or `Features` (aarch64) line of /proc/cpuinfo; "" where there
-    is none (another OS)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip() in ("flags", "Features"):
-            return value.strip()
-    return ""
-
-
-def has_bf16_units(flags: str) -> bool:
-    """Whether a /proc/cpuinfo flags line names a bf16 matmul unit."""
-    return not BF16_FLAGS.isdisjoint(flags.split())
+from tandem.config.cpu import has_bf16_units
 
 
 def compute_dtype(setting: str, device: str, flags: str) -> torch.dtype | None:

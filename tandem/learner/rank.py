@@ -43,6 +43,7 @@ from torch.distributed.fsdp import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tandem.config import cpu
 from tandem.config.schema import TandemConfig
 from tandem.episode import Episode
 from tandem.learner import batching, loading, precision
@@ -121,7 +122,7 @@ class Learner:
         self.device = config.cluster.device
         # before anything loads: a CPU without bf16 units is refused at once
         self.autocast_dtype = precision.compute_dtype(config.learner.cpu_compute_dtype,
-                                                      self.device, precision.cpu_flags())
+                                                      self.device, cpu.cpu_flags())
         if self.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         if not dist.is_initialized():

@@ -10,6 +10,7 @@ import torch
 from single_rank import ADVANTAGES, four_episodes, single_rank
 from transformers import AutoModelForCausalLM
 
+from tandem.config import cpu
 from tandem.config.checks import ConfigError
 from tandem.config.compose import compose
 from tandem.episode import Episode
@@ -35,7 +36,7 @@ LOSS_ATOL = 0.02
 @pytest.mark.parametrize(("flags", "fast"), [
     (ZEN1, False), (ZEN4, True), (SAPPHIRE_RAPIDS, True), (GRAVITON3, True), ("", False)])
 def test_bf16_units_are_read_from_the_cpu_flags(flags, fast):
-    assert precision.has_bf16_units(flags) is fast
+    assert cpu.has_bf16_units(flags) is fast
 
 
 def test_bf16_is_refused_without_bf16_units_naming_the_setting_to_use():
@@ -51,13 +52,13 @@ def test_cpu_flags_reads_the_x86_or_aarch64_line(tmp_path):
     x86.write_text(f"processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: {ZEN4}\n\n"
                    f"processor\t: 1\nflags\t\t: {ZEN4}\n")
     arm.write_text(f"processor\t: 0\nFeatures\t: {GRAVITON3}\n")
-    assert precision.cpu_flags(str(x86)) == ZEN4
-    assert precision.cpu_flags(str(arm)) == GRAVITON3
-    assert precision.cpu_flags(str(tmp_path / "missing")) == ""
+    assert cpu.cpu_flags(str(x86)) == ZEN4
+    assert cpu.cpu_flags(str(arm)) == GRAVITON3
+    assert cpu.cpu_flags(str(tmp_path / "missing")) == ""
 
 
 def test_learner_refuses_bf16_at_start_on_a_cpu_without_bf16_units(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(precision, "cpu_flags", lambda: ZEN1)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: ZEN1)
     config = compose(["model@model.senior=tiny", f"model.senior.path={tiny_model_dir}",
                       "rollout.max_prompt_tokens=64", "rollout.max_response_tokens=64",
                       "eval.max_response_tokens=64", "learner.cpu_compute_dtype=bfloat16"])
@@ -146,7 +147,7 @@ def test_bf16_learner_computes_old_logprobs_reference_and_score_the_same_way(
     the policy's own: ratio 1 and KL 0 in bf16 too, which holds only if every pass shares the
     compute (the loss is then -advantage whatever the log-probs). `score`, the entropy and the
     gap to the rollout's log-probs move within the tolerance above."""
-    monkeypatch.setattr(precision, "cpu_flags", lambda: SAPPHIRE_RAPIDS)  # run it here anyway
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: SAPPHIRE_RAPIDS)  # run it here anyway
     fp32, fp32_scores, _ = _learner_step(tiny_model_dir, "float32")
     bf16, bf16_scores, learner = _learner_step(tiny_model_dir, "bfloat16")
     assert learner.policy.autocast_dtype is torch.bfloat16

@@ -81,12 +81,11 @@ class TokenLogprobs(nn.Module):
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=position_ids, use_cache=False,
                              **varlen).last_hidden_state  # [batch, seq, hidden]
-        where = scored.bool()  # [batch, seq - 1]
-        if not where.any():
-            # Score one position anyway (times 0): its backward still reaches every parameter,
-            # and FSDP ranks must run the same collectives even on an empty micro-batch.
-            where = torch.zeros_like(where)
-            where[0, 0] = True
+        # Nothing scored: score one position anyway (times 0 below): its backward still
+        # reaches every parameter, and FSDP ranks must run the same collectives even on an
+        # empty micro-batch.
+        empty = not scored.bool().any()
+        where = _first_only(scored) if empty else scored.bool()  # [batch, seq - 1]
         rows = hidden[:, :-1][where]  # [scored, hidden]
         wanted = targets[where]  # [scored]
         grad = torch.is_grad_enabled()
@@ -100,13 +99,10 @@ class TokenLogprobs(nn.Module):
                 pieces.append(self._score_chunk(*chunk, temperature, entropy))
         logprobs = torch.cat([p[0] for p in pieces])  # [scored]
         entropies = torch.cat([p[1] for p in pieces])  # [scored]
-        if not scored.bool().any():
+        if empty:
             logprobs, entropies = logprobs * 0.0, entropies * 0.0
         if place is not None:  # back to the padded layout
-            where = place.bool()  # [batch, seq - 1]
-            if not scored.bool().any():  # the one position scored times 0 above
-                where = torch.zeros_like(where)
-                where[0, 0] = True
+            where = _first_only(place) if empty else place.bool()  # [batch, seq - 1]
         index = where.nonzero(as_tuple=True)
         zeros = torch.zeros(where.shape, dtype=torch.float32, device=rows.device)
         return (zeros.index_put(index, logprobs),  # [batch, seq - 1]
@@ -199,3 +195,10 @@ def check_head(causal_lm: nn.Module) -> None:
             f"state{why}; the learner's chunked log-probs support plain heads and "
             "final_logit_softcapping only. Use a model without such a logits transform, or "
             "teach tandem/learner/logprobs.py (TokenLogprobs.logits) the transform")
+
+
+def _first_only(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask of `mask`'s shape, true at its first position only."""
+    first = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    first[0, 0] = True
+    return first

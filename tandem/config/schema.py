@@ -459,10 +459,11 @@ class TandemConfig:
 
     def __post_init__(self) -> None:
         check_min(self.seed, 0, "seed")
+        flags = cpu.cpu_flags() if self.cluster.device == "cpu" else ""  # read once, CPU only
         for role in ("senior", "junior"):
             spec = getattr(self.model, role)
             if not unresolved(spec.dtype):  # `auto` for this run's device, before the fit
-                spec.dtype = engine_dtype(spec.dtype, self.cluster.device, cpu.cpu_flags())
+                spec.dtype = engine_dtype(spec.dtype, self.cluster.device, flags)
             fit.check_budgets(self, role)
             fit.check_kv_cache(self, role)
         check(self.algorithm.overlong != "soft_penalty" or self.algorithm.overlong_buffer_tokens

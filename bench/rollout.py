@@ -2,6 +2,7 @@
 
     python -m bench.rollout                       # tiny model, then SmolLM2-135M
     python -m bench.rollout --models tiny --repeats 3
+    python -m bench.rollout --models tiny --in-process    # no Ray, no driver hop: see below
 
 Self-paired (as in the paper): both engines serve the same model, each pinned to its own core.
 Solo = the two engines split the episodes between them and each writes alone (handoff_p = 1);
@@ -9,11 +10,18 @@ tandem = every episode alternates between the two engines under one schedule. Bo
 through `tandem.rollout.Rollout`, so the only difference is who writes which segment. Prints
 the median tokens/s of each schedule and the ratio tandem/solo, ending with the lines
 `tandem/solo step: X` and `tandem/solo word: Y`; `--json FILE` writes every ratio.
+
+`--in-process` builds both engines as plain `RolloutEngine`s in this process and drives them
+directly: no Ray actors, no turn channel, no driver process between the engines. A hand-off then
+costs only vLLM's own path out of one EngineCore and into the other, so the ratio it gives is
+the most that taking the driver off the hand-off path (an engine handing the segment straight to
+the other) could reach on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import os
@@ -49,7 +57,7 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [format_prompt(tokenizer, problem, "") for problem in PROBLEMS]
 
 
-def _measure(config, engines: dict, tokenizer, prompts, solo: bool, repeats: int) -> dict:
+async def _measure(config, engines: dict, tokenizer, prompts, solo: bool, repeats: int) -> dict:
     from tandem.rollout import Rollout
 
     if solo:  # both engines write alone, splitting the groups between them
@@ -57,7 +65,7 @@ def _measure(config, engines: dict, tokenizer, prompts, solo: bool, repeats: int
                           tokenizer)
     else:
         rollout = Rollout(config, engines["senior"], engines["junior"], tokenizer)
-    runs = [rollout.generate(prompts, step=repeat)[1] for repeat in range(repeats)]
+    runs = [(await rollout.agenerate(prompts, step=repeat))[1] for repeat in range(repeats)]
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     median["runs"] = [run["rollout/tokens_per_s"] for run in runs]
     return median
@@ -68,6 +76,7 @@ def bench_model(name: str, args) -> dict[str, float]:
 
     from tandem.alternation import Boundaries
     from tandem.config.compose import CONF_DIR
+    from tandem.engine.rollout_engine import RolloutEngine
     from tandem.models import load_tokenizer, resolve_model
     from tandem.rollout import engine_settings
     from tandem.runtime.engines import shutdown_engines, start_engines
@@ -79,28 +88,41 @@ def bench_model(name: str, args) -> dict[str, float]:
     base = _config(preset, path, args)
     cores = os.cpu_count() or 1
     engines = {}
-    for index, role in enumerate(("senior", "junior")):
-        settings = engine_settings(base, path, role, boundaries, first_core=index % cores)
-        engines[role] = start_engines([dataclasses.replace(s, seed=args.seed) for s in settings])
     try:
-        prompts = _prompts(tokenizer)
-        _measure(base, engines, tokenizer, prompts, solo=False, repeats=1)  # warm-up
-        results = {"solo": _measure(_config(preset, path, args, "algorithm=grpo"), engines,
-                                    tokenizer, prompts, solo=True, repeats=args.repeats)}
-        for schedule in args.schedules:
-            config = _config(preset, path, args, f"algorithm.schedule={schedule}",
-                             f"algorithm.handoff_p={args.p}",
-                             f"algorithm.max_gap_tokens={args.max_gap}")
-            results[schedule] = _measure(config, engines, tokenizer, prompts, solo=False,
-                                         repeats=args.repeats)
+        for index, role in enumerate(("senior", "junior")):
+            settings = [dataclasses.replace(s, seed=args.seed) for s in engine_settings(
+                base, path, role, boundaries, first_core=index % cores)]
+            engines[role] = ([RolloutEngine(s) for s in settings] if args.in_process
+                             else start_engines(settings))
+
+        async def measure_all() -> dict:  # one event loop: in-process engines are bound to it
+            prompts = _prompts(tokenizer)
+            await _measure(base, engines, tokenizer, prompts, solo=False, repeats=1)  # warm-up
+            results = {"solo": await _measure(_config(preset, path, args, "algorithm=grpo"),
+                                              engines, tokenizer, prompts, solo=True,
+                                              repeats=args.repeats)}
+            for schedule in args.schedules:
+                config = _config(preset, path, args, f"algorithm.schedule={schedule}",
+                                 f"algorithm.handoff_p={args.p}",
+                                 f"algorithm.max_gap_tokens={args.max_gap}")
+                results[schedule] = await _measure(config, engines, tokenizer, prompts,
+                                                   solo=False, repeats=args.repeats)
+            return results
+
+        results = asyncio.run(measure_all())
     finally:
         for group in engines.values():
-            shutdown_engines(group)
+            if args.in_process:
+                for engine in group:
+                    engine.shutdown()
+            else:
+                shutdown_engines(group)
 
     solo = results["solo"]["rollout/tokens_per_s"]
     episodes = len(PROBLEMS) * args.group_size
     print(f"\n{name}: {episodes} episodes x <= {args.tokens} tokens, T={args.temperature}, "
-          f"p={args.p}, K={args.max_gap}, median of {args.repeats}, one core per engine")
+          f"p={args.p}, K={args.max_gap}, median of {args.repeats}, one core per engine"
+          + (", both engines in this process (no Ray, no driver hop)" if args.in_process else ""))
     print(f"{'schedule':<10} {'tok/s':>8} {'ratio':>6} {'tok/ep':>7} {'req/ep':>7} "
           f"{'hand-offs':>9} {'senior':>7} {'both busy':>9} {'eng cpu':>7} {'tok/step':>8} "
           f"{'comp/gen':>8}  runs")
@@ -136,19 +158,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-gib", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--in-process", action="store_true",
+                        help="both engines in this process, driven directly (no Ray actors, no "
+                             "turn channel): the ratio with no driver on the hand-off path")
     parser.add_argument("--json", type=Path,
                         help="also write {model: {schedule: tandem/solo}} here (bench.all)")
     args = parser.parse_args()
 
     import ray
 
-    # address="local": never attach to a head some other process started with `ray start`
-    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,
-             log_to_driver=True)
-    try:
+    if args.in_process:
         ratios = {name: bench_model(name, args) for name in args.models}
-    finally:
-        ray.shutdown()
+    else:
+        # address="local": never attach to a head some other process started with `ray start`
+        ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False,
+                 log_to_driver=True)
+        try:
+            ratios = {name: bench_model(name, args) for name in args.models}
+        finally:
+            ray.shutdown()
     if args.json:
         args.json.write_text(json.dumps(ratios, indent=2))
     print()

@@ -121,3 +121,12 @@ def core_died(settings: EngineSettings) -> str:
     return (f"engine {settings.model} is dead (EngineCore errored; vLLM's reason is in the "
             f"engine's log). If it is memory: {room}, or fewer tokens in flight: "
             "rollout.max_response_tokens, trainer.prompts_per_step x algorithm.group_size")
+
+
+def count_cores(spec: str) -> int:
+    """Cores in a `cpu_cores` spec such as "0", "2-3" or "0-1,4"."""
+    count = 0
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count

@@ -6,11 +6,12 @@ task on the engine's node."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psutil
 
@@ -60,3 +61,19 @@ def die_with_parent() -> None:
         return
     if parent is not None and os.getppid() != parent.pid:
         os._exit(1)
+
+
+@contextlib.contextmanager
+def spawn_environment(**values: str | None) -> Iterator[None]:
+    """Set the environment variables given a value (None: leave as is) for the block, in which
+    the caller spawns a process that inherits them; then put back what was there."""
+    saved = {name: os.environ.get(name) for name, value in values.items() if value is not None}
+    os.environ.update({name: value for name, value in values.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from tandem.engine.api import START_FAILED, EngineSettings
+from tandem.engine.api import START_FAILED, EngineSettings, count_cores
 from tandem.engine.rollout_engine import RolloutEngine
 from tandem.engine.version import check_vllm
 from tandem.runtime.cluster import wait
@@ -49,7 +49,7 @@ def launch_engines(settings: Sequence[EngineSettings],
     for index, replica in enumerate(settings):
         if options is None:
             gpus = replica.tensor_parallel_size if replica.device == "cuda" else 0
-            cpus = 1 if replica.cpu_cores is None else _count_cores(replica.cpu_cores)
+            cpus = 1 if replica.cpu_cores is None else count_cores(replica.cpu_cores)
             resources: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
         else:
             resources = dict(options[index])
@@ -87,12 +87,3 @@ def shutdown_engines(engines: Sequence[Any], timeout_s: float = 60.0) -> None:
     finally:
         for engine in engines:
             ray.kill(engine)
-
-
-def _count_cores(spec: str) -> int:
-    count = 0
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        count += int(high or low) - int(low) + 1
-    return count
-

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from vllm import SamplingParams
+from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
 from tandem.alternation import StopRule
-from tandem.engine.api import EngineSettings, Sampling, Segment
+from tandem.engine.api import EngineSettings, Sampling, Segment, count_cores
 from tandem.engine.channel import ChannelServer, TurnChannel, loopback_scope
 from tandem.engine.rollout_engine import RolloutEngine
 from tandem.engine.scheduler import read_stop_args, stop_args
@@ -30,6 +31,7 @@ GREEDY = Sampling(temperature=0.0)
 QUESTION = "Ava has 12 apples and buys 7 more. How many apples does Ava have?"
 REFERENCE_TOKENS = 40
 CORES = "0-1" if (os.cpu_count() or 1) >= 2 else "0"
+OMP_AT_IMPORT = os.environ.get("OMP_NUM_THREADS")  # before any engine started
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -416,6 +418,29 @@ def test_an_engine_without_its_weights_refuses_to_serve_until_a_push_lands(run, 
 
 
 # ----------------------------------------------------------------------------- replicas and Ray
+
+
+def test_an_engine_core_is_spawned_with_one_openmp_thread_per_pinned_core(monkeypatch):
+    """Outside a Ray actor (which sets OMP_NUM_THREADS itself) the EngineCore inherited no
+    OpenMP width, and two engines pinned to one core each in one process sampled ~14x slower
+    (bench.rollout --in-process). The width is set while vLLM spawns the EngineCore only, so
+    this process and its later children keep their own. (vLLM renames the EngineCore process,
+    which blanks its /proc environ: the spawn is observed here instead.)"""
+    seen = []
+
+    def spawn(*args, **kwargs):
+        seen.append(os.environ.get("OMP_NUM_THREADS"))
+        raise OSError("not spawned in this test")
+
+    monkeypatch.setattr(AsyncLLM, "from_engine_args", spawn)
+    for cores, pinned in (("1", "1"), ("0-1,4", "3"), (None, OMP_AT_IMPORT)):
+        settings = EngineSettings(model="m", dtype="float32", max_model_len=64, seed=0,
+                                  enable_prefix_caching=True, device="cpu", cpu_cores=cores)
+        with pytest.raises(RuntimeError, match="did not start"):
+            RolloutEngine(settings)
+        assert seen[-1] == pinned
+        assert os.environ.get("OMP_NUM_THREADS") == OMP_AT_IMPORT
+    assert [count_cores(spec) for spec in ("0", "2-3", "0-1,4", "0,2,5-7")] == [1, 2, 3, 5]
 
 
 def test_settings_and_stop_rules_validate():

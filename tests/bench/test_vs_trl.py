@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.vs_trl import Workload, per_token_ratio, tandem_figures, tandem_overrides
+from bench.vs_trl import Workload, per_token_ratio, report, tandem_figures, tandem_overrides
 from tandem.config.compose import compose
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,20 @@ def test_the_ratio_compares_seconds_per_generated_token():
     trl = {"step_s": 10.0, "generated_tokens": 100}
     tandem = {"step_s": 4.0, "generated_tokens": 80}
     assert per_token_ratio(trl, tandem) == pytest.approx((10 / 100) / (4 / 80))
+
+
+def test_the_report_says_how_much_slower_a_tandem_step_is_than_trl_and_solo():
+    """The figures of the 2026-12-01 SmolLM2 run: TRL 1.07x tandem solo's seconds per token,
+    a tandem step (p = 0.5) 1.12x solo's (its goal is <= 1.1, so > 1 means slower)."""
+    def run(step_s, tokens):
+        return {"step_s": step_s, "rollout_s": 0.0, "train_s": 0.0, "generated_tokens": tokens,
+                "rollout_tokens_per_s": 0.0, "learner_tokens_per_s": 0.0, "peak_gib": 0.0}
+
+    text = report(Workload(model="smollm2"), {"tandem solo": run(125.24, 1598),
+                                              "tandem p=0.5": run(139.25, 1588),
+                                              "trl": run(114.14, 1366)})
+    assert "trl/tandem step time (smollm2): 1.07 per generated token, 0.91 raw" in text
+    assert "tandem p=0.5/solo step time (smollm2): 1.12 per generated token" in text
 
 
 def test_trl_gets_tandems_batch_loss_and_optimizer():

@@ -67,8 +67,9 @@ def die_with_parent() -> None:
 def spawn_environment(**values: str | None) -> Iterator[None]:
     """Set the environment variables given a value (None: leave as is) for the block, in which
     the caller spawns a process that inherits them; then put back what was there."""
-    saved = {name: os.environ.get(name) for name, value in values.items() if value is not None}
-    os.environ.update({name: value for name, value in values.items() if value is not None})
+    given = {name: value for name, value in values.items() if value is not None}
+    saved = {name: os.environ.get(name) for name in given}
+    os.environ.update(given)
     try:
         yield
     finally:

@@ -32,10 +32,9 @@ How the comparison is kept fair:
   reward workers for tandem; the trainer and reward workers for TRL), sampled every 0.5 s.
 
 Threads: TRL runs on torch's default threads (all cores, for both generate and the update);
-tandem pins each engine to its own core and its learner rank gets `cluster.learner.cpus_per_rank`
-(1) threads, the OMP_NUM_THREADS Ray gives an actor. That favours TRL on a quiet machine. On a
-loaded one, 2-thread OpenMP regions suffer more from other jobs than 1-thread ones: quote figures
-from quiet cores only.
+tandem pins each engine to its own core, and its learner rank, training while the engines idle,
+takes every core (`cluster.learner.cpu_threads`, auto). On a loaded machine, OpenMP regions over
+all cores suffer most from other jobs: quote figures from quiet cores only.
 Prints one table per model and `trl/tandem step time: X` last (the last model; goal X >= 2).
 `--json FILE` also writes every figure (bench.all reads it).
 """

@@ -178,6 +178,7 @@ UNCHECKED_BEFORE = [
     (["eval.protocols=[]"], "eval.protocols"),
     (["eval.dose_p=[]"], "eval.dose_p"),
     (["cluster.learner.cpus_per_rank=0"], "cluster.learner.cpus_per_rank"),
+    (["cluster.learner.cpu_threads=0"], "cluster.learner.cpu_threads"),
     (["cluster.cpu_kvcache_gib=inf"], "cluster.cpu_kvcache_gib"),
     (["cluster.call_timeout_s=inf"], "cluster.call_timeout_s"),
     (["cluster.push_timeout_s=inf"], "cluster.push_timeout_s"),
@@ -290,6 +291,18 @@ def test_auto_engine_dtype_follows_the_device(monkeypatch, flags, cluster, expec
     assert (explicit.model.senior.dtype, explicit.model.junior.dtype) == ("bfloat16", "float16")
     # the demo's SmolLM2 preset asks for auto
     assert compose([f"cluster={cluster}"]).model.senior.dtype == expected
+
+
+@pytest.mark.parametrize(("setting", "cpus_per_rank", "world_size", "overlapped", "expected"), [
+    (None, 1, 1, False, 16),  # synchronous loop: the engines idle while the learner trains
+    (None, 1, 3, False, 5),  # ranks split the cores; never more threads than cores
+    (None, 8, 4, False, 8),  # never fewer than the rank's reservation
+    (None, 2, 1, True, 2),  # trainer.off_policy: the engines run meanwhile; keep to the rank's
+    (3, 1, 1, False, 3),  # set: taken as given
+])
+def test_cpu_learner_threads(setting, cpus_per_rank, world_size, overlapped, expected):
+    assert cpu.learner_threads(setting, cpus_per_rank, world_size, overlapped,
+                               cores=16) == expected
 
 
 @pytest.mark.parametrize(("preset", "gpus", "fits"), [

@@ -30,6 +30,11 @@ class LearnerResources:
     """FSDP ranks; one GPU each on CUDA, one process each over gloo on CPU."""
     cpus_per_rank: int = 1
     """CPU cores (Ray CPUs) reserved for each rank."""
+    cpu_threads: int | None = None
+    """torch threads per rank on a CPU learner. None: while the engines idle (the synchronous
+    loop, trainer.off_policy=false) the ranks share every core of the machine (cores /
+    world_size, at least cpus_per_rank); when training overlaps the rollout
+    (trainer.off_policy=true), cpus_per_rank."""
 
 
 @dataclass
@@ -94,6 +99,8 @@ class ClusterConfig:
                        f"cluster.{role}.tensor_parallel_size must be 1 when cluster.device=cpu")
         check_min(self.learner.world_size, 1, "cluster.learner.world_size")
         check_min(self.learner.cpus_per_rank, 1, "cluster.learner.cpus_per_rank")
+        if self.learner.cpu_threads is not None:
+            check_min(self.learner.cpu_threads, 1, "cluster.learner.cpu_threads")
         check_range(self.gpu_memory_utilization, 0, 1, "cluster.gpu_memory_utilization",
                     open_low=True)
         for name in ("cpu_kvcache_gib", "push_timeout_s", "call_timeout_s", "push_bucket_mb",

@@ -125,6 +125,11 @@ class Learner:
                                                       self.device, cpu.cpu_flags())
         if self.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            resources = config.cluster.learner
+            torch.set_num_threads(cpu.learner_threads(
+                resources.cpu_threads, resources.cpus_per_rank, world_size,
+                config.trainer.off_policy, cpu.usable_cores()))
         if not dist.is_initialized():
             dist.init_process_group(
                 backend="nccl" if self.device == "cuda" else "gloo",
@@ -154,8 +159,9 @@ class Learner:
         self.step = 0
         compute = ("bf16 (FSDP2 mixed precision)" if self.device == "cuda"
                    else "bf16 (autocast)" if self.autocast_dtype is not None else "fp32")
-        log.info("learner rank %d/%d ready: %s on %s, %s compute, fp32 masters", rank,
-                 world_size, model_path, self.device, compute)
+        threads = f", {torch.get_num_threads()} threads" if self.device == "cpu" else ""
+        log.info("learner rank %d/%d ready: %s on %s%s, %s compute, fp32 masters", rank,
+                 world_size, model_path, self.device, threads, compute)
 
     def _load(self, model_path: str) -> TokenLogprobs:
         # packed rows on CPU: SDPA episode by episode (tandem.learner.attention)

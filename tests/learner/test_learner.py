@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tandem.config import cpu
 from tandem.config.compose import compose
 from tandem.episode import Episode
 from tandem.learner import batching
@@ -49,9 +51,13 @@ def _episodes(seed: int, groups: int = 4, group_size: int = 2) -> tuple[list[Epi
     return episodes, advantages
 
 
-def _trained_state(world_size, model_dir, ray, steps=1, **extra):
+def _trained_state(world_size, model_dir, ray_cluster, steps=1, **extra):
     learners = Learners.start(_config(world_size, model_dir, **extra), str(model_dir))
     try:
+        # the synchronous loop's CPU ranks share the machine's cores (Ray reserved one each)
+        threads = ray.get([rank.__ray_call__.remote(lambda actor: torch.get_num_threads())
+                           for rank in learners.ranks], timeout=TIMEOUT)
+        assert threads == [max(1, cpu.usable_cores() // world_size)] * world_size
         metrics = []
         for step in range(steps):
             episodes, advantages = _episodes(seed=step)

@@ -56,9 +56,10 @@ class Bench:
 BENCHES = (
     # SmolLM2 samples ~90 tokens/s on 2 cores: 128-token episodes and two repeats keep the full
     # rollout bench near 15 minutes (256 x 3 took over 25 for SmolLM2 alone)
-    Bench("rollout", ("--tokens", "128", "--repeats", "2"),
-          ("--models", "tiny", "--repeats", "1", "--tokens", "64"),
-          (Figure("tandem/solo step", ">= 0.95"), Figure("tandem/solo word", ">= 0.8"))),
+    Bench("rollout", ("--tokens", "128", "--repeats", "2", "--balanced", "step"),
+          ("--models", "tiny", "--repeats", "1", "--tokens", "64", "--balanced", "step"),
+          (Figure("tandem/solo step", ">= 0.95"), Figure("tandem/solo word", ">= 0.8"),
+           Figure("tandem/solo step/balanced", ">= 0.95 (algorithm.first_writer=balanced)"))),
     Bench("learner", (), ("--models", "tiny", "--steps", "1"),
           (Figure("learner/plain", ">= 0.9 (world size 1)"),
            Figure("learner bf16/fp32", "> 1 where the CPU has AVX512-BF16/AMX"))),

@@ -3,6 +3,7 @@
     python -m bench.rollout                       # tiny model, then SmolLM2-135M
     python -m bench.rollout --models tiny --repeats 3
     python -m bench.rollout --models tiny --in-process    # no Ray, no driver hop: see below
+    python -m bench.rollout --schedules step --balanced step
 
 Self-paired (as in the paper): both engines serve the same model, each pinned to its own core.
 Solo = the two engines split the episodes between them and each writes alone (handoff_p = 1);
@@ -10,6 +11,8 @@ tandem = every episode alternates between the two engines under one schedule. Bo
 through `tandem.rollout.Rollout`, so the only difference is who writes which segment. Prints
 the median tokens/s of each schedule and the ratio tandem/solo, ending with the lines
 `tandem/solo step: X` and `tandem/solo word: Y`; `--json FILE` writes every ratio.
+`--balanced step` also measures the step schedule with `algorithm.first_writer=balanced` (row
+`step/balanced`; the others draw each episode's first writer by a coin, the paper's way).
 
 `--in-process` builds both engines as plain `RolloutEngine`s in this process and drives them
 directly: no Ray actors, no turn channel, no driver process between the engines. A hand-off then
@@ -101,12 +104,16 @@ def bench_model(name: str, args) -> dict[str, float]:
             results = {"solo": await _measure(_config(preset, path, args, "algorithm=grpo"),
                                               engines, tokenizer, prompts, solo=True,
                                               repeats=args.repeats)}
-            for schedule in args.schedules:
+            rows = [(s, "random") for s in args.schedules]
+            rows += [(s, "balanced") for s in args.balanced]
+            for schedule, first in rows:
                 config = _config(preset, path, args, f"algorithm.schedule={schedule}",
                                  f"algorithm.handoff_p={args.p}",
-                                 f"algorithm.max_gap_tokens={args.max_gap}")
-                results[schedule] = await _measure(config, engines, tokenizer, prompts,
-                                                   solo=False, repeats=args.repeats)
+                                 f"algorithm.max_gap_tokens={args.max_gap}",
+                                 f"algorithm.first_writer={first}")
+                row = schedule if first == "random" else f"{schedule}/{first}"
+                results[row] = await _measure(config, engines, tokenizer, prompts, solo=False,
+                                              repeats=args.repeats)
             return results
 
         results = asyncio.run(measure_all())
@@ -123,14 +130,14 @@ def bench_model(name: str, args) -> dict[str, float]:
     print(f"\n{name}: {episodes} episodes x <= {args.tokens} tokens, T={args.temperature}, "
           f"p={args.p}, K={args.max_gap}, median of {args.repeats}, one core per engine"
           + (", both engines in this process (no Ray, no driver hop)" if args.in_process else ""))
-    print(f"{'schedule':<10} {'tok/s':>8} {'ratio':>6} {'tok/ep':>7} {'req/ep':>7} "
+    print(f"{'schedule':<14} {'tok/s':>8} {'ratio':>6} {'tok/ep':>7} {'req/ep':>7} "
           f"{'hand-offs':>9} {'senior':>7} {'both busy':>9} {'eng cpu':>7} {'tok/step':>8} "
           f"{'comp/gen':>8}  runs")
     ratios = {}
     for schedule, row in results.items():
         ratio = row["rollout/tokens_per_s"] / solo
         ratios[schedule] = ratio
-        print(f"{schedule:<10} {row['rollout/tokens_per_s']:8.1f} {ratio:6.2f} "
+        print(f"{schedule:<14} {row['rollout/tokens_per_s']:8.1f} {ratio:6.2f} "
               f"{row['rollout/response_tokens_mean']:7.1f} "
               f"{row['rollout/requests_per_episode']:7.1f} "
               f"{row['tandem/handoffs_per_episode']:9.1f} "
@@ -154,6 +161,8 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--p", type=float, default=0.5)
+    parser.add_argument("--balanced", nargs="+", default=[], choices=SCHEDULES,
+                        help="schedules to measure again with algorithm.first_writer=balanced")
     parser.add_argument("--max-gap", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-gib", type=float, default=1.0)
@@ -180,12 +189,13 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(ratios, indent=2))
     print()
+    headline = ("step", "word", "step/balanced")
     for name, by_schedule in ratios.items():
-        for schedule in ("step", "word"):
+        for schedule in headline:
             if schedule in by_schedule:
                 print(f"tandem/solo {schedule} ({name}): {by_schedule[schedule]:.2f}")
     last = ratios[args.models[-1]]
-    for schedule in ("step", "word"):
+    for schedule in headline:
         if schedule in last:
             print(f"tandem/solo {schedule}: {last[schedule]:.2f}")
 

@@ -220,8 +220,41 @@ def draw_first_writer(algorithm: AlgorithmConfig, rng: random.Random) -> int:
         return JUNIOR
     elif algorithm.first_writer == "random":
         return SENIOR if rng.random() < algorithm.handoff_p else JUNIOR
+    elif algorithm.first_writer == "balanced":
+        raise ValueError("algorithm.first_writer=balanced is drawn for a whole group "
+                         "(group_first_writers); pass each episode's writer as `first`")
     else:
         raise ValueError(f"unknown algorithm.first_writer: {algorithm.first_writer!r}")
+
+
+def group_first_writers(handoff_p: float, group_size: int, rng: random.Random) -> list[int]:
+    """First writers of one group's episodes, balanced: floor(p G) start with the senior, one
+    more with probability frac(p G), the rest with the junior, in random order. Each episode
+    still starts with the senior with probability p, as with `random`, but the group's (and
+    so the step's) episodes split between the two engines by p exactly, not by coin flips."""
+    exact = handoff_p * group_size
+    whole = math.floor(exact + 1e-9)  # 0.7 x 10 is 7.000000000000001
+    seniors = whole + (rng.random() < exact - whole)
+    writers = [SENIOR] * seniors + [JUNIOR] * (group_size - seniors)
+    rng.shuffle(writers)
+    return writers
+
+
+def first_writers(algorithm: AlgorithmConfig, seed: int, step: int, first_index: int,
+                  groups: int, group_size: int) -> dict[int, int]:
+    """Episode index -> first writer for `algorithm.first_writer=balanced` (episodes
+    `first_index + group * group_size + member`); empty for the per-episode choices. Seeded
+    by each group's first index, so a second batch of a step draws afresh."""
+    if algorithm.first_writer != "balanced":
+        return {}
+    writers = {}
+    for group in range(groups):
+        start = first_index + group * group_size
+        rng = random.Random(f"tandem/first/{seed}/{step}/{start}")
+        for member, writer in enumerate(group_first_writers(algorithm.handoff_p, group_size,
+                                                            rng)):
+            writers[start + member] = writer
+    return writers
 
 
 def run_length(keep_p: float, rng: random.Random) -> float:
@@ -237,12 +270,14 @@ class Alternation:
     """Who writes next in one episode. `junior` boundaries only for a junior of another family."""
 
     def __init__(self, algorithm: AlgorithmConfig, rng: random.Random, senior: Boundaries,
-                 junior: Boundaries | None = None) -> None:
+                 junior: Boundaries | None = None, first: int | None = None) -> None:
+        """`first`: the first writer drawn for the whole group (`first_writers`); None draws
+        it here from `algorithm.first_writer`."""
         self._algorithm = algorithm
         self._rng = rng
         self._boundaries = {SENIOR: senior, JUNIOR: junior or senior}
         self._points = _RedrawPoints(algorithm)
-        self.writer = draw_first_writer(algorithm, rng)
+        self.writer = draw_first_writer(algorithm, rng) if first is None else first
         self._keeps = self._draw_run()
 
     def _draw_run(self) -> float:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tandem.alternation import Alternation, Boundaries, episode_rng, tandem_metrics
+from tandem.alternation import Alternation, Boundaries, episode_rng, first_writers, tandem_metrics
 from tandem.config.schema import TandemConfig
 from tandem.engine.api import EngineSettings, Sampling
 from tandem.engine.channel import ChannelTicket, TurnChannel, loopback_scope
@@ -152,12 +152,14 @@ class Rollout:
         group_size = samples or self.config.algorithm.group_size
         jobs = {first_index + group * group_size + member: group
                 for group in range(len(prompts)) for member in range(group_size)}
+        firsts = first_writers(self.config.algorithm, self.config.seed, step, first_index,
+                               len(prompts), group_size)  # empty unless balanced
         finished: dict[int, Episode] = {}
         started, restarts = time.perf_counter(), 0
         while True:
             lost, activity, spent = await self._attempt(
                 {i: g for i, g in jobs.items() if i not in finished}, finished, prompts,
-                junior_prompts, step, weight_version, budgets)
+                junior_prompts, step, weight_version, budgets, firsts)
             if lost is None:
                 break
             if self.recover is None:
@@ -200,8 +202,8 @@ class Rollout:
 
     async def _attempt(self, jobs: dict[int, int], finished: dict[int, Episode],
                        prompts: list[list[int]], junior_prompts: list[list[int]] | None,
-                       step: int, weight_version: int, budgets: list[int]
-                       ) -> tuple[EngineLost | None, _Activity, dict]:
+                       step: int, weight_version: int, budgets: list[int],
+                       firsts: dict[int, int]) -> tuple[EngineLost | None, _Activity, dict]:
         """Run the episodes `jobs` (index -> group) into `finished` while the heartbeat
         watches every engine. Returns the engine lost (its episodes cancelled) or None, the
         attempt's activity and the engine counters it spent."""
@@ -220,7 +222,7 @@ class Rollout:
                 junior_prompt = junior_prompts[group] if self.cross_tokenizer else prompts[group]
                 tasks[asyncio.create_task(self._episode(
                     prompts[group], junior_prompt, group, index, step, engines, activity,
-                    weight_version, budgets[group]))] = index
+                    weight_version, budgets[group], firsts.get(index)))] = index
             heartbeat = asyncio.create_task(self._heartbeat(watched))
             running = set(tasks)
             try:
@@ -286,11 +288,12 @@ class Rollout:
 
     async def _episode(self, prompt: list[int], junior_prompt: list[int], group: int,
                        index: int, step: int, engines: dict[int, Any],
-                       activity: _Activity, weight_version: int, budget: int) -> Episode:
-        alternation = Alternation(self.config.algorithm, episode_rng(self.config.seed, step,
-                                                                     index),
-                                  self.boundaries[SENIOR],
-                                  self.boundaries[JUNIOR] if self.cross_tokenizer else None)
+                       activity: _Activity, weight_version: int, budget: int,
+                       first: int | None) -> Episode:
+        alternation = Alternation(
+            self.config.algorithm, episode_rng(self.config.seed, step, index),
+            self.boundaries[SENIOR], self.boundaries[JUNIOR] if self.cross_tokenizer else None,
+            first)
         # Each engine's context in its own token space, and how much of it that engine's
         # session has already seen.
         context = {SENIOR: list(prompt), JUNIOR: list(junior_prompt)}

@@ -19,6 +19,8 @@ from tandem.alternation import (
     StopRule,
     Turn,
     episode_rng,
+    first_writers,
+    group_first_writers,
     redraw_points,
     replay,
     senior_authorship,
@@ -407,6 +409,35 @@ def test_draws_are_reproducible_per_episode_whatever_the_order():
     assert forward == backward
     assert len({tuple(a) for a in forward}) > 1
     assert authors(3) != tandem_episode(config, episode_rng(7, 3, 3), random.Random(3))[1]
+
+
+@pytest.mark.parametrize(("p", "group_size"), [(0.5, 4), (0.5, 5), (0.7, 10), (0.3, 8)])
+def test_balanced_first_writers_split_a_group_by_p_and_keep_each_episodes_chance(p, group_size):
+    draws = [group_first_writers(p, group_size, random.Random(i)) for i in range(4000)]
+    seniors = [sum(writers) for writers in draws]  # SENIOR = 1
+    whole = math.floor(p * group_size + 1e-9)
+    assert set(seniors) <= {whole, whole + 1}
+    if p * group_size == whole:
+        assert set(seniors) == {whole}
+    assert statistics.mean(seniors) == pytest.approx(p * group_size, abs=0.05)
+    for member in range(group_size):  # every position starts with the senior w.p. p
+        share = statistics.mean(writers[member] for writers in draws)
+        assert share == pytest.approx(p, abs=5 * math.sqrt(p * (1 - p) / len(draws)))
+
+
+def test_first_writers_are_drawn_per_group_only_when_balanced():
+    balanced = algo("step", handoff_p=0.5, first_writer="balanced")
+    writers = first_writers(balanced, seed=7, step=2, first_index=8, groups=3, group_size=4)
+    assert sorted(writers) == list(range(8, 20))
+    assert first_writers(balanced, 7, 2, 8, 3, 4) == writers  # seeded
+    orders = {tuple(writers[start + m] for m in range(4)) for start in (8, 12, 16)}
+    assert all(sorted(order) == [JUNIOR, JUNIOR, SENIOR, SENIOR] for order in orders)
+    later = first_writers(balanced, 7, 3, 8, 3, 4)
+    assert later != writers  # another step draws afresh
+    assert first_writers(algo("step", first_writer="random"), 7, 2, 8, 3, 4) == {}
+    with pytest.raises(ValueError, match="balanced"):
+        Alternation(balanced, random.Random(0), SYNTH)
+    assert Alternation(balanced, random.Random(0), SYNTH, first=JUNIOR).writer == JUNIOR
 
 
 # ----------------------------------------------------------------------------- authorship

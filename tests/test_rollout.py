@@ -143,6 +143,17 @@ def test_extreme_handoff_rates(models, engines, tokenizers, p, first, expected):
             assert set(authors[switched:]) <= {JUNIOR}
 
 
+def test_balanced_first_writers_split_every_group_by_p(models, engines, tokenizers):
+    """algorithm.first_writer=balanced: of each group of 4 at p = 0.5 exactly 2 episodes start
+    with the senior (random would split 16 episodes unevenly about 3 times in 4)."""
+    config = _config(models["senior"], models["junior"], "algorithm.schedule=step",
+                     "algorithm.handoff_p=0.5", "algorithm.first_writer=balanced")
+    episodes, _ = _rollout(config, engines, tokenizers, step=1)
+    firsts = [episode.author_mask[0] for episode in episodes]
+    for group in range(len(PROMPTS)):
+        assert sorted(firsts[4 * group:4 * group + 4]) == [JUNIOR, JUNIOR, SENIOR, SENIOR]
+
+
 def test_shared_budget_truncates_and_flags(models, engines, tokenizers):
     config = _config(models["senior"], models["junior"])
     episodes, metrics = _rollout(config, engines, tokenizers)

@@ -42,7 +42,7 @@ PAPER_INSTRUCTION = (
 )
 
 SCHEDULES = ("word", "sentence", "step", "chunk", "alternate")
-FIRST_WRITERS = ("senior", "junior", "random")
+FIRST_WRITERS = ("senior", "junior", "random", "balanced")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 BASELINES = ("mean", "leave_one_out")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -157,7 +157,10 @@ class AlgorithmConfig:
     chunk_tokens: int = 32
     """Segment length of the chunk schedule."""
     first_writer: str = "random"
-    """Writer of each episode's first segment: senior | junior | random (paper: random)."""
+    """Writer of each episode's first segment: senior | junior | random (paper: random; the
+    senior with probability handoff_p) | balanced (the same chance per episode, but exactly
+    handoff_p x group_size of each group start with the senior, rounded by one draw: the two
+    engines split the first segments evenly, which speeds a long-segment schedule's rollout)."""
     group_size: int = 8
     """Episodes per prompt; advantages are relative within a group."""
     clip_ratio: float = 0.2

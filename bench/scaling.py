@@ -36,6 +36,7 @@ own device, and the ratio is the speed-up. Absolute seconds depend on the machin
 from __future__ import annotations
 
 import argparse
+import asyncio
 import tempfile
 from pathlib import Path
 
@@ -76,8 +77,13 @@ def rollout_with_replicas(replicas: int, args: argparse.Namespace) -> dict[str, 
         nodes = set(ray.get([engine.node_id.remote() for group in engines.values()
                              for engine in group], timeout=60))
         prompts = _prompts(tokenizer)
-        _measure(config, engines, tokenizer, prompts, solo=False, repeats=1)  # warm-up
-        figures = _measure(config, engines, tokenizer, prompts, solo=False, repeats=args.repeats)
+
+        async def measure() -> dict:
+            await _measure(config, engines, tokenizer, prompts, solo=False, repeats=1)  # warm-up
+            return await _measure(config, engines, tokenizer, prompts, solo=False,
+                                  repeats=args.repeats)
+
+        figures = asyncio.run(measure())
     finally:
         for group in engines.values():
             if group:

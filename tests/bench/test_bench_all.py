@@ -82,3 +82,31 @@ def test_ray_worker_logs_stay_out_of_the_printed_output():
     assert printed_lines(output) == ["schedule      tok/s  ratio",
                                      "(a parenthesis that is not Ray's)",
                                      "tandem/solo step: 0.84"]
+
+
+def test_a_failed_benchmark_leaves_the_others_figures_written(tmp_path, monkeypatch):
+    """One benchmark failing (the last, after an hour of the others) must not lose the rest:
+    bench.all writes the document with its figures 'not measured', then exits non-zero."""
+    import sys
+
+    import pytest
+
+    import bench.all as bench_all
+
+    def fake_run(bench, quick, scratch):
+        if bench.module == "weight_sync":
+            return "python -m bench.weight_sync", "Traceback ...", {}, 1
+        return f"python -m bench.{bench.module}", "learner/plain: 0.97\n", {}, 0
+
+    monkeypatch.setattr(bench_all, "run_bench", fake_run)
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(f"# Benchmarks\n\nnotes\n\n{BEGIN}\nold\n{END}\n")
+    monkeypatch.setattr(sys, "argv", ["bench.all", "--only", "learner", "weight_sync",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit, match="bench.weight_sync failed"):
+        bench_all.main()
+    written = out.read_text()
+    assert "| learner/plain | 0.97 |" in written
+    assert "| push GB/s | not measured |" in written
+    assert "bench.weight_sync failed (exit 1)" in written
+    assert "notes" in written and "\nold\n" not in written

@@ -175,7 +175,7 @@ def plot_schedules(ratios: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def run_bench(bench: Bench, quick: bool, scratch: Path) -> tuple[str, str, dict, int]:
-    """(command line, stdout, extra json) of one benchmark run."""
+    """(command line, stdout, extra json, exit status) of one benchmark run."""
     args = list(bench.quick if quick else bench.full)
     extra_file = scratch / f"{bench.module}.json"
     if bench.module in ("rollout", "vs_trl"):

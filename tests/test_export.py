@@ -109,6 +109,7 @@ def test_exports_are_hf_directories_with_the_learners_weights_of_their_step(run)
     assert all(os.path.samefile(senior / p.name, p) for p in last.iterdir())
 
 
+@pytest.mark.slow  # a vLLM engine of its own: ~22 s
 def test_export_loads_in_vllm_with_the_same_logprobs_as_transformers(run):
     directory = export_dir(run[0], 4)
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -166,6 +166,7 @@ def test_unavailable_hub_id_fails_fast_with_the_id(monkeypatch, offline):
     assert err.value.__suppress_context__ or err.value.__context__ is None  # one short error
 
 
+@pytest.mark.slow  # a vLLM engine of its own: ~23 s
 def test_vllm_serves_kit_model(kit_models):
     tokenizer = models.load_tokenizer(kit_models["tiny"])
     chat = [{"role": "user", "content": "What is 2+3?"}]

@@ -494,6 +494,7 @@ def _engine_cores() -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow  # an engine actor of its own: ~45 s
 def test_ray_actor_end_to_end(ray_cluster, tiny_dir, prompt, reference):
     ray = ray_cluster
     settings = EngineSettings(model=str(tiny_dir), dtype="float32", max_model_len=512, seed=0,

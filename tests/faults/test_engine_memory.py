@@ -32,6 +32,7 @@ KV_GIB = 1 / 1024
 REQUESTS, PROMPT, RESPONSE = 8, 120, 100  # each grows into a second block after 8 tokens
 
 
+@pytest.mark.slow  # an engine of its own, preempting: ~20 s
 def test_a_kv_cache_too_small_for_the_batch_preempts_and_a_dead_core_names_the_settings(
         tiny_model_dir):
     settings = EngineSettings(model=str(tiny_model_dir), dtype="float32", max_model_len=256,

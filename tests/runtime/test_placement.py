@@ -154,6 +154,7 @@ def test_engine_settings_name_one_bundle_per_tensor_parallel_rank():
             EngineSettings(**settings, ray_bundles=wrong)
 
 
+@pytest.mark.slow  # a Ray cluster of its own: ~16 s
 def test_tensor_parallel_replicas_are_handed_their_own_gpu_bundles():
     """A real reservation on a Ray cluster that advertises 6 GPUs it does not have. Each
     replica's actor starts where its options say and sees the placement group vLLM will use;

@@ -215,18 +215,17 @@ def main() -> None:
             if bench.needs_cuda and not torch.cuda.is_available():
                 print(f"bench.all: bench.{bench.module} skipped: no CUDA GPU", flush=True)
                 continue
+            name = f"bench.{bench.module}"
             started = time.monotonic()
             command, output, extra, returncode = run_bench(bench, args.quick, Path(scratch))
-            minutes[f"bench.{bench.module}"] = (time.monotonic() - started) / 60
-            print(f"bench.all: bench.{bench.module} took "
-                  f"{minutes[f'bench.{bench.module}']:.1f} min", flush=True)
+            minutes[name] = (time.monotonic() - started) / 60
+            print(f"bench.all: {name} took {minutes[name]:.1f} min", flush=True)
             if returncode:  # keep going: the others' figures still make the document
-                failed.append(f"bench.{bench.module}")
-                print(f"bench.all: bench.{bench.module} failed (exit {returncode}); its figures "
+                failed.append(name)
+                print(f"bench.all: {name} failed (exit {returncode}); its figures "
                       "will read 'not measured'", flush=True)
-                output += (f"\nbench.{bench.module} failed (exit {returncode}): its traceback "
-                           "went to stderr")
-            outputs[f"bench.{bench.module}"] = output
+                output += f"\n{name} failed (exit {returncode}): its traceback went to stderr"
+            outputs[name] = output
             if bench.module == "rollout":
                 ratios = extra
             figures = parse_figures(output)

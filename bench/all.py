@@ -1,6 +1,6 @@
 """`python -m bench.all`: every CPU benchmark, then docs/BENCHMARKS.md's table and plot.
 
-    python -m bench.all                 # full: tiny model and SmolLM2-135M (~2 hours, 2 cores)
+    python -m bench.all                 # full: tiny model and SmolLM2-135M (~80 min, 2 cores)
     python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
     python -m bench.all --only rollout vs_trl
 
@@ -56,8 +56,8 @@ class Bench:
 
 
 BENCHES = (
-    # SmolLM2 samples ~90 tokens/s on 2 cores: 128-token episodes and two repeats keep the full
-    # rollout bench near 15 minutes (256 x 3 took over 25 for SmolLM2 alone)
+    # SmolLM2 samples ~75 tokens/s on 2 cores: 128-token episodes and two repeats keep the full
+    # rollout bench near 20 minutes (256 x 3 took over 25 for SmolLM2 alone)
     Bench("rollout", ("--tokens", "128", "--repeats", "2", "--balanced", "step"),
           ("--models", "tiny", "--repeats", "1", "--tokens", "64", "--balanced", "step"),
           (Figure("tandem/solo step", ">= 0.95"), Figure("tandem/solo word", ">= 0.8"),
@@ -130,7 +130,7 @@ def section(rows: list[dict], outputs: dict[str, str], plot: str | None, quick: 
     if plot:
         parts += [f"![tandem/solo rollout throughput by schedule]({plot})", ""]
     for name, output in outputs.items():
-        tail = "\n".join(printed_lines(output)[-30:])
+        tail = "\n".join(last_paragraphs(printed_lines(output)))
         wall = f", {minutes[name]:.1f} min" if name in minutes else ""
         parts += [f"<details><summary>{name} output{wall}</summary>", "", "```", tail, "```",
                   "", "</details>", ""]
@@ -144,6 +144,20 @@ def printed_lines(output: str) -> list[str]:
     """A benchmark's own printed lines: the worker log lines Ray forwards to the driver's
     stdout (`(RolloutEngineActor pid=123) ...`) left out."""
     return [line for line in output.strip().splitlines() if not RAY_WORKER_LINE.match(line)]
+
+
+SHOWN_LINES = 40
+"""Lines of a benchmark's output the document shows: its end, where the headlines are."""
+
+
+def last_paragraphs(lines: list[str], limit: int = SHOWN_LINES) -> list[str]:
+    """The last `limit` lines, starting at a paragraph (after a blank line) so that no table
+    loses its header line; the last paragraph whole when it alone is longer."""
+    if len(lines) <= limit:
+        return lines
+    starts = [i for i in range(1, len(lines)) if not lines[i - 1].strip() and lines[i].strip()]
+    fits = [i for i in starts if i >= len(lines) - limit]
+    return lines[fits[0] if fits else (starts[-1] if starts else len(lines) - limit):]
 
 
 def merge(document: str, generated: str) -> str:

@@ -6,6 +6,7 @@ from bench.all import (
     BEGIN,
     END,
     cpu_model,
+    last_paragraphs,
     merge,
     parse_figures,
     plot_schedules,
@@ -82,6 +83,20 @@ def test_ray_worker_logs_stay_out_of_the_printed_output():
     assert printed_lines(output) == ["schedule      tok/s  ratio",
                                      "(a parenthesis that is not Ray's)",
                                      "tandem/solo step: 0.84"]
+
+
+def test_a_long_output_is_cut_between_paragraphs_not_inside_a_table():
+    """bench.rollout prints a table per model: a cut 40 lines from the end fell one line into
+    the first table and dropped the line naming its model (the 2026-12-02 run)."""
+    tiny = ["tiny: 32 episodes", "schedule tok/s", *[f"row {i}" for i in range(20)]]
+    smollm2 = ["smollm2: 32 episodes", "schedule tok/s", *[f"row {i}" for i in range(8)]]
+    lines = [*tiny, "", *smollm2, "", "tandem/solo step: 0.91"]
+    assert last_paragraphs(lines, limit=100) == lines
+    assert last_paragraphs(lines, limit=len(lines) - 1) == [*smollm2, "", "tandem/solo step: 0.91"]
+    assert last_paragraphs(lines, limit=2) == ["tandem/solo step: 0.91"]
+    one_long_paragraph = [f"line {i}" for i in range(50)]
+    assert last_paragraphs(one_long_paragraph, limit=40) == one_long_paragraph[10:]
+    assert last_paragraphs(["a", "", *one_long_paragraph], limit=40) == one_long_paragraph
 
 
 def test_a_failed_benchmark_leaves_the_others_figures_written(tmp_path, monkeypatch):

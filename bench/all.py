@@ -155,9 +155,12 @@ def last_paragraphs(lines: list[str], limit: int = SHOWN_LINES) -> list[str]:
     loses its header line; the last paragraph whole when it alone is longer."""
     if len(lines) <= limit:
         return lines
+    first = len(lines) - limit
     starts = [i for i in range(1, len(lines)) if not lines[i - 1].strip() and lines[i].strip()]
-    fits = [i for i in starts if i >= len(lines) - limit]
-    return lines[fits[0] if fits else (starts[-1] if starts else len(lines) - limit):]
+    fits = [i for i in starts if i >= first]
+    if fits:
+        return lines[fits[0]:]
+    return lines[starts[-1]:] if starts else lines[first:]
 
 
 def merge(document: str, generated: str) -> str:

@@ -86,8 +86,8 @@ def test_ray_worker_logs_stay_out_of_the_printed_output():
 
 
 def test_a_long_output_is_cut_between_paragraphs_not_inside_a_table():
-    """bench.rollout prints a table per model: a cut 40 lines from the end fell one line into
-    the first table and dropped the line naming its model (the 2026-12-02 run)."""
+    """bench.rollout prints a table per model: a cut 30 lines from the end (the limit then) fell
+    one line into the first table and dropped the line naming its model (the 2026-12-02 run)."""
     tiny = ["tiny: 32 episodes", "schedule tok/s", *[f"row {i}" for i in range(20)]]
     smollm2 = ["smollm2: 32 episodes", "schedule tok/s", *[f"row {i}" for i in range(8)]]
     lines = [*tiny, "", *smollm2, "", "tandem/solo step: 0.91"]

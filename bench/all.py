@@ -3,6 +3,7 @@
     python -m bench.all                 # full: tiny model and SmolLM2-135M (~80 min, 2 cores)
     python -m bench.all --quick         # tiny model only, fewest repeats (a smoke of the benches)
     python -m bench.all --only rollout vs_trl
+    python -m bench.all --only weight_sync --keep   # rerun one, keep the others' rows
 
 Runs bench.rollout, bench.learner, bench.packing, bench.weight_sync, bench.vs_trl and
 bench.scaling (each in its own process, one after the other: they would fight for the cores), and
@@ -11,8 +12,11 @@ bench.weight_sync_gpu when CUDA is present. Each benchmark prints its headline f
 written between the markers below in docs/BENCHMARKS.md, so the notes around them survive a
 rerun. The rollout benchmark's tandem/solo ratio per schedule becomes a bar chart
 (docs/benchmarks/schedules.png). The section is rewritten whole: with `--only` it holds only the
-benchmarks run. A benchmark that fails does not lose the others: its figures read "not
-measured", the document is still written, and bench.all exits non-zero naming it.
+benchmarks run, unless `--keep` also keeps every other benchmark's rows and output from the
+section as it was (each row keeps its date; the section says which were kept), for a change
+that concerns one benchmark, measured again without an 80-minute run. A benchmark that fails
+does not lose the others: its figures read "not measured", the document is still written, and
+bench.all exits non-zero naming it.
 
 Absolute figures depend on the machine (DESIGN.md: the same kind of machine differs between
 sessions), so each row names the CPU model; ratios measured in one run compare across machines.
@@ -119,14 +123,20 @@ def table(rows: list[dict]) -> str:
 
 
 def section(rows: list[dict], outputs: dict[str, str], plot: str | None, quick: bool,
-            minutes: dict[str, float] | None = None) -> str:
+            minutes: dict[str, float] | None = None, kept: list[str] | None = None) -> str:
     """What goes between the markers: the table, the plot and each benchmark's output, with
-    the wall minutes each took when `minutes` gives them."""
+    the wall minutes each took when `minutes` gives them; `kept` names the benchmarks whose
+    rows and output come from an earlier run (`--keep`)."""
     minutes = minutes or {}
     took = (f", {sum(minutes.values()):.0f} minutes of benchmarks in all" if minutes else "")
     parts = [BEGIN, "", f"Written by `python -m bench.all{' --quick' if quick else ''}`"
              + (" (quick mode: the tiny kit model only, one repeat; a smoke of the benchmarks, "
-                "not figures to quote)" if quick else "") + took + ".", "", table(rows), ""]
+                "not figures to quote)" if quick else "") + took + "."]
+    if kept:
+        rerun = [name for name in outputs if name not in kept]
+        parts += ["", f"{', '.join(rerun) or 'Nothing'} rerun alone (`--only ... --keep`). "
+                  f"{KEPT} {', '.join(kept)}: the dates say when each ran."]
+    parts += ["", table(rows), ""]
     if plot:
         parts += [f"![tandem/solo rollout throughput by schedule]({plot})", ""]
     for name, output in outputs.items():
@@ -170,6 +180,51 @@ def merge(document: str, generated: str) -> str:
         head, rest = document.split(BEGIN, 1)
         return head + generated + rest.split(END, 1)[1]
     return document.rstrip() + "\n\n" + generated + "\n"
+
+
+KEPT = "Rows and outputs kept from an earlier run of"
+ROW = re.compile(r"\| (.+?) \| (.+?) \| (.+?) \| (.+?) \| (.+?) \| `(.+)` \|")
+OUTPUT_BLOCK = re.compile(r"<details><summary>(bench\.\w+) output(?:, ([\d.]+) min)?</summary>"
+                          r"\n\n```\n(.*?)\n```\n\n</details>", re.DOTALL)
+
+
+@dataclass
+class Earlier:
+    """The generated section of a document, read back by `read_section`, per benchmark."""
+
+    quick: bool
+    plot: str | None
+    rows: dict[str, list[dict]]  # bench.<module> -> its table rows, as `table` takes them
+    outputs: dict[str, str]  # bench.<module> -> the output lines the section shows
+    minutes: dict[str, float]
+
+
+def read_section(document: str) -> Earlier:
+    """What `section` wrote into `document`, for `--keep`; raises if it has no section."""
+    if BEGIN not in document or END not in document:
+        raise ValueError("the document has no section written by bench.all to keep rows from: "
+                         "run without --keep")
+    text = document.split(BEGIN, 1)[1].split(END, 1)[0]
+    rows: dict[str, list[dict]] = {}
+    for line in text.splitlines():
+        match = ROW.fullmatch(line)
+        if not match or match.group(1) == "figure":
+            continue
+        figure, shown, goal, machine, date, command = match.groups()
+        module = re.match(r"python -m (bench\.\w+)", command)
+        value = re.fullmatch(r"(-?[\d.]+)(.*)", shown)
+        rows.setdefault(module.group(1) if module else command, []).append({
+            "figure": figure, "value": float(value.group(1)) if value else None,
+            "unit": value.group(2) if value else "", "goal": goal, "machine": machine,
+            "date": date, "command": command})
+    outputs, minutes = {}, {}
+    for match in OUTPUT_BLOCK.finditer(text):
+        outputs[match.group(1)] = match.group(3)
+        if match.group(2):
+            minutes[match.group(1)] = float(match.group(2))
+    return Earlier(quick="`python -m bench.all --quick`" in text,
+                   plot=PLOT if f"]({PLOT})" in text else None,
+                   rows=rows, outputs=outputs, minutes=minutes)
 
 
 def plot_schedules(ratios: dict[str, dict[str, float]], path: Path) -> None:
@@ -217,14 +272,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model, fewest repeats")
     parser.add_argument("--only", nargs="+", choices=[b.module for b in BENCHES])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows and output of the benchmarks --only leaves out")
     args = parser.parse_args()
+    document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+    earlier = None
+    if args.keep:
+        if not args.only:
+            parser.error("--keep keeps the benchmarks that --only leaves out: name the ones to "
+                         "rerun with --only")
+        try:
+            earlier = read_section(document)
+        except ValueError as error:
+            parser.error(str(error))
+        if earlier.quick != args.quick:
+            mode = "with" if earlier.quick else "without"
+            parser.error(f"{args.out}'s section was written {mode} --quick: keep its rows only "
+                         "in the same mode")
     import torch
 
     machine = cpu_model()
     if torch.cuda.is_available():
         machine += f", {torch.cuda.get_device_name(0)}"
     date = datetime.date.today().isoformat()
-    rows, outputs, minutes, ratios, failed = [], {}, {}, {}, []
+    rows: dict[str, list[dict]] = {}
+    outputs, minutes, ratios, failed = {}, {}, {}, []
     with tempfile.TemporaryDirectory() as scratch:
         for bench in BENCHES:
             if args.only and bench.module not in args.only:
@@ -246,17 +318,29 @@ def main() -> None:
             if bench.module == "rollout":
                 ratios = extra
             figures = parse_figures(output)
-            for figure in bench.figures:
-                rows.append({"figure": figure.name, "value": figures.get(figure.name),
-                             "unit": figure.unit, "goal": figure.goal, "machine": machine,
-                             "date": date, "command": command})
-    plot = None
+            rows[name] = [{"figure": figure.name, "value": figures.get(figure.name),
+                           "unit": figure.unit, "goal": figure.goal, "machine": machine,
+                           "date": date, "command": command} for figure in bench.figures]
+    plot, plotted, kept = None, False, []
     if ratios:
         plot_schedules(ratios, args.out.parent / PLOT)
-        plot = PLOT
-    document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    args.out.write_text(merge(document, section(rows, outputs, plot, args.quick, minutes)))
-    print(f"bench.all: wrote {args.out}" + (f" and {args.out.parent / PLOT}" if plot else ""))
+        plot, plotted = PLOT, True
+    order = [f"bench.{b.module}" for b in BENCHES]
+    if earlier is not None:  # the benchmarks not rerun, as the section had them
+        plot = plot or earlier.plot
+        kept = [name for name in order if name not in rows
+                and (name in earlier.rows or name in earlier.outputs)]
+        for name in kept:
+            rows[name] = earlier.rows.get(name, [])
+            if name in earlier.outputs:
+                outputs[name] = earlier.outputs[name]
+            if name in earlier.minutes:
+                minutes[name] = earlier.minutes[name]
+    table_rows = [row for name in order for row in rows.get(name, [])]
+    outputs = {name: outputs[name] for name in order if name in outputs}
+    args.out.write_text(merge(document, section(table_rows, outputs, plot, args.quick, minutes,
+                                                kept)))
+    print(f"bench.all: wrote {args.out}" + (f" and {args.out.parent / PLOT}" if plotted else ""))
     if failed:
         raise SystemExit(f"bench.all: {', '.join(failed)} failed (the document says 'not "
                          "measured' for their figures)")

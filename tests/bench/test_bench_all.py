@@ -127,3 +127,89 @@ def test_a_failed_benchmark_leaves_the_others_figures_written(tmp_path, monkeypa
     assert "notes" in written and "\nold\n" not in written
     assert "<summary>bench.learner output, 0.0 min</summary>" in written  # each one's wall time
     assert "minutes of benchmarks in all." in written
+
+
+def _section_of_three_benchmarks() -> str:
+    """A document as a full bench.all run leaves it: rollout, learner and weight_sync."""
+    rows = [{"figure": "tandem/solo step", "value": 0.91, "goal": ">= 0.95", "machine": "m",
+             "date": "2026-12-01", "command": "python -m bench.rollout --tokens 128"},
+            {"figure": "learner/plain", "value": None, "goal": ">= 0.9 (world size 1)",
+             "machine": "m", "date": "2026-12-01", "command": "python -m bench.learner"},
+            {"figure": "push GB/s", "value": 0.32, "unit": " GB/s", "goal": ">= 1 on CPU",
+             "machine": "m", "date": "2026-12-01", "command": "python -m bench.weight_sync"}]
+    outputs = {"bench.rollout": "schedule  tok/s\n\nsolo  2592.8\ntandem/solo step: 0.91",
+               "bench.learner": "learner/plain: n/a", "bench.weight_sync": "push GB/s: 0.32"}
+    generated = section(rows, outputs, "benchmarks/schedules.png", quick=False,
+                        minutes={"bench.rollout": 19.5, "bench.learner": 9.9,
+                                 "bench.weight_sync": 4.6})
+    return merge("# Benchmarks\n\nnotes\n", generated)
+
+
+def test_keep_reruns_one_benchmark_and_keeps_every_other_row_and_output(tmp_path, monkeypatch):
+    import sys
+
+    import bench.all as bench_all
+
+    ran = []
+
+    def fake_run(bench, quick, scratch):
+        ran.append(bench.module)
+        return "python -m bench.weight_sync", "rest\npush GB/s: 0.41\n", {}, 0
+
+    monkeypatch.setattr(bench_all, "run_bench", fake_run)
+    out = tmp_path / "BENCHMARKS.md"
+    before = _section_of_three_benchmarks()
+    out.write_text(before)
+    monkeypatch.setattr(sys, "argv", ["bench.all", "--only", "weight_sync", "--keep",
+                                      "--out", str(out)])
+    bench_all.main()
+    after = out.read_text()
+    assert ran == ["weight_sync"]
+    lines = after.splitlines()
+    rollout_row = next(line for line in before.splitlines() if "| tandem/solo step |" in line)
+    learner_row = next(line for line in before.splitlines() if "| learner/plain |" in line)
+    push_row = next(line for line in lines if line.startswith("| push GB/s |"))
+    # the kept rows as they were, in the benchmarks' order; the rerun's row dated today
+    assert lines.index(rollout_row) < lines.index(learner_row) < lines.index(push_row)
+    assert "| 0.41 GB/s | >= 1 on CPU |" in push_row and "2026-12-01" not in push_row
+    for name in ("bench.rollout", "bench.learner"):  # outputs and minutes kept too
+        block = before[before.index(f"<summary>{name}"):]
+        block = block[:block.index("</details>")]
+        assert block in after
+    assert "<summary>bench.weight_sync output, 0.0 min</summary>" in after
+    assert "push GB/s: 0.32" not in after and "push GB/s: 0.41" in after
+    assert "](benchmarks/schedules.png)" in after  # rollout not rerun: its plot stays
+    assert "29 minutes of benchmarks in all" in after  # 19.5 + 9.9 + 0.0
+    assert ("bench.weight_sync rerun alone (`--only ... --keep`). Rows and outputs kept from "
+            "an earlier run of bench.rollout, bench.learner: the dates say") in after
+    assert after.startswith("# Benchmarks\n\nnotes\n")
+
+    # read back again, nothing is lost: a second --keep run leaves the kept rows as they are
+    earlier = bench_all.read_section(after)
+    assert [row["figure"] for row in earlier.rows["bench.rollout"]] == ["tandem/solo step"]
+    assert earlier.rows["bench.learner"][0]["value"] is None
+    assert earlier.rows["bench.weight_sync"][0]["value"] == 0.41
+    assert table(earlier.rows["bench.rollout"]).splitlines()[2] == rollout_row
+
+
+def test_keep_needs_only_and_a_section_written_in_the_same_mode(tmp_path, monkeypatch,
+                                                                  capsys):
+    import sys
+
+    import pytest
+
+    import bench.all as bench_all
+
+    monkeypatch.setattr(bench_all, "run_bench", lambda *a: pytest.fail("nothing may run"))
+    out = tmp_path / "BENCHMARKS.md"
+    for document, argv, message in [
+            (_section_of_three_benchmarks(), ["--keep"], "name the ones to rerun with --only"),
+            ("# Benchmarks\n", ["--only", "learner", "--keep"], "no section written by"),
+            (_section_of_three_benchmarks(), ["--only", "learner", "--keep", "--quick"],
+             "written without --quick")]:
+        out.write_text(document)
+        monkeypatch.setattr(sys, "argv", ["bench.all", *argv, "--out", str(out)])
+        with pytest.raises(SystemExit):
+            bench_all.main()
+        assert message in capsys.readouterr().err
+        assert out.read_text() == document  # untouched

@@ -90,7 +90,7 @@ test-all: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job without a GPU: tandem GRPO with SmolLM2-135M self-paired on offline arithmetic,
-# a few minutes on 2 cores, then a summary table and a plot. With a GPU, the same on one GPU.
+# ~15 minutes on 2 cores, then a summary table and a plot. With a GPU, the same on one GPU.
 DEMO_DIR := runs/demo/$(shell date +%Y%m%d-%H%M%S)
 demo: install
 	$(PY) -m tandem.train experiment=demo_cpu hydra.run.dir=$(DEMO_DIR) \

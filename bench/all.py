@@ -275,14 +275,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true",
                         help="keep the rows and output of the benchmarks --only leaves out")
     args = parser.parse_args()
-    document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
     earlier = None
     if args.keep:
         if not args.only:
             parser.error("--keep keeps the benchmarks that --only leaves out: name the ones to "
                          "rerun with --only")
         try:
-            earlier = read_section(document)
+            earlier = read_section(args.out.read_text() if args.out.exists() else "")
         except ValueError as error:
             parser.error(str(error))
         if earlier.quick != args.quick:
@@ -337,6 +336,8 @@ def main() -> None:
             if name in earlier.minutes:
                 minutes[name] = earlier.minutes[name]
     table_rows = [row for name in order for row in rows.get(name, [])]
+    # read again: the notes around the section may have been edited while the benchmarks ran
+    document = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
     outputs = {name: outputs[name] for name in order if name in outputs}
     args.out.write_text(merge(document, section(table_rows, outputs, plot, args.quick, minutes,
                                                 kept)))

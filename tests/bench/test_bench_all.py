@@ -213,3 +213,24 @@ def test_keep_needs_only_and_a_section_written_in_the_same_mode(tmp_path, monkey
             bench_all.main()
         assert message in capsys.readouterr().err
         assert out.read_text() == document  # untouched
+
+
+def test_notes_edited_while_the_benchmarks_run_survive_the_rewrite(tmp_path, monkeypatch):
+    import sys
+
+    import bench.all as bench_all
+
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(_section_of_three_benchmarks())
+
+    def fake_run(bench, quick, scratch):  # someone edits the notes during an 80-minute run
+        out.write_text(out.read_text().replace("notes\n", "notes, edited meanwhile\n"))
+        return "python -m bench.weight_sync", "push GB/s: 0.41\n", {}, 0
+
+    monkeypatch.setattr(bench_all, "run_bench", fake_run)
+    monkeypatch.setattr(sys, "argv", ["bench.all", "--only", "weight_sync", "--keep",
+                                      "--out", str(out)])
+    bench_all.main()
+    written = out.read_text()
+    assert "notes, edited meanwhile" in written and "| 0.41 GB/s |" in written
+    assert "| tandem/solo step | 0.91 |" in written

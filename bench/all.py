@@ -320,10 +320,10 @@ def main() -> None:
             rows[name] = [{"figure": figure.name, "value": figures.get(figure.name),
                            "unit": figure.unit, "goal": figure.goal, "machine": machine,
                            "date": date, "command": command} for figure in bench.figures]
-    plot, plotted, kept = None, False, []
+    plot, kept = None, []
     if ratios:
         plot_schedules(ratios, args.out.parent / PLOT)
-        plot, plotted = PLOT, True
+        plot = PLOT
     order = [f"bench.{b.module}" for b in BENCHES]
     if earlier is not None:  # the benchmarks not rerun, as the section had them
         plot = plot or earlier.plot
@@ -341,7 +341,7 @@ def main() -> None:
     outputs = {name: outputs[name] for name in order if name in outputs}
     args.out.write_text(merge(document, section(table_rows, outputs, plot, args.quick, minutes,
                                                 kept)))
-    print(f"bench.all: wrote {args.out}" + (f" and {args.out.parent / PLOT}" if plotted else ""))
+    print(f"bench.all: wrote {args.out}" + (f" and {args.out.parent / PLOT}" if ratios else ""))
     if failed:
         raise SystemExit(f"bench.all: {', '.join(failed)} failed (the document says 'not "
                          "measured' for their figures)")

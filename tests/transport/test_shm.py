@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from blake3 import blake3
 
 from tandem.transport import shm
 from tandem.transport.buckets import BucketLayout
@@ -226,8 +227,6 @@ def test_a_file_put_in_place_of_the_learners_buffer_is_refused(writer):
 def test_the_learners_threaded_digest_is_the_engines_single_threaded_one():
     """The learner hashes on all its cores, the engine on its one pinned core: the digests must
     agree on bytes big enough to be split between threads, and still tell a changed byte."""
-    from blake3 import blake3
-
     buffer = torch.randint(0, 256, (8 * 2**20,), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))  # [8 MiB]
     threaded = shm.digest(buffer, threads=blake3.AUTO)
